@@ -1,0 +1,41 @@
+# memtron entry points. `make demo` and `make test` each do all set-up on a fresh machine.
+PYTHON ?= python3
+DATA   := runs/data/tiny
+PYTEST_ARGS ?=
+
+.PHONY: install install-dev demo data test lint bench clean
+
+install:
+	PYTHON=$(PYTHON) scripts/install.sh
+
+install-dev:
+	PYTHON=$(PYTHON) scripts/install.sh dev
+
+$(DATA)/raw/train.jsonl:
+	memtron data synth --out $(DATA)
+
+$(DATA)/train/index.json: $(DATA)/raw/train.jsonl
+	memtron data prepare $(DATA)/raw/train.jsonl --out $(DATA)/train --seq-len 128
+
+$(DATA)/valid/index.json: $(DATA)/raw/train.jsonl
+	memtron data prepare $(DATA)/raw/valid.jsonl --out $(DATA)/valid --seq-len 128
+
+data: $(DATA)/train/index.json $(DATA)/valid/index.json
+
+# The main job on the embedded default: tiny Memory+ model, generated facts corpus, CPU.
+demo: install
+	$(MAKE) data
+	memtron train --config configs/tiny-cpu.yaml --resume none
+
+test: install-dev
+	$(PYTHON) -m pytest -q $(PYTEST_ARGS)
+
+lint:
+	ruff check memtron tests bench
+
+bench:
+	PYTHON=$(PYTHON) scripts/install.sh bench
+	$(PYTHON) bench/pkm_layer.py
+
+clean:
+	rm -rf runs

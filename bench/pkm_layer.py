@@ -1,0 +1,496 @@
+"""One product-key memory layer, forward + backward + optimizer step: memtron against the peer.
+
+memtron: ``ProductKeyMemory`` over a ``LocalValueTable`` (sparse row gradient kept on the table),
+dense parameters with AdamW and the table with ``SparseRowAdam`` (``train.optim.build_optimizers``
+with the default ``OptimConfig``, no clipping). Peer: lucidrains' ``product_key_memory.PKM`` at the
+same dim / heads / num_keys / topk / half-key width, its values an ``nn.EmbeddingBag`` with a dense
+gradient, and the optimizer its README recommends: ``Adam(fetch_optimizer_parameters(pkm))``,
+i.e. dense Adam over every parameter with lr 1e-2 for the values and 1e-3 for the rest.
+
+Both sides run plain PKM (memtron ``memory_plus=False``, value dim = model dim); ``--memory-plus``
+adds a memtron-only Memory+ row per size. Step times are medians over ``--repeats`` steps after
+``--warmup`` steps, both sides timed in this process one after the other (never two tables held
+at once). Peak memory is measured in a fresh 'spawn' child per (side, size): peak RSS
+(``getrusage(RUSAGE_SELF).ru_maxrss``) after the warm-up and timed steps, minus the child's
+current RSS (``/proc/self/statm``) taken right before the layer is built, after the libraries'
+kernels were warmed on a tiny layer. A side whose estimated peak does not fit in MemAvailable is
+skipped and reported with its estimate.
+
+Gather bandwidth: bytes of value rows the lookup reads (T*H*k*d*4) over the time of
+``table.lookup`` forward alone (no autograd) and over the time of its backward alone (which
+gathers the same rows again for the weight gradient and builds the row gradients), as a fraction
+of the machine's memcpy bandwidth (``dst.copy_(src)`` on 256 MiB, bytes read + written per s).
+
+    python bench/pkm_layer.py                       # full run (< 10 min on 2 cores)
+    python bench/pkm_layer.py --quick               # smoke test (< 60 s)
+    python bench/pkm_layer.py --sizes 1M --dims 512 --tokens 1024 --repeats 5
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import math
+import multiprocessing
+import os
+import platform
+import resource
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+MiB = 1 << 20
+GiB = 1 << 30
+HEADROOM = int(1.0 * GiB)  # kept free when deciding whether a side fits
+
+
+# -- sizes and estimates -------------------------------------------------------------------------
+def parse_slots(text: str) -> int:
+    """'64K' / '1M' / '4M' / '65536' (slots, a perfect square) -> n_sub_keys."""
+    scale = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}.get(text[-1].upper(), 1)
+    slots = int(float(text[:-1] if scale > 1 else text) * scale)
+    n = math.isqrt(slots)
+    if n * n != slots:
+        raise argparse.ArgumentTypeError(f"{text}: slot count {slots} is not a perfect square")
+    return n
+
+
+def fmt_slots(n: int) -> str:
+    slots = n * n
+    for unit, scale in (("M", 1 << 20), ("K", 1 << 10)):
+        if slots % scale == 0:
+            return f"{slots // scale}{unit}"
+    return str(slots)
+
+
+def estimate_bytes(side: str, n: int, d: int, a: argparse.Namespace) -> int:
+    """Peak bytes the side adds, from the sizes of what it holds (checked against measurements).
+
+    memtron: table + two fp32 Adam moments (3 N d), per-slot hit counts, and a handful of
+    [touched rows, d] temporaries in backward and in the sparse step. Peer: table, its dense
+    gradient, two Adam moments, and the two [N, d] temporaries of torch's single-tensor Adam
+    (``exp_avg_sq.sqrt() / bias_correction2_sqrt``) alive at once (6 N d).
+    """
+    slots, hits = n * n, a.tokens * a.heads * a.topk
+    touched = min(slots, hits)
+    retrieval = 8 * a.tokens * a.heads * n * 4 + 4 * hits * 8
+    dense = 4 * (a.heads * a.d_key * d + 2 * a.heads * n * a.d_key // 2 + 2 * d * d) * 4
+    fixed = 256 * MiB + retrieval + dense
+    if side == "peer":
+        return 6 * slots * d * 4 + 2 * hits * d * 4 // 4 + fixed
+    return 3 * slots * d * 4 + 4 * slots + 6 * touched * d * 4 + fixed
+
+
+def mem_available() -> int:
+    with open("/proc/meminfo") as f:
+        for line in f:
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError("no MemAvailable in /proc/meminfo")
+
+
+def current_rss() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def peak_rss() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
+
+
+# -- the two sides -------------------------------------------------------------------------------
+class MemtronSide:
+    """ProductKeyMemory + LocalValueTable, AdamW (dense) + SparseRowAdam (table)."""
+
+    def __init__(self, n: int, d: int, a: argparse.Namespace, memory_plus: bool = False) -> None:
+        from memtron.config import MemoryConfig, OptimConfig
+        from memtron.model.memory.product_key import ProductKeyMemory
+        from memtron.model.memory.values import LocalValueTable
+        from memtron.train.optim import build_optimizers
+
+        cfg = MemoryConfig(layers=[0], memory_plus=memory_plus, n_heads=a.heads, topk=a.topk,
+                           d_key=a.d_key, n_sub_keys=n, value_dim=d)
+        self.table = LocalValueTable(n * n, d)
+        self.layer = ProductKeyMemory(d, cfg, self.table, init_std=0.02, out_std=0.02)
+        self.dense, self.sparse = build_optimizers(self.layer, {"values": self.table},
+                                                   OptimConfig())
+
+    def step(self, x: torch.Tensor, gy: torch.Tensor) -> None:
+        self.layer(x).backward(gy)
+        self.dense.step()
+        self.sparse.step()
+        self.dense.zero_grad(set_to_none=True)
+        self.sparse.zero_grad()
+
+    def phases(self, x: torch.Tensor, gy: torch.Tensor) -> dict[str, float]:
+        """One plain-PKM step with each phase timed (forward written out as ``layer.forward``)."""
+        marks: dict[str, float] = {}
+        t0 = time.perf_counter()
+        ids, weights = self.layer.retrieve(x)
+        t1 = time.perf_counter()
+        y = self.table.lookup(ids, weights)
+        t2 = time.perf_counter()
+        weights.register_hook(lambda g: marks.setdefault("lookup_bwd_done", time.perf_counter()))
+        y.backward(gy)
+        t3 = time.perf_counter()
+        self.dense.step()
+        t4 = time.perf_counter()
+        self.table.sparse_grad()  # the coalescing pass SparseRowAdam.step starts with
+        t5 = time.perf_counter()
+        self.sparse.step()
+        t6 = time.perf_counter()
+        self.dense.zero_grad(set_to_none=True)
+        self.sparse.zero_grad()
+        t7 = time.perf_counter()
+        mid = marks["lookup_bwd_done"]
+        return {
+            "fwd: retrieve (query, scores, top-k)": t1 - t0,
+            "fwd: table.lookup (embedding_bag gather)": t2 - t1,
+            "bwd: lookup backward (row dot + row grads)": mid - t2,
+            "bwd: retrieve backward": t3 - mid,
+            "opt: AdamW dense step": t4 - t3,
+            "opt: sparse_grad coalesce (2nd dedup)": t5 - t4,
+            "opt: SparseRowAdam row update": t6 - t5,
+            "zero_grad": t7 - t6,
+        }
+
+    def lookup_bandwidth(self, x: torch.Tensor, gy: torch.Tensor,
+                         repeats: int) -> tuple[float, float, int]:
+        """(forward s, backward s, value bytes read) of ``table.lookup`` alone."""
+        with torch.no_grad():
+            ids, weights = self.layer.retrieve(x)
+        nbytes = ids.numel() * self.table.dim * self.table.weight.element_size()
+
+        def fwd() -> None:
+            with torch.no_grad():
+                self.table.lookup(ids, weights)
+
+        bwd_times = []
+        for i in range(repeats + 1):
+            w = weights.clone().requires_grad_(True)
+            y = self.table.lookup(ids, w)
+            t0 = time.perf_counter()
+            y.backward(gy)
+            if i:
+                bwd_times.append(time.perf_counter() - t0)
+            self.table.zero_grad_rows()
+        return median_time(fwd, 1, repeats), statistics.median(bwd_times), nbytes
+
+
+class PeerSide:
+    """product_key_memory.PKM with Adam(fetch_optimizer_parameters(pkm)), as its README says."""
+
+    def __init__(self, n: int, d: int, a: argparse.Namespace) -> None:
+        from product_key_memory import PKM, fetch_optimizer_parameters
+
+        self.layer = PKM(dim=d, heads=a.heads, num_keys=n, topk=a.topk, dim_head=a.d_key // 2)
+        self.opt = torch.optim.Adam(fetch_optimizer_parameters(self.layer), lr=1e-3)
+
+    def step(self, x: torch.Tensor, gy: torch.Tensor) -> None:
+        self.layer(x.unsqueeze(0)).backward(gy.unsqueeze(0))
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+
+    def phases(self, x: torch.Tensor, gy: torch.Tensor) -> dict[str, float]:
+        t0 = time.perf_counter()
+        y = self.layer(x.unsqueeze(0))
+        t1 = time.perf_counter()
+        y.backward(gy.unsqueeze(0))
+        t2 = time.perf_counter()
+        self.opt.step()
+        t3 = time.perf_counter()
+        self.opt.zero_grad(set_to_none=True)
+        t4 = time.perf_counter()
+        return {"fwd": t1 - t0, "bwd (dense [N, d] value grad)": t2 - t1,
+                "opt: dense Adam over all params": t3 - t2, "zero_grad": t4 - t3}
+
+
+SIDES = ("memtron", "peer", "memtron+")
+
+
+def build(side: str, n: int, d: int, a: argparse.Namespace) -> MemtronSide | PeerSide:
+    if side == "peer":
+        return PeerSide(n, d, a)
+    return MemtronSide(n, d, a, memory_plus=side == "memtron+")
+
+
+def inputs(d: int, tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(1234 + d)
+    return torch.randn(tokens, d, generator=g), torch.randn(tokens, d, generator=g)
+
+
+def median_time(fn: Callable[[], object], warmup: int, repeats: int) -> float:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def free() -> None:
+    gc.collect()
+
+
+# -- peak memory in a fresh child ----------------------------------------------------------------
+def warm_kernels(side: str, d: int, a: argparse.Namespace) -> None:
+    """A few steps of a tiny layer (n = 2k sub-keys), so first-call costs stay out of the way."""
+    tiny = build(side, 2 * a.topk, d, a)
+    x, gy = inputs(d, 64)
+    for _ in range(2):
+        tiny.step(x, gy)
+
+
+def _peak_child(side: str, n: int, d: int, opts: dict, conn) -> None:
+    a = argparse.Namespace(**opts)
+    torch.set_num_threads(a.threads)
+    # Warm the kernels (oneDNN / MKL / topk / embedding_bag) on a tiny layer first, so that
+    # one-off library buffers are not charged to the layer.
+    warm_kernels(side, d, a)
+    x, gy = inputs(d, a.tokens)
+    gc.collect()
+    base = current_rss()
+    obj = build(side, n, d, a)
+    for _ in range(a.warmup + a.mem_steps):
+        obj.step(x, gy)
+    conn.send(peak_rss() - base)
+    conn.close()
+
+
+def measure_peak(side: str, n: int, d: int, a: argparse.Namespace) -> float | str:
+    ctx = multiprocessing.get_context("spawn")
+    recv, send = ctx.Pipe(duplex=False)
+    proc = ctx.Process(target=_peak_child, args=(side, n, d, vars(a), send))
+    proc.start()
+    send.close()
+    try:
+        value = recv.recv()
+    except EOFError:
+        value = None
+    proc.join()
+    if value is None:
+        return f"child failed (exit {proc.exitcode})"
+    return value / MiB
+
+
+# -- machine -------------------------------------------------------------------------------------
+def memcpy_bandwidth(nbytes: int = 256 * MiB, repeats: int = 7) -> float:
+    src = torch.ones(nbytes // 4)
+    dst = torch.empty_like(src)
+    return 2 * nbytes / median_time(lambda: dst.copy_(src), 2, repeats)
+
+
+def cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+# -- the run -------------------------------------------------------------------------------------
+@dataclass
+class Row:
+    n: int
+    d: int
+    ms: dict[str, float | None] = field(default_factory=dict)
+    mib: dict[str, float | str | None] = field(default_factory=dict)
+    fwd_gbs: float | None = None
+    bwd_gbs: float | None = None
+    notes: list[str] = field(default_factory=list)
+
+
+def fits(side: str, n: int, d: int, a: argparse.Namespace) -> tuple[bool, str]:
+    need, avail = estimate_bytes(side, n, d, a), mem_available()
+    if need + HEADROOM <= avail:
+        return True, ""
+    return False, (f"skipped (needs ~{need / GiB:.1f} GiB, {avail / GiB:.1f} GiB available)")
+
+
+def run_config(n: int, d: int, a: argparse.Namespace, sides: list[str], memcpy: float) -> Row:
+    row = Row(n, d)
+    x, gy = inputs(d, a.tokens)
+    for side in sides:
+        warm_kernels(side, d, a)
+    runnable = []
+    for side in sides:
+        ok, why = fits(side, n, d, a)
+        if not ok:
+            row.ms[side] = row.mib[side] = None
+            row.notes.append(f"{side}: {why}")
+            print(f"  N={fmt_slots(n)} d={d} {side}: {why}", flush=True)
+            continue
+        runnable.append(side)
+        t0 = time.perf_counter()
+        obj = build(side, n, d, a)
+        t_build = time.perf_counter() - t0
+        row.ms[side] = 1e3 * median_time(lambda obj=obj: obj.step(x, gy), a.warmup, a.repeats)
+        line = f"  N={fmt_slots(n)} d={d} {side}: build {t_build:.1f} s, step {row.ms[side]:.0f} ms"
+        if side == "memtron":
+            fwd, bwd, nbytes = obj.lookup_bandwidth(x, gy, max(3, a.repeats))
+            row.fwd_gbs, row.bwd_gbs = nbytes / fwd / 1e9, nbytes / bwd / 1e9
+            line += (f", lookup fwd {1e3 * fwd:.1f} ms ({row.fwd_gbs:.1f} GB/s = "
+                     f"{1e9 * row.fwd_gbs / memcpy:.0%} of memcpy), bwd {1e3 * bwd:.1f} ms")
+        print(line, flush=True)
+        del obj
+        free()
+    for side in runnable:
+        if a.no_memory:
+            row.mib[side] = None
+            continue
+        row.mib[side] = measure_peak(side, n, d, a)
+        peak = row.mib[side]
+        shown = f"{peak:.0f} MiB" if isinstance(peak, float) else peak
+        est = estimate_bytes(side, n, d, a) / MiB
+        print(f"  N={fmt_slots(n)} d={d} {side}: peak +{shown} (estimate {est:.0f} MiB)",
+              flush=True)
+    return row
+
+
+def profile(n: int, d: int, a: argparse.Namespace) -> None:
+    x, gy = inputs(d, a.tokens)
+    print(f"\nWhere the step goes at N={fmt_slots(n)}, d={d}, T={a.tokens} "
+          f"(median of {a.repeats} steps, ms):")
+    for side in ("memtron", "peer"):
+        ok, why = fits(side, n, d, a)
+        if not ok:
+            print(f"  {side}: {why}")
+            continue
+        obj = build(side, n, d, a)
+        for _ in range(a.warmup):
+            obj.step(x, gy)
+        runs = [obj.phases(x, gy) for _ in range(a.repeats)]
+        parts = {k: statistics.median(r[k] for r in runs) for k in runs[0]}
+        total = sum(parts.values())
+        print(f"  {side} (sum {1e3 * total:.0f} ms)")
+        for name, sec in parts.items():
+            print(f"    {name:<44} {1e3 * sec:8.1f}  {sec / total:6.1%}")
+        del obj, runs
+        free()
+
+
+def fmt(value: float | str | None, spec: str, width: int) -> str:
+    if value is None:
+        return f"{'skip':>{width}}"
+    if isinstance(value, str):
+        return f"{'fail':>{width}}"
+    return f"{value:>{width}{spec}}"
+
+
+def ratio(num: float | str | None, den: float | str | None) -> float | None:
+    if isinstance(num, float) and isinstance(den, float) and den > 0:
+        return num / den
+    return None
+
+
+def print_table(rows: list[Row], a: argparse.Namespace, memcpy: float) -> None:
+    plus = "memtron+" in a.sides
+    head = (f"{'N':>5} {'d':>4} | {'memtron':>8} {'peer':>8} {'peer/mt':>7} | "
+            f"{'memtron':>8} {'peer':>8} {'peer/mt':>7} | {'fwd GB/s':>8} {'of cpy':>6} "
+            f"{'bwd GB/s':>8} {'of cpy':>6}")
+    if plus:
+        head += f" | {'mem+ ms':>8} {'mem+ MiB':>8}"
+    print("\n" + " " * 12 + "step time, ms" + " " * 15 + "peak memory, MiB" + " " * 14
+          + "value gather (memtron lookup)")
+    print(head)
+    print("-" * len(head))
+    for r in rows:
+        line = (f"{fmt_slots(r.n):>5} {r.d:>4} | {fmt(r.ms.get('memtron'), '.0f', 8)} "
+                f"{fmt(r.ms.get('peer'), '.0f', 8)} "
+                f"{fmt(ratio(r.ms.get('peer'), r.ms.get('memtron')), '.2f', 7)} | "
+                f"{fmt(r.mib.get('memtron'), '.0f', 8)} {fmt(r.mib.get('peer'), '.0f', 8)} "
+                f"{fmt(ratio(r.mib.get('peer'), r.mib.get('memtron')), '.2f', 7)} | "
+                f"{fmt(r.fwd_gbs, '.1f', 8)} "
+                f"{fmt(None if r.fwd_gbs is None else 1e9 * r.fwd_gbs / memcpy, '.0%', 6)} "
+                f"{fmt(r.bwd_gbs, '.1f', 8)} "
+                f"{fmt(None if r.bwd_gbs is None else 1e9 * r.bwd_gbs / memcpy, '.0%', 6)}")
+        if plus:
+            line += (f" | {fmt(r.ms.get('memtron+'), '.0f', 8)} "
+                     f"{fmt(r.mib.get('memtron+'), '.0f', 8)}")
+        print(line)
+    notes = [f"  N={fmt_slots(r.n)} d={r.d} {note}" for r in rows for note in r.notes]
+    notes += [f"  N={fmt_slots(r.n)} d={r.d} {side}: {v}" for r in rows
+              for side, v in r.mib.items() if isinstance(v, str)]
+    if notes:
+        print("notes:\n" + "\n".join(notes))
+    print(f"memcpy bandwidth {memcpy / 1e9:.1f} GB/s (read + written). "
+          "Gather GB/s = T*H*k*d*4 value bytes / time of table.lookup forward (no autograd), "
+          "resp. of its backward alone.")
+    mem = ("not measured (--no-memory)" if a.no_memory else
+           "peak RSS (ru_maxrss) of a fresh spawn child per cell after "
+           f"{a.warmup + a.mem_steps} steps, minus its RSS right before the layer was built")
+    print(f"peak memory: {mem}.")
+    print("peer/mt > 1 means memtron is faster / smaller.")
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--sizes", nargs="+", type=parse_slots, default=None,
+                   help="slot counts N = n_sub_keys^2, e.g. 64K 1M 4M (default)")
+    p.add_argument("--dims", nargs="+", type=int, default=None, help="value dims (256 512)")
+    p.add_argument("--tokens", type=int, default=None, help="tokens per step T (2048)")
+    p.add_argument("--repeats", type=int, default=None, help="timed steps, median (3)")
+    p.add_argument("--warmup", type=int, default=1, help="untimed steps first (1)")
+    p.add_argument("--mem-steps", type=int, default=1, help="steps after warmup in the "
+                   "peak-memory child (1)")
+    p.add_argument("--heads", type=int, default=4)
+    p.add_argument("--topk", type=int, default=32)
+    p.add_argument("--d-key", type=int, default=512, help="full query width; peer dim_head = "
+                   "d_key / 2")
+    p.add_argument("--threads", type=int, default=torch.get_num_threads())
+    p.add_argument("--memory-plus", action="store_true", help="add a memtron Memory+ column")
+    p.add_argument("--no-memory", action="store_true", help="skip the peak-memory children")
+    p.add_argument("--profile", default=None, help="N:d for the phase split (default 1M:512; "
+                   "'none' to skip; off in --quick)")
+    p.add_argument("--quick", action="store_true", help="N=64K, d=256, T=512 smoke run")
+    a = p.parse_args(argv)
+    quick = a.quick
+    a.sizes = a.sizes or ([parse_slots("64K")] if quick else
+                          [parse_slots(s) for s in ("64K", "1M", "4M")])
+    a.dims = a.dims or ([256] if quick else [256, 512])
+    a.tokens = a.tokens or (512 if quick else 2048)
+    a.repeats = a.repeats or 3
+    a.profile = a.profile or ("none" if quick else "1M:512")
+    a.sides = list(SIDES if a.memory_plus else SIDES[:2])
+    torch.set_num_threads(a.threads)
+    torch.manual_seed(0)
+
+    t_start = time.perf_counter()
+    ram = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    print(f"memtron PKM layer bench: {cpu_model()}, {os.cpu_count()} cores "
+          f"({len(os.sched_getaffinity(0))} usable), RAM {ram / GiB:.1f} GiB "
+          f"({mem_available() / GiB:.1f} available)")
+    print(f"python {platform.python_version()}, torch {torch.__version__}, "
+          f"threads {torch.get_num_threads()} (interop {torch.get_num_interop_threads()})")
+    print(f"H={a.heads} k={a.topk} d_key={a.d_key} T={a.tokens} fp32; warmup {a.warmup}, "
+          f"median of {a.repeats}; sides {', '.join(a.sides)}")
+    print("memtron: ProductKeyMemory(memory_plus=False) + LocalValueTable, AdamW + SparseRowAdam"
+          "; peer: product_key_memory.PKM + Adam(fetch_optimizer_parameters) (dense value grad,"
+          " single-tensor Adam on CPU)")
+    memcpy = memcpy_bandwidth()
+    print(f"memcpy: {memcpy / 1e9:.1f} GB/s", flush=True)
+
+    rows = []
+    for n in a.sizes:
+        for d in a.dims:
+            rows.append(run_config(n, d, a, a.sides, memcpy))
+            free()
+    print_table(rows, a, memcpy)
+    if a.profile != "none":
+        size, dim = a.profile.split(":")
+        profile(parse_slots(size), int(dim), a)
+    print(f"\ntotal {time.perf_counter() - t_start:.0f} s")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

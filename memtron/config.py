@@ -1,0 +1,326 @@
+"""Dataclass configs, YAML loading, dotted CLI overrides and validation.
+
+Every check runs before any work starts, and every error names the offending key
+(``model.n_heads``), so a bad recipe fails in a second instead of after a launch.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A config value is unknown, mistyped or inconsistent; the message names the key."""
+
+
+@dataclass
+class ModelConfig:
+    vocab_size: int = 260
+    d_model: int = 128
+    n_layers: int = 4
+    n_heads: int = 4
+    n_kv_heads: int = 2
+    d_ff: int = 384
+    max_seq_len: int = 256
+    rope_theta: float = 10000.0
+    norm_eps: float = 1e-5
+    tie_embeddings: bool = True
+    init_std: float = 0.02
+
+
+@dataclass
+class MemoryConfig:
+    """Product-key memory layers (DESIGN §3)."""
+
+    layers: list[int] = field(default_factory=list)  # block indices that get a memory layer
+    placement: Literal["replace", "beside"] = "replace"  # replace the FFN or run beside it
+    memory_plus: bool = True  # out = W_o(y * SiLU(W_g x)); plain PKM when False
+    n_heads: int = 4  # H
+    topk: int = 32  # k
+    d_key: int = 64  # full query/key width; each half is d_key / 2
+    n_sub_keys: int = 64  # n; N = n^2 slots
+    value_dim: int = 0  # d_v; 0 means d_model
+    query_norm: bool = True
+    key_norm: bool = False
+    # Groups of layers that share one value table (each layer keeps its own keys and
+    # query net). Layers not listed get a table of their own.
+    shared_tables: list[list[int]] = field(default_factory=list)
+    usage_window: int = 100  # steps over which per-slot hits are counted
+
+    @property
+    def n_slots(self) -> int:
+        return self.n_sub_keys**2
+
+
+@dataclass
+class DataConfig:
+    train: str = "runs/data/tiny/train"  # directory of prepared shards (index.json)
+    valid: str = "runs/data/tiny/valid"
+    questions: str = "runs/data/tiny/questions.jsonl"  # fact questions; "" disables
+    tokenizer: str = "byte"  # "byte" or a path to a Hugging Face tokenizer.json
+    seq_len: int = 128
+    micro_batch_size: int = 16
+    num_workers: int = 0
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 3e-3
+    min_lr_ratio: float = 0.1
+    warmup_steps: int = 50
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    grad_clip: float = 1.0  # dense params; 0 disables
+    memory_lr_mult: float = 10.0  # value tables learn at lr * memory_lr_mult
+    memory_weight_decay: float = 0.0
+    memory_grad_clip: float = 1.0  # global norm over the touched value rows; 0 disables
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 600
+    grad_accum: int = 1
+    seed: int = 1234
+    dtype: Literal["fp32", "bf16"] = "fp32"  # bf16 = autocast; params and optimizer stay fp32
+    eval_every: int = 200
+    eval_batches: int = 8
+    log_every: int = 10
+    run_dir: str = "runs/tiny-cpu"
+    threads: int = 0  # torch intra-op threads; 0 leaves torch's default
+
+
+@dataclass
+class CheckpointConfig:
+    every: int = 200  # steps; 0 saves only at the end and on signals
+    keep_last: int = 2
+    resume: str = "auto"  # "auto" (latest in run_dir if any), "none", or a checkpoint path
+
+
+@dataclass
+class LoggingConfig:
+    jsonl: bool = True
+    tensorboard: bool = True
+    progress: bool = True
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    memory: MemoryConfig = field(default_factory=MemoryConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+# --------------------------------------------------------------------------- typing
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Check ``value`` against the annotation ``tp``; ints are accepted where floats are."""
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        if value not in typing.get_args(tp):
+            raise ConfigError(f"{key}: {value!r} is not one of {list(typing.get_args(tp))}")
+        return value
+    if origin in (typing.Union, types.UnionType):
+        errors = []
+        for option in typing.get_args(tp):
+            if option is type(None):
+                if value is None:
+                    return None
+                continue
+            try:
+                return _coerce(value, option, key)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(errors[0] if errors else f"{key}: unexpected {value!r}")
+    if origin is list:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}: expected a list, got {type(value).__name__} {value!r}")
+        (item_tp,) = typing.get_args(tp)
+        return [_coerce(v, item_tp, f"{key}[{i}]") for i, v in enumerate(value)]
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key}: expected true/false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, str):  # YAML 1.1 reads "1e-3" (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{key}: expected a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{key}: expected a string, got {value!r}")
+        return value
+    if dataclasses.is_dataclass(tp):
+        return _build(tp, value, key)
+    raise ConfigError(f"{key}: unsupported config type {tp!r}")  # a bug in this file
+
+
+def _build(cls: type, raw: Any, prefix: str) -> Any:
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{prefix or 'config'}: expected a mapping, got {raw!r}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    for k in raw:
+        if k not in names:
+            where = f"{prefix}.{k}" if prefix else k
+            raise ConfigError(f"{where}: unknown key (known: {', '.join(sorted(names))})")
+    kwargs = {k: _coerce(v, hints[k], f"{prefix}.{k}" if prefix else k) for k, v in raw.items()}
+    return cls(**kwargs)
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """``model.n_layers=4`` -> (["model", "n_layers"], 4); values are parsed as YAML scalars."""
+    if "=" not in text:
+        raise ConfigError(f"override {text!r}: expected dotted.key=value")
+    key, _, raw = text.partition("=")
+    path = key.strip().split(".")
+    if not all(path):
+        raise ConfigError(f"override {text!r}: empty key component")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{key}: cannot parse value {raw!r}: {e}") from e
+    return path, value
+
+
+def _merge(base: dict, path: list[str], value: Any) -> None:
+    node = base
+    for i, part in enumerate(path[:-1]):
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"{'.'.join(path[: i + 1])}: is a value, not a section")
+        node = child
+    node[path[-1]] = value
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Read a YAML recipe (or the defaults), apply dotted overrides, type-check and validate."""
+    raw: dict[str, Any] = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file {p} does not exist")
+        try:
+            loaded = yaml.safe_load(p.read_text())
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{p}: invalid YAML: {e}") from e
+        raw = loaded or {}
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{p}: top level must be a mapping")
+    for text in overrides or []:
+        path_parts, value = parse_override(text)
+        _merge(raw, path_parts, value)
+    cfg = _build(Config, raw, "")
+    validate(cfg)
+    return cfg
+
+
+def config_from_dict(raw: dict[str, Any]) -> Config:
+    """Rebuild a config saved in a checkpoint manifest."""
+    cfg = _build(Config, raw, "")
+    validate(cfg)
+    return cfg
+
+
+# --------------------------------------------------------------------------- validation
+
+
+def _require(cond: bool, key: str, msg: str) -> None:
+    if not cond:
+        raise ConfigError(f"{key}: {msg}")
+
+
+def validate(cfg: Config) -> None:
+    m, mem, d, o, t, c = cfg.model, cfg.memory, cfg.data, cfg.optim, cfg.train, cfg.checkpoint
+    for key, val in [
+        ("model.vocab_size", m.vocab_size),
+        ("model.d_model", m.d_model),
+        ("model.n_layers", m.n_layers),
+        ("model.n_heads", m.n_heads),
+        ("model.n_kv_heads", m.n_kv_heads),
+        ("model.d_ff", m.d_ff),
+        ("model.max_seq_len", m.max_seq_len),
+        ("data.seq_len", d.seq_len),
+        ("data.micro_batch_size", d.micro_batch_size),
+        ("train.steps", t.steps),
+        ("train.grad_accum", t.grad_accum),
+        ("train.log_every", t.log_every),
+    ]:
+        _require(val > 0, key, f"must be positive, got {val}")
+    _require(m.d_model % m.n_heads == 0, "model.n_heads",
+             f"{m.n_heads} heads do not divide d_model={m.d_model}")
+    _require((m.d_model // m.n_heads) % 2 == 0, "model.n_heads",
+             f"head dim {m.d_model // m.n_heads} must be even for RoPE")
+    _require(m.n_heads % m.n_kv_heads == 0, "model.n_kv_heads",
+             f"{m.n_kv_heads} kv heads do not divide n_heads={m.n_heads}")
+    _require(d.seq_len <= m.max_seq_len, "data.seq_len",
+             f"{d.seq_len} exceeds model.max_seq_len={m.max_seq_len}")
+    _require(d.num_workers >= 0, "data.num_workers", "must be >= 0")
+
+    seen: set[int] = set()
+    for i, layer in enumerate(mem.layers):
+        _require(0 <= layer < m.n_layers, f"memory.layers[{i}]",
+                 f"layer {layer} out of range for model.n_layers={m.n_layers}")
+        _require(layer not in seen, f"memory.layers[{i}]", f"layer {layer} listed twice")
+        seen.add(layer)
+    if mem.layers:
+        _require(mem.n_heads > 0, "memory.n_heads", "must be positive")
+        _require(mem.n_sub_keys > 0, "memory.n_sub_keys", "must be positive")
+        _require(mem.d_key > 0 and mem.d_key % 2 == 0, "memory.d_key",
+                 f"must be a positive even number (split in two halves), got {mem.d_key}")
+        _require(0 < mem.topk <= mem.n_sub_keys, "memory.topk",
+                 f"k={mem.topk} must be in [1, n_sub_keys={mem.n_sub_keys}]")
+        _require(mem.value_dim >= 0, "memory.value_dim", "must be >= 0 (0 means d_model)")
+        _require(mem.memory_plus or mem.value_dim in (0, m.d_model), "memory.value_dim",
+                 f"plain PKM (memory_plus=false) needs value_dim == d_model={m.d_model}")
+        _require(mem.usage_window > 0, "memory.usage_window", "must be positive")
+    in_group: set[int] = set()
+    for g, group in enumerate(mem.shared_tables):
+        _require(len(group) >= 2, f"memory.shared_tables[{g}]", "a shared group needs >= 2 layers")
+        for layer in group:
+            _require(layer in seen, f"memory.shared_tables[{g}]",
+                     f"layer {layer} is not a memory layer (memory.layers={mem.layers})")
+            _require(layer not in in_group, f"memory.shared_tables[{g}]",
+                     f"layer {layer} is in two shared groups")
+            in_group.add(layer)
+
+    _require(o.lr > 0, "optim.lr", "must be positive")
+    _require(0 <= o.min_lr_ratio <= 1, "optim.min_lr_ratio", "must be in [0, 1]")
+    _require(o.warmup_steps >= 0, "optim.warmup_steps", "must be >= 0")
+    _require(0 <= o.beta1 < 1, "optim.beta1", "must be in [0, 1)")
+    _require(0 <= o.beta2 < 1, "optim.beta2", "must be in [0, 1)")
+    _require(o.grad_clip >= 0, "optim.grad_clip", "must be >= 0 (0 disables)")
+    _require(o.memory_grad_clip >= 0, "optim.memory_grad_clip", "must be >= 0 (0 disables)")
+    _require(o.memory_lr_mult > 0, "optim.memory_lr_mult", "must be positive")
+
+    _require(t.eval_every >= 0, "train.eval_every", "must be >= 0 (0 disables)")
+    _require(t.threads >= 0, "train.threads", "must be >= 0")
+    _require(c.every >= 0, "checkpoint.every", "must be >= 0")
+    _require(c.keep_last >= 1, "checkpoint.keep_last", "must keep at least 1")

@@ -1,0 +1,320 @@
+"""Resumable stream of token batches from prepared shards, split by data-parallel rank.
+
+Design (the whole of it):
+  * Epoch order: per epoch, the shard order is permuted from ``(seed, epoch)`` and the rows
+    inside each shard from ``(seed, epoch, shard)``; the epoch order is their concatenation
+    (identity when ``shuffle=False``). It is a pure function, so nothing but a counter needs
+    saving, and a reader only ever holds the one or two shards it is walking through.
+  * DP split, at sample level: rank r takes the contiguous slice ``[r*M, (r+1)*M)`` of the
+    epoch order, ``M = n_samples // dp_size``, cut into ``M // micro_batch_size`` batches.
+    Works with any number of shards (even one); each rank reads ~1/dp_size of the data; the
+    remainders (< dp_size samples, then < one batch per rank) are dropped for that epoch.
+  * Workers split the *rank's batch sequence*: worker w of W produces batches w, w+W, ...
+    and torch's DataLoader hands them out round-robin, i.e. in order. The stream is therefore
+    the same for any ``num_workers`` (0 included), and the state is one number: the batches
+    handed to the caller. Batches prefetched by workers but not yet handed out are not counted.
+    (Each worker reads its rank's shards itself; the page cache makes that one disk read.)
+  * Resume: ``load_state_dict`` sets that counter; workers restart at it. The state is the
+    same on every dp rank (all ranks consume equally), so saving rank 0's is enough. Seed,
+    shuffle, dp_size, micro_batch_size, seq_len and the data set must match (else DataError);
+    ``num_workers`` may change freely.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import itertools
+import json
+import tarfile
+import traceback
+from collections import OrderedDict
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from memtron.data.prepare import INDEX_FORMAT, INDEX_NAME, INDEX_VERSION
+
+STATE_VERSION = 1
+SHARDS_CACHED = 2  # a batch can straddle two shards; more would only cost memory
+
+
+class DataError(RuntimeError):
+    """A shard or index is missing, corrupt or inconsistent; the message names the file."""
+
+
+@dataclass(frozen=True)
+class _Shard:
+    path: Path
+    n_samples: int
+    nbytes: int
+    sha256: str
+
+
+def _read_index(directory: str | Path, seq_len: int) -> tuple[dict, list[_Shard]]:
+    """Parse and check ``index.json``; shard files must exist with the recorded sizes."""
+    index_path = Path(directory) / INDEX_NAME
+    try:
+        index = json.loads(index_path.read_text())
+    except FileNotFoundError:
+        raise DataError(
+            f"{index_path}: no such file (run `prepare` on the raw data first)"
+        ) from None
+    except (OSError, json.JSONDecodeError) as e:
+        raise DataError(f"{index_path}: unreadable index: {e}") from e
+    if not isinstance(index, dict) or index.get("format") != INDEX_FORMAT:
+        raise DataError(f"{index_path}: not a {INDEX_FORMAT} index")
+    if index.get("version") != INDEX_VERSION:
+        raise DataError(f"{index_path}: version {index.get('version')!r}, this code reads "
+                        f"{INDEX_VERSION}")
+    for key in ("seq_len", "dtype", "n_samples", "shards"):
+        if key not in index:
+            raise DataError(f"{index_path}: missing key {key!r}")
+    if index["dtype"] not in ("uint16", "int32"):
+        raise DataError(f"{index_path}: dtype {index['dtype']!r} is not uint16 or int32")
+    if index["seq_len"] != seq_len:
+        raise DataError(f"{index_path}: seq_len is {index['seq_len']} but {seq_len} was "
+                        "requested (re-run prepare with this seq_len)")
+    shards = []
+    for i, entry in enumerate(index["shards"]):
+        try:
+            shard = _Shard(Path(directory) / entry["name"], int(entry["n_samples"]),
+                           int(entry["bytes"]), str(entry["sha256"]))
+        except (KeyError, TypeError, ValueError) as e:
+            raise DataError(f"{index_path}: shards[{i}] is malformed: {e!r}") from e
+        if not shard.path.is_file():
+            raise DataError(f"{shard.path}: shard listed in {index_path} is missing")
+        size = shard.path.stat().st_size
+        if size != shard.nbytes:
+            raise DataError(f"{shard.path}: {size} bytes, {index_path} says {shard.nbytes} "
+                            "(truncated or overwritten shard)")
+        shards.append(shard)
+    if sum(s.n_samples for s in shards) != index["n_samples"]:
+        raise DataError(f"{index_path}: n_samples disagrees with the sum over shards")
+    return index, shards
+
+
+def _load_shard(shard: _Shard, sample_len: int, dtype: np.dtype) -> np.ndarray:
+    """All samples of one shard as a [n, sample_len] array, after checking size and sha256."""
+    try:
+        data = shard.path.read_bytes()
+    except OSError as e:
+        raise DataError(f"{shard.path}: cannot read shard: {e}") from e
+    if len(data) != shard.nbytes:
+        raise DataError(f"{shard.path}: {len(data)} bytes, index says {shard.nbytes} "
+                        "(truncated or overwritten shard)")
+    if hashlib.sha256(data).hexdigest() != shard.sha256:
+        raise DataError(f"{shard.path}: sha256 mismatch with the index (corrupt shard)")
+    samples = []
+    try:
+        with tarfile.open(fileobj=io.BytesIO(data), mode="r:") as tar:
+            for member in tar:
+                if member.isfile() and member.name.endswith(".npy"):
+                    payload = tar.extractfile(member).read()
+                    samples.append(np.load(io.BytesIO(payload), allow_pickle=False))
+    except (tarfile.TarError, ValueError, OSError) as e:
+        raise DataError(f"{shard.path}: unreadable tar shard: {e}") from e
+    if len(samples) != shard.n_samples:
+        raise DataError(f"{shard.path}: {len(samples)} samples, index says {shard.n_samples}")
+    for sample in samples:
+        if sample.shape != (sample_len,) or sample.dtype != dtype:
+            raise DataError(f"{shard.path}: sample of shape {sample.shape} {sample.dtype}, "
+                            f"expected ({sample_len},) {dtype}")
+    return np.stack(samples)
+
+
+class _BatchReader:
+    """Batch number t of one dp rank's stream (epochs concatenated) -> a LongTensor."""
+
+    def __init__(self, path: str | Path, micro_batch_size: int, seq_len: int, dp_rank: int,
+                 dp_size: int, seed: int, shuffle: bool):
+        if micro_batch_size < 1 or seq_len < 1:
+            raise ValueError(f"micro_batch_size ({micro_batch_size}) and seq_len ({seq_len}) "
+                             "must be >= 1")
+        if not 0 <= dp_rank < dp_size:
+            raise ValueError(f"dp_rank {dp_rank} is not in [0, dp_size={dp_size})")
+        if seed < 0:
+            raise ValueError(f"seed must be >= 0, got {seed}")
+        self.index, self.shards = _read_index(path, seq_len)
+        self.index_path = Path(path) / INDEX_NAME
+        self.sample_len = seq_len + 1
+        self.dtype = np.dtype(self.index["dtype"])
+        self.micro_batch_size = micro_batch_size
+        self.seed = seed
+        self.shuffle = shuffle
+        self.n_samples = int(self.index["n_samples"])
+        per_rank = self.n_samples // dp_size
+        self.rank_start = dp_rank * per_rank
+        self.batches_per_epoch = per_rank // micro_batch_size
+        if self.batches_per_epoch == 0:
+            raise DataError(
+                f"{self.index_path}: {self.n_samples} samples cannot fill one batch per rank "
+                f"(dp_size={dp_size} x micro_batch_size={micro_batch_size})"
+            )
+        # Identifies the data set in saved states: resuming on other data is refused.
+        self.fingerprint = hashlib.sha256(
+            "".join(s.sha256 for s in self.shards).encode()
+        ).hexdigest()[:16]
+        self._layout: tuple[int, np.ndarray, np.ndarray] | None = None
+        self._cache: OrderedDict[tuple[int, int], tuple[np.ndarray, np.ndarray]] = OrderedDict()
+
+    def _epoch_layout(self, epoch: int) -> tuple[np.ndarray, np.ndarray]:
+        """Shard visiting order of an epoch and where each starts in the epoch order."""
+        if self._layout is None or self._layout[0] != epoch:
+            order = np.arange(len(self.shards))
+            if self.shuffle:
+                order = np.random.default_rng([self.seed, epoch, 0]).permutation(order)
+            sizes = np.array([self.shards[i].n_samples for i in order], dtype=np.int64)
+            starts = np.concatenate([[0], np.cumsum(sizes)[:-1]])
+            self._layout = (epoch, order, starts)
+        return self._layout[1], self._layout[2]
+
+    def _shard_rows(self, epoch: int, shard: int) -> tuple[np.ndarray, np.ndarray]:
+        """(samples, row order) of a shard in an epoch, from the small LRU cache."""
+        key = (epoch, shard)
+        if key in self._cache:
+            self._cache.move_to_end(key)
+            return self._cache[key]
+        cached = next((v for (_, s), v in self._cache.items() if s == shard), None)
+        samples = cached[0] if cached else _load_shard(
+            self.shards[shard], self.sample_len, self.dtype)
+        rows = np.arange(len(samples))
+        if self.shuffle:
+            rows = np.random.default_rng([self.seed, epoch, 1, shard]).permutation(rows)
+        self._cache[key] = (samples, rows)
+        while len(self._cache) > SHARDS_CACHED:
+            self._cache.popitem(last=False)
+        return samples, rows
+
+    def batch(self, t: int) -> torch.Tensor:
+        epoch, b = divmod(t, self.batches_per_epoch)
+        order, starts = self._epoch_layout(epoch)
+        positions = self.rank_start + b * self.micro_batch_size + np.arange(self.micro_batch_size)
+        slots = np.searchsorted(starts, positions, side="right") - 1
+        out = np.empty((self.micro_batch_size, self.sample_len), dtype=np.int64)
+        for slot in np.unique(slots):
+            mask = slots == slot
+            samples, rows = self._shard_rows(epoch, int(order[slot]))
+            out[mask] = samples[rows[positions[mask] - starts[slot]]]
+        return torch.from_numpy(out)
+
+
+class _WorkerStream(IterableDataset):
+    """Inside DataLoader worker w of W: batches first + w, first + w + W, ... forever."""
+
+    def __init__(self, reader: _BatchReader, first_batch: int):
+        self.reader = reader
+        self.first_batch = first_batch
+
+    def __iter__(self) -> Iterator[torch.Tensor]:
+        info = get_worker_info()
+        worker, n_workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        t = self.first_batch + worker
+        while True:
+            yield self.reader.batch(t)
+            t += n_workers
+
+
+class ShardLoader:
+    """Endless, resumable ``LongTensor[micro_batch_size, seq_len + 1]`` batches for one dp rank.
+
+    See the module docstring for the split and resume design. Iterate one iterator at a time:
+    each ``iter()`` continues from the batches handed out so far, so call ``load_state_dict``
+    before ``iter()``. ``index`` is the parsed ``index.json`` (tokenizer, vocab_size, eos_id...),
+    for checks against the model config.
+    """
+
+    def __init__(
+        self,
+        path: str | Path,
+        micro_batch_size: int,
+        seq_len: int,
+        dp_rank: int = 0,
+        dp_size: int = 1,
+        num_workers: int = 0,
+        seed: int = 0,
+        shuffle: bool = True,
+    ):
+        if num_workers < 0:
+            raise ValueError(f"num_workers must be >= 0, got {num_workers}")
+        self._reader = _BatchReader(path, micro_batch_size, seq_len, dp_rank, dp_size, seed,
+                                    shuffle)
+        self.index: dict = self._reader.index
+        self.num_workers = num_workers
+        self.dp_size = dp_size
+        self.seq_len = seq_len
+        self.batches_per_epoch = self._reader.batches_per_epoch
+        self._batches_yielded = 0
+
+    @property
+    def epoch(self) -> int:
+        return self._batches_yielded // self.batches_per_epoch
+
+    def __iter__(self) -> Iterator[torch.Tensor]:
+        batches: Iterable[torch.Tensor]
+        if self.num_workers == 0:
+            batches = map(self._reader.batch, itertools.count(self._batches_yielded))
+        else:
+            batches = DataLoader(_WorkerStream(self._reader, self._batches_yielded),
+                                 batch_size=None, num_workers=self.num_workers)
+        try:
+            for batch in batches:
+                self._batches_yielded += 1  # counted when handed over, never when prefetched
+                yield batch
+        except Exception as error:
+            # torch re-raises a worker's error from frames that hold its iterator in a
+            # reference cycle; left to the garbage collector, its workers take 10 s to stop.
+            traceback.clear_frames(error.__traceback__)
+            raise
+
+    def state_dict(self) -> dict:
+        """JSON-serialisable position after the batches already handed to the caller."""
+        reader = self._reader
+        return {
+            "version": STATE_VERSION,
+            "batches_yielded": self._batches_yielded,
+            "epoch": self.epoch,
+            "batch_in_epoch": self._batches_yielded % self.batches_per_epoch,
+            "seed": reader.seed,
+            "shuffle": reader.shuffle,
+            "dp_size": self.dp_size,
+            "micro_batch_size": reader.micro_batch_size,
+            "seq_len": self.seq_len,
+            "dataset": reader.fingerprint,
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        """Continue exactly after the saved position (num_workers may differ from the save)."""
+        expected = self.state_dict()
+        for key in ("version", "seed", "shuffle", "dp_size", "micro_batch_size", "seq_len",
+                    "dataset", "batches_yielded"):
+            if key not in state:
+                raise DataError(f"loader state: missing key {key!r}")
+            if key != "batches_yielded" and state[key] != expected[key]:
+                raise DataError(
+                    f"loader state: {key!r} is {state[key]!r} but this loader has "
+                    f"{expected[key]!r} ({self._reader.index_path}); exact resume needs the "
+                    "same seed, shuffle, dp_size, micro_batch_size, seq_len and data"
+                )
+        self._batches_yielded = int(state["batches_yielded"])
+
+
+def eval_batches(
+    path: str | Path,
+    micro_batch_size: int,
+    seq_len: int,
+    n_batches: int,
+    dp_rank: int = 0,
+    dp_size: int = 1,
+) -> Iterator[torch.Tensor]:
+    """The first ``n_batches`` batches of this rank's unshuffled pass: the same every call.
+
+    Stops early (at the same batch on every rank) when the pass holds fewer batches.
+    """
+    reader = _BatchReader(path, micro_batch_size, seq_len, dp_rank, dp_size, seed=0,
+                          shuffle=False)
+    return (reader.batch(t) for t in range(min(n_batches, reader.batches_per_epoch)))

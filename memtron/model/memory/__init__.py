@@ -1,0 +1,1 @@
+"""Memory layers: product-key memories and their value tables."""

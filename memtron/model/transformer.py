@@ -1,0 +1,118 @@
+"""Decoder-only LM. A block is attention plus one of: a SwiGLU FFN, a product-key memory layer
+in place of the FFN, or both side by side (DESIGN §2)."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from memtron.config import Config, MemoryConfig, ModelConfig
+from memtron.model.attention import CausalSelfAttention, rope_tables
+from memtron.model.memory.product_key import ProductKeyMemory
+from memtron.model.memory.values import LocalValueTable, ValueTable
+
+
+class SwiGLU(nn.Module):
+    def __init__(self, d_model: int, d_ff: int) -> None:
+        super().__init__()
+        self.w_gate = nn.Linear(d_model, d_ff, bias=False)
+        self.w_up = nn.Linear(d_model, d_ff, bias=False)
+        self.w_down = nn.Linear(d_ff, d_model, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.w_down(F.silu(self.w_gate(x)) * self.w_up(x))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig, ffn: bool, memory: ProductKeyMemory | None) -> None:
+        super().__init__()
+        self.attn_norm = nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps)
+        self.attn = CausalSelfAttention(cfg.d_model, cfg.n_heads, cfg.n_kv_heads)
+        self.mlp_norm = nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps)
+        self.ffn = SwiGLU(cfg.d_model, cfg.d_ff) if ffn else None
+        self.memory = memory
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn(self.attn_norm(x), cos, sin)
+        h = self.mlp_norm(x)
+        if self.ffn is not None:
+            x = x + self.ffn(h)
+        if self.memory is not None:
+            x = x + self.memory(h)
+        return x
+
+
+def table_groups(mem: MemoryConfig) -> list[list[int]]:
+    """Memory layers grouped by the value table they read: shared groups, then singletons."""
+    shared = [sorted(g) for g in mem.shared_tables]
+    grouped = {layer for g in shared for layer in g}
+    return shared + [[layer] for layer in sorted(mem.layers) if layer not in grouped]
+
+
+class Transformer(nn.Module):
+    def __init__(self, cfg: ModelConfig, mem: MemoryConfig) -> None:
+        super().__init__()
+        self.cfg, self.mem_cfg = cfg, mem
+        self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        out_std = cfg.init_std / math.sqrt(2 * cfg.n_layers)
+        # Value tables live here, once each, even when several layers read them.
+        self.value_tables = nn.ModuleDict()
+        table_of: dict[int, ValueTable] = {}
+        for g, layers in enumerate(table_groups(mem)):
+            table = LocalValueTable(mem.n_slots, mem.value_dim or cfg.d_model)
+            self.value_tables[f"table{g}"] = table
+            table_of.update({layer: table for layer in layers})
+        blocks = []
+        for i in range(cfg.n_layers):
+            memory = None
+            if i in table_of:
+                memory = ProductKeyMemory(cfg.d_model, mem, table_of[i], cfg.init_std, out_std)
+            ffn = memory is None or mem.placement == "beside"
+            blocks.append(Block(cfg, ffn, memory))
+        self.blocks = nn.ModuleList(blocks)
+        self.norm = nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps)
+        self.head = None if cfg.tie_embeddings else nn.Linear(cfg.d_model, cfg.vocab_size,
+                                                              bias=False)
+        self._init_dense(out_std)
+
+    def _init_dense(self, out_std: float) -> None:
+        nn.init.normal_(self.embed.weight, std=self.cfg.init_std)
+        if self.head is not None:
+            nn.init.normal_(self.head.weight, std=self.cfg.init_std)
+        for block in self.blocks:
+            attn = block.attn
+            for lin in (attn.wq, attn.wk, attn.wv):
+                nn.init.normal_(lin.weight, std=self.cfg.init_std)
+            nn.init.normal_(attn.wo.weight, std=out_std)
+            if block.ffn is not None:
+                nn.init.normal_(block.ffn.w_gate.weight, std=self.cfg.init_std)
+                nn.init.normal_(block.ffn.w_up.weight, std=self.cfg.init_std)
+                nn.init.normal_(block.ffn.w_down.weight, std=out_std)
+
+    def memory_layers(self) -> list[ProductKeyMemory]:
+        return [b.memory for b in self.blocks if b.memory is not None]
+
+    def forward(self, tokens: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
+        """tokens [B, L] -> logits [B, L, vocab]. ``positions`` [L] defaults to 0..L-1."""
+        if positions is None:
+            positions = torch.arange(tokens.shape[1], device=tokens.device)
+        cos, sin = rope_tables(self.cfg.d_model // self.cfg.n_heads, positions, self.cfg.rope_theta)
+        cos, sin = cos.to(tokens.device), sin.to(tokens.device)
+        x = self.embed(tokens)
+        for block in self.blocks:
+            x = block(x, cos, sin)
+        x = self.norm(x)
+        weight = self.embed.weight if self.head is None else self.head.weight
+        return F.linear(x, weight)
+
+
+def lm_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Mean next-token cross entropy in fp32."""
+    return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
+
+
+def build_model(cfg: Config) -> Transformer:
+    return Transformer(cfg.model, cfg.memory)

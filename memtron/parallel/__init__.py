@@ -1,0 +1,1 @@
+"""How the model is spread over processes; no model math of its own."""

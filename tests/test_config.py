@@ -1,0 +1,54 @@
+"""Bad configs fail before any work, naming the key."""
+
+import pytest
+
+from memtron.cli import main
+from memtron.config import ConfigError, load_config
+
+
+@pytest.mark.parametrize("overrides,key", [
+    (["model.n_layerz=4"], "model.n_layerz"),
+    (["modle.n_layers=4"], "modle"),
+    (["model.n_layers=four"], "model.n_layers"),
+    (["model.tie_embeddings=3"], "model.tie_embeddings"),
+    (["optim.lr=fast"], "optim.lr"),
+    (["train.dtype=fp8"], "train.dtype"),
+    (["model.n_heads=5"], "model.n_heads"),
+    (["model.n_kv_heads=3"], "model.n_kv_heads"),
+    (["memory.layers=[4]"], "memory.layers[0]"),
+    (["memory.layers=[1]", "memory.topk=80", "memory.n_sub_keys=64"], "memory.topk"),
+    (["memory.layers=[1]", "memory.d_key=63"], "memory.d_key"),
+    (["memory.layers=[1,2]", "memory.shared_tables=[[1,3]]"], "memory.shared_tables[0]"),
+    (["memory.layers=[1]", "memory.memory_plus=false", "memory.value_dim=64"],
+     "memory.value_dim"),
+    (["data.seq_len=1024"], "data.seq_len"),
+    (["checkpoint.keep_last=0"], "checkpoint.keep_last"),
+    (["model=3"], "model"),
+])
+def test_bad_values_name_the_key(overrides, key):
+    with pytest.raises(ConfigError) as err:
+        load_config(None, overrides)
+    assert str(err.value).startswith(key)
+
+
+def test_recipe_and_overrides(tmp_path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("model:\n  n_layers: 6\nmemory:\n  layers: [3]\n")
+    cfg = load_config(recipe, ["memory.topk=8", "optim.lr=1e-3"])
+    assert cfg.model.n_layers == 6 and cfg.memory.layers == [3]
+    assert cfg.memory.topk == 8 and cfg.optim.lr == 1e-3
+
+
+def test_shipped_recipes_are_valid():
+    from pathlib import Path
+
+    recipes = sorted(Path(__file__).parent.parent.joinpath("configs").glob("*.yaml"))
+    assert recipes
+    for recipe in recipes:
+        load_config(recipe)
+
+
+def test_cli_reports_config_error_without_traceback(capsys):
+    assert main(["config", "memory.layers=[9]"]) == 2
+    err = capsys.readouterr().err
+    assert "memory.layers[0]" in err and "Traceback" not in err
