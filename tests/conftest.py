@@ -3,6 +3,7 @@
 from pathlib import Path
 
 import pytest
+from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 
 from memtron.config import load_config
 from memtron.data.prepare import prepare
@@ -45,3 +46,14 @@ def tiny_config(tiny_corpus, tmp_path):
         return load_config(None, tiny_overrides(tiny_corpus, tmp_path / run_name, **extra))
 
     return make
+
+
+def save_word_level_tokenizer(path: Path, specials: list[str]) -> Path:
+    """A tiny local Hugging Face tokenizer.json (no download) for tests."""
+    tok = Tokenizer(models.WordLevel(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    trainer = trainers.WordLevelTrainer(special_tokens=["<unk>", *specials])
+    tok.train_from_iterator(["hello world", "memory layers remember facts", "hello memory"],
+                            trainer)
+    tok.save(str(path))
+    return path

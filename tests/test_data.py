@@ -20,6 +20,7 @@ from memtron.data.loader import DataError, ShardLoader, eval_batches
 from memtron.data.prepare import prepare
 from memtron.data.synthetic import generate_corpus, load_questions
 from memtron.data.tokenizer import ByteTokenizer, HFTokenizer, load_tokenizer
+from tests.conftest import save_word_level_tokenizer
 
 # ----------------------------------------------------------------------------- tokenizers
 
@@ -37,20 +38,8 @@ def test_byte_tokenizer_round_trip_multibyte():
     assert tok.decode(cut) == "東\ufffd"
 
 
-def _save_word_level(path: Path, specials: list[str]) -> Path:
-    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
-
-    tok = Tokenizer(models.WordLevel(unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    trainer = trainers.WordLevelTrainer(special_tokens=["<unk>", *specials])
-    tok.train_from_iterator(["hello world", "memory layers remember facts", "hello memory"],
-                            trainer)
-    tok.save(str(path))
-    return path
-
-
 def test_hf_tokenizer_from_local_file(tmp_path):
-    path = _save_word_level(tmp_path / "tokenizer.json", ["</s>"])
+    path = save_word_level_tokenizer(tmp_path / "tokenizer.json", ["</s>"])
     tok = load_tokenizer(str(path))
     assert isinstance(tok, HFTokenizer)
     ids = tok.encode("hello memory layers")
@@ -63,7 +52,7 @@ def test_hf_tokenizer_from_local_file(tmp_path):
 def test_tokenizer_errors_name_the_spec(tmp_path):
     with pytest.raises(ValueError, match="no-such-tokenizer"):
         load_tokenizer("no-such-tokenizer")
-    path = _save_word_level(tmp_path / "noeos.json", [])
+    path = save_word_level_tokenizer(tmp_path / "noeos.json", [])
     with pytest.raises(ValueError, match="noeos.json"):
         HFTokenizer(path)
 
@@ -211,7 +200,7 @@ def test_prepare_is_readable_by_webdataset(tmp_path):
 
 
 def test_prepare_with_hf_tokenizer_and_replace(tmp_path):
-    tok_path = _save_word_level(tmp_path / "tokenizer.json", ["</s>"])
+    tok_path = save_word_level_tokenizer(tmp_path / "tokenizer.json", ["</s>"])
     source = tmp_path / "docs.jsonl"
     docs = ["hello world", "memory layers remember facts", "hello memory"] * 3
     source.write_text("".join(json.dumps({"body": d}) + "\n" for d in docs))

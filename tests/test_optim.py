@@ -23,9 +23,7 @@ def _reference_lazy_adamw(weight, grads, lr, betas, eps, wd):
     w = weight.clone().double()
     m = torch.zeros_like(w)
     v = torch.zeros_like(w)
-    t = 0
-    for rows_grad in grads:  # dict row -> grad vector
-        t += 1
+    for t, rows_grad in enumerate(grads, start=1):  # dict row -> grad vector
         for r, g in rows_grad.items():
             g = g.double()
             m[r] = betas[0] * m[r] + (1 - betas[0]) * g

@@ -11,12 +11,13 @@ import pytest
 import torch
 
 from memtron.cli import main
-from memtron.config import load_config
+from memtron.config import ConfigError, load_config
+from memtron.data.loader import DataError
 from memtron.data.prepare import prepare
 from memtron.data.synthetic import generate_corpus
 from memtron.train.checkpoint import CheckpointError, list_checkpoints
 from memtron.train.trainer import Trainer, train
-from tests.conftest import tiny_overrides
+from tests.conftest import save_word_level_tokenizer, tiny_overrides
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -125,6 +126,18 @@ def test_cli_names_corrupt_checkpoint(tiny_corpus, tmp_path, saved_checkpoint, c
     assert main(["train", "--resume", str(saved_checkpoint), *overrides]) == 2
     err = capsys.readouterr().err
     assert "checksum mismatch" in err and ".distcp" in err
+
+
+def test_inputs_checked_before_work(tiny_config, tiny_corpus, tmp_path):
+    with pytest.raises(ConfigError, match="^data.train: no prepared shards"):
+        Trainer(tiny_config(**{"data.train": tmp_path / "missing"}))
+    with pytest.raises(ConfigError, match="^model.vocab_size"):
+        Trainer(tiny_config(**{"model.vocab_size": 100}))
+    tokenizer = save_word_level_tokenizer(tmp_path / "tokenizer.json", ["</s>"])
+    with pytest.raises(ConfigError, match="^data.tokenizer: .* was tokenized with 'byte'"):
+        Trainer(tiny_config(**{"data.tokenizer": tokenizer, "model.vocab_size": 4096}))
+    with pytest.raises(DataError, match="seq_len"):
+        Trainer(tiny_config(**{"data.seq_len": 16}))
 
 
 def test_resume_refuses_other_architecture(tiny_config, saved_checkpoint):

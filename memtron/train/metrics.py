@@ -35,7 +35,8 @@ class MetricsLogger:
             self._truncate_after(start_step)
         elif self.path.exists():
             self.path.unlink()
-        self._file = open(self.path, "a") if cfg.logging.jsonl else None
+        # Held open for the whole run (closed in close()): one flushed line per record.
+        self._file = open(self.path, "a") if cfg.logging.jsonl else None  # noqa: SIM115
         if cfg.logging.tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 

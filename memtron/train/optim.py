@@ -105,8 +105,9 @@ def dense_param_groups(model: nn.Module, tables: Iterable[ValueTable],
 
 def build_optimizers(model: nn.Module, tables: dict[str, ValueTable],
                      cfg: OptimConfig) -> tuple[torch.optim.AdamW, SparseRowAdam]:
-    dense = torch.optim.AdamW(dense_param_groups(model, tables.values(), cfg.weight_decay), lr=cfg.lr,
-                              betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, foreach=False)
+    groups = dense_param_groups(model, tables.values(), cfg.weight_decay)
+    dense = torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps,
+                              foreach=False)
     sparse = SparseRowAdam(tables, lr=cfg.lr * cfg.memory_lr_mult, betas=(cfg.beta1, cfg.beta2),
                            eps=cfg.eps, weight_decay=cfg.memory_weight_decay)
     return dense, sparse

@@ -8,6 +8,7 @@ so a resumed run replays exactly the losses of an uninterrupted one.
 from __future__ import annotations
 
 import contextlib
+import json
 import math
 import signal
 import time
@@ -20,6 +21,7 @@ from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_di
 
 from memtron.config import Config, ConfigError, config_from_dict
 from memtron.data.loader import ShardLoader, eval_batches
+from memtron.data.prepare import INDEX_NAME
 from memtron.data.synthetic import load_questions
 from memtron.data.tokenizer import load_tokenizer
 from memtron.model.transformer import Transformer, build_model, lm_loss
@@ -54,17 +56,21 @@ class TrainResult:
 
 def check_inputs(cfg: Config) -> None:
     """Fail before any work if the data or tokenizer does not fit the config."""
-    for key in ("train", "valid"):
-        path = Path(getattr(cfg.data, key))
-        if not (path / "index.json").is_file():
-            raise ConfigError(f"data.{key}: no prepared shards at {path} (index.json missing); "
-                              "run `memtron data prepare` (or `make demo`) first")
-    if cfg.data.questions and not Path(cfg.data.questions).is_file():
-        raise ConfigError(f"data.questions: {cfg.data.questions} does not exist")
     tokenizer = load_tokenizer(cfg.data.tokenizer)
     if tokenizer.vocab_size > cfg.model.vocab_size:
         raise ConfigError(f"model.vocab_size: {cfg.model.vocab_size} is smaller than the "
                           f"tokenizer's {tokenizer.vocab_size}")
+    for key in ("train", "valid"):
+        index_path = Path(getattr(cfg.data, key)) / INDEX_NAME
+        if not index_path.is_file():
+            raise ConfigError(f"data.{key}: no prepared shards at {index_path.parent} "
+                              f"({INDEX_NAME} missing); run `memtron data prepare` first")
+        index = json.loads(index_path.read_text())
+        if index.get("tokenizer") != tokenizer.spec:
+            raise ConfigError(f"data.tokenizer: {tokenizer.spec!r}, but {index_path} was "
+                              f"tokenized with {index.get('tokenizer')!r}")
+    if cfg.data.questions and not Path(cfg.data.questions).is_file():
+        raise ConfigError(f"data.questions: {cfg.data.questions} does not exist")
 
 
 def _same_architecture(saved: Config, cfg: Config, where: Path) -> None:

@@ -41,7 +41,9 @@ def sum_rows_by_id(
     return unique_ids, summed
 
 
-def weighted_row_dot(table: torch.Tensor, ids: torch.Tensor, grad_out: torch.Tensor) -> torch.Tensor:
+def weighted_row_dot(
+    table: torch.Tensor, ids: torch.Tensor, grad_out: torch.Tensor
+) -> torch.Tensor:
     """``out[t, j] = <table[ids[t, j]], grad_out[t]>``, gathered in bounded chunks."""
     n_tokens, hits = ids.shape
     chunk = max(1, _GATHER_BUDGET // max(1, hits * table.shape[1]))
