@@ -10,11 +10,11 @@ i.e. dense Adam over every parameter with lr 1e-2 for the values and 1e-3 for th
 Both sides run plain PKM (memtron ``memory_plus=False``, value dim = model dim); ``--memory-plus``
 adds a memtron-only Memory+ row per size. Step times are medians over ``--repeats`` steps after
 ``--warmup`` steps, both sides timed in this process one after the other (never two tables held
-at once). Peak memory is measured in a fresh 'spawn' child per (side, size): peak RSS
-(``getrusage(RUSAGE_SELF).ru_maxrss``) after the warm-up and timed steps, minus the child's
-current RSS (``/proc/self/statm``) taken right before the layer is built, after the libraries'
-kernels were warmed on a tiny layer. A side whose estimated peak does not fit in MemAvailable is
-skipped and reported with its estimate.
+at once). Peak memory is measured in a fresh 'spawn' child per (side, size): the kernels are
+warmed on a tiny layer, the RSS high-water mark is reset (``/proc/self/clear_refs`` = 5), then
+the layer is built and stepped; peak = VmHWM - VmRSS at the reset. (Plain ``ru_maxrss`` is not
+usable in a spawn child: it starts at the parent's high-water mark.) A side whose estimated peak
+does not fit in MemAvailable is skipped and reported with its estimate.
 
 Gather bandwidth: bytes of value rows the lookup reads (T*H*k*d*4) over the time of
 ``table.lookup`` forward alone (no autograd) and over the time of its backward alone (which
@@ -93,12 +93,32 @@ def mem_available() -> int:
     raise RuntimeError("no MemAvailable in /proc/meminfo")
 
 
-def current_rss() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+def vm_status(field: str) -> int:
+    """VmRSS / VmHWM of this process from /proc/self/status, in bytes."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError(f"no {field} in /proc/self/status")
 
 
-def peak_rss() -> int:
+def reset_peak_rss() -> bool:
+    """Reset this process's RSS high-water mark (VmHWM) to its current RSS (Linux >= 4.0).
+
+    Needed because a 'spawn' child's ``ru_maxrss`` starts at its parent's high-water mark (the
+    forked mm's hiwater survives the exec), so after the parent held a big table every child
+    would report at least that much."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def peak_rss(hwm: bool) -> int:
+    if hwm:
+        return vm_status("VmHWM")
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
 
 
@@ -134,7 +154,11 @@ class MemtronSide:
         t1 = time.perf_counter()
         y = self.table.lookup(ids, weights)
         t2 = time.perf_counter()
-        weights.register_hook(lambda g: marks.setdefault("lookup_bwd_done", time.perf_counter()))
+
+        def mark(grad: torch.Tensor) -> None:
+            marks.setdefault("lookup_bwd_done", time.perf_counter())
+
+        weights.register_hook(mark)
         y.backward(gy)
         t3 = time.perf_counter()
         self.dense.step()
@@ -255,11 +279,12 @@ def _peak_child(side: str, n: int, d: int, opts: dict, conn) -> None:
     warm_kernels(side, d, a)
     x, gy = inputs(d, a.tokens)
     gc.collect()
-    base = current_rss()
+    hwm = reset_peak_rss()
+    base = vm_status("VmRSS")
     obj = build(side, n, d, a)
     for _ in range(a.warmup + a.mem_steps):
         obj.step(x, gy)
-    conn.send(peak_rss() - base)
+    conn.send((peak_rss(hwm) - base, hwm))
     conn.close()
 
 
@@ -270,12 +295,15 @@ def measure_peak(side: str, n: int, d: int, a: argparse.Namespace) -> float | st
     proc.start()
     send.close()
     try:
-        value = recv.recv()
+        value, hwm = recv.recv()
     except EOFError:
         value = None
     proc.join()
     if value is None:
         return f"child failed (exit {proc.exitcode})"
+    if not hwm:
+        print("  (no /proc/self/clear_refs: fell back to ru_maxrss, which a spawn child "
+              "inherits from its parent's peak; numbers may be too high)", flush=True)
     return value / MiB
 
 
@@ -284,6 +312,44 @@ def memcpy_bandwidth(nbytes: int = 256 * MiB, repeats: int = 7) -> float:
     src = torch.ones(nbytes // 4)
     dst = torch.empty_like(src)
     return 2 * nbytes / median_time(lambda: dst.copy_(src), 2, repeats)
+
+
+def busy_others() -> list[str]:
+    """Other processes using CPU right now (sampled over 0.5 s): timings on a shared 2-core
+    machine are meaningless (parallel torch ops stall on preempted threads)."""
+    def ticks() -> dict[int, int]:
+        out = {}
+        for pid in os.listdir("/proc"):
+            if pid.isdigit() and int(pid) != os.getpid():
+                try:
+                    with open(f"/proc/{pid}/stat") as f:
+                        fields = f.read().rsplit(")", 1)[1].split()
+                    out[int(pid)] = int(fields[11]) + int(fields[12])
+                except (OSError, IndexError, ValueError):
+                    pass
+        return out
+
+    before = ticks()
+    time.sleep(0.5)
+    after = ticks()
+    hz = os.sysconf("SC_CLK_TCK")
+    busy = []
+    for pid, t in after.items():
+        share = (t - before.get(pid, t)) / hz / 0.5
+        if share > 0.2:
+            try:
+                with open(f"/proc/{pid}/cmdline", "rb") as f:
+                    cmd = f.read().replace(b"\0", b" ").decode(errors="replace")[:80]
+            except OSError:
+                cmd = "?"
+            busy.append(f"pid {pid} at {share:.0%} CPU: {cmd}")
+    return busy
+
+
+def warn_if_busy(when: str) -> None:
+    for line in busy_others():
+        print(f"WARNING ({when}): another process shares the cores, timings unreliable: {line}",
+              flush=True)
 
 
 def cpu_model() -> str:
@@ -399,8 +465,11 @@ def print_table(rows: list[Row], a: argparse.Namespace, memcpy: float) -> None:
             f"{'bwd GB/s':>8} {'of cpy':>6}")
     if plus:
         head += f" | {'mem+ ms':>8} {'mem+ MiB':>8}"
-    print("\n" + " " * 12 + "step time, ms" + " " * 15 + "peak memory, MiB" + " " * 14
-          + "value gather (memtron lookup)")
+    top = (" " * 12 + "step time, ms" + " " * 15 + "peak memory, MiB" + " " * 14
+           + "value gather (memtron lookup)")
+    if plus:
+        top += " " * 7 + "Memory+"
+    print("\n" + top)
     print(head)
     print("-" * len(head))
     for r in rows:
@@ -422,12 +491,12 @@ def print_table(rows: list[Row], a: argparse.Namespace, memcpy: float) -> None:
               for side, v in r.mib.items() if isinstance(v, str)]
     if notes:
         print("notes:\n" + "\n".join(notes))
-    print(f"memcpy bandwidth {memcpy / 1e9:.1f} GB/s (read + written). "
+    print(f"memcpy bandwidth {memcpy / 1e9:.1f} GB/s (read + written, 256 MiB copy_). "
           "Gather GB/s = T*H*k*d*4 value bytes / time of table.lookup forward (no autograd), "
-          "resp. of its backward alone.")
+          "resp. of its backward alone; > 100% of memcpy = rows reused from cache (small N).")
     mem = ("not measured (--no-memory)" if a.no_memory else
-           "peak RSS (ru_maxrss) of a fresh spawn child per cell after "
-           f"{a.warmup + a.mem_steps} steps, minus its RSS right before the layer was built")
+           "peak RSS (VmHWM, reset via /proc/self/clear_refs) of a fresh spawn child per cell "
+           f"over build + {a.warmup + a.mem_steps} steps, minus its RSS right before the build")
     print(f"peak memory: {mem}.")
     print("peer/mt > 1 means memtron is faster / smaller.")
 
@@ -439,7 +508,8 @@ def main(argv: list[str] | None = None) -> None:
                    help="slot counts N = n_sub_keys^2, e.g. 64K 1M 4M (default)")
     p.add_argument("--dims", nargs="+", type=int, default=None, help="value dims (256 512)")
     p.add_argument("--tokens", type=int, default=None, help="tokens per step T (2048)")
-    p.add_argument("--repeats", type=int, default=None, help="timed steps, median (3)")
+    p.add_argument("--repeats", type=int, default=None,
+                   help="timed steps, median (5; 3 in --quick)")
     p.add_argument("--warmup", type=int, default=1, help="untimed steps first (1)")
     p.add_argument("--mem-steps", type=int, default=1, help="steps after warmup in the "
                    "peak-memory child (1)")
@@ -448,7 +518,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--d-key", type=int, default=512, help="full query width; peer dim_head = "
                    "d_key / 2")
     p.add_argument("--threads", type=int, default=torch.get_num_threads())
-    p.add_argument("--memory-plus", action="store_true", help="add a memtron Memory+ column")
+    p.add_argument("--memory-plus", action=argparse.BooleanOptionalAction, default=None,
+                   help="add a memtron Memory+ column (default: on, off in --quick)")
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory children")
     p.add_argument("--profile", default=None, help="N:d for the phase split (default 1M:512; "
                    "'none' to skip; off in --quick)")
@@ -459,7 +530,8 @@ def main(argv: list[str] | None = None) -> None:
                           [parse_slots(s) for s in ("64K", "1M", "4M")])
     a.dims = a.dims or ([256] if quick else [256, 512])
     a.tokens = a.tokens or (512 if quick else 2048)
-    a.repeats = a.repeats or 3
+    a.repeats = a.repeats or (3 if quick else 5)
+    a.memory_plus = (not quick) if a.memory_plus is None else a.memory_plus
     a.profile = a.profile or ("none" if quick else "1M:512")
     a.sides = list(SIDES if a.memory_plus else SIDES[:2])
     torch.set_num_threads(a.threads)
@@ -477,6 +549,7 @@ def main(argv: list[str] | None = None) -> None:
     print("memtron: ProductKeyMemory(memory_plus=False) + LocalValueTable, AdamW + SparseRowAdam"
           "; peer: product_key_memory.PKM + Adam(fetch_optimizer_parameters) (dense value grad,"
           " single-tensor Adam on CPU)")
+    warn_if_busy("start")
     memcpy = memcpy_bandwidth()
     print(f"memcpy: {memcpy / 1e9:.1f} GB/s", flush=True)
 
@@ -489,7 +562,9 @@ def main(argv: list[str] | None = None) -> None:
     if a.profile != "none":
         size, dim = a.profile.split(":")
         profile(parse_slots(size), int(dim), a)
-    print(f"\ntotal {time.perf_counter() - t_start:.0f} s")
+    warn_if_busy("end")
+    print(f"\ntotal {time.perf_counter() - t_start:.0f} s, load average "
+          f"{os.getloadavg()[0]:.2f} (1 min)")
 
 
 if __name__ == "__main__":

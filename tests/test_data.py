@@ -312,13 +312,21 @@ def test_loader_dp_and_worker_split_disjoint_and_covering(dataset, request):
         workers = ShardLoader(path, batch, SEQ, dp_rank=rank, dp_size=dp_size, seed=1,
                               num_workers=2)
         bpe = single.batches_per_epoch
-        assert bpe == (n // dp_size) // batch
+        assert bpe == n // (dp_size * batch)
         # through a torch DataLoader with two workers: the same batches in the same order
         epoch = _take(workers, bpe)
         assert torch.equal(torch.stack(epoch), torch.stack(_take(single, bpe)))
         seen += _rows(epoch)
     assert len(seen) == len(set(seen))  # disjoint across ranks and workers
-    assert n - len(seen) < dp_size * (batch + 1)  # covering, up to the dropped remainder
+    assert n - len(seen) < dp_size * batch  # covering, up to the dropped remainder
+
+
+def test_dp_batches_together_are_the_single_process_batch(shards):
+    path, _ = shards
+    ranks = [_take(ShardLoader(path, 2, SEQ, dp_rank=r, dp_size=3, seed=4), 5) for r in range(3)]
+    single = _take(ShardLoader(path, 6, SEQ, seed=4), 5)
+    for t in range(5):
+        assert torch.equal(torch.cat([ranks[r][t] for r in range(3)]), single[t])
 
 
 def test_eval_batches_deterministic_and_split(shards):
@@ -329,7 +337,7 @@ def test_eval_batches_deterministic_and_split(shards):
     assert _rows(first) == _rows([torch.from_numpy(np.stack(_read_shards(path)[:12]))])
     r0 = _rows(eval_batches(path, 4, SEQ, 100, dp_rank=0, dp_size=2))
     r1 = _rows(eval_batches(path, 4, SEQ, 100, dp_rank=1, dp_size=2))
-    assert len(r0) == len(r1) == (index["n_samples"] // 2) // 4 * 4
+    assert len(r0) == len(r1) == index["n_samples"] // 8 * 4
     assert not set(r0) & set(r1)
 
 
@@ -346,7 +354,7 @@ def test_loader_exact_resume(shards, workers_before, workers_after):
     it = iter(before)
     got = [next(it) for _ in range(consumed)]  # workers have prefetched beyond this
     state = json.loads(json.dumps(before.state_dict()))
-    assert state["batches_yielded"] == consumed and state["epoch"] == 0
+    assert state["samples_consumed"] == consumed * 6 and state["epoch"] == 0
     del it
 
     after = ShardLoader(path, num_workers=workers_after, **args)
@@ -359,10 +367,22 @@ def test_loader_exact_resume(shards, workers_before, workers_after):
 def test_loader_state_mismatch_is_refused(shards):
     path, _ = shards
     state = ShardLoader(path, 2, SEQ, dp_size=2).state_dict()
-    with pytest.raises(DataError, match="dp_size"):
+    with pytest.raises(DataError, match="global_batch_size"):
         ShardLoader(path, 2, SEQ, dp_size=1).load_state_dict(state)
     with pytest.raises(DataError, match="seed"):
         ShardLoader(path, 2, SEQ, dp_size=2, seed=9).load_state_dict(state)
+
+
+def test_loader_state_moves_between_dp_layouts(shards):
+    """Saved at dp=2 x 2, resumed as one process x 4: the same global batches continue."""
+    path, _ = shards
+    ranks = [ShardLoader(path, 2, SEQ, dp_rank=r, dp_size=2, seed=5) for r in range(2)]
+    for loader in ranks:
+        _take(loader, 3)
+    single = ShardLoader(path, 4, SEQ, seed=5)
+    single.load_state_dict(ranks[0].state_dict())
+    reference = _take(ShardLoader(path, 4, SEQ, seed=5), 6)[3:]
+    assert all(torch.equal(a, b) for a, b in zip(_take(single, 3), reference, strict=True))
 
 
 @pytest.fixture
@@ -400,5 +420,5 @@ def test_index_problems_raise_data_error(shards, tmp_path):
         ShardLoader(path, 4, SEQ + 1)
     with pytest.raises(DataError, match="index.json"):
         ShardLoader(tmp_path, 4, SEQ)
-    with pytest.raises(DataError, match="one batch"):
+    with pytest.raises(DataError, match="one global batch"):
         ShardLoader(path, 1000, SEQ)

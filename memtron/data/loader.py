@@ -5,19 +5,22 @@ Design (the whole of it):
     inside each shard from ``(seed, epoch, shard)``; the epoch order is their concatenation
     (identity when ``shuffle=False``). It is a pure function, so nothing but a counter needs
     saving, and a reader only ever holds the one or two shards it is walking through.
-  * DP split, at sample level: rank r takes the contiguous slice ``[r*M, (r+1)*M)`` of the
-    epoch order, ``M = n_samples // dp_size``, cut into ``M // micro_batch_size`` batches.
-    Works with any number of shards (even one); each rank reads ~1/dp_size of the data; the
-    remainders (< dp_size samples, then < one batch per rank) are dropped for that epoch.
+  * DP split, at sample level, by global batch: global batch b is the slice
+    ``[b*G, (b+1)*G)`` of the epoch order, ``G = micro_batch_size * dp_size``, and rank r takes
+    its rows ``[r*B, (r+1)*B)``. The dp ranks' batches together are exactly the batch one
+    process with ``micro_batch_size = G`` would read, which is what makes data parallelism
+    equal to single-process training. Works with any number of shards (even one); the epoch
+    remainder smaller than one global batch is dropped.
   * Workers split the *rank's batch sequence*: worker w of W produces batches w, w+W, ...
     and torch's DataLoader hands them out round-robin, i.e. in order. The stream is therefore
     the same for any ``num_workers`` (0 included), and the state is one number: the batches
     handed to the caller. Batches prefetched by workers but not yet handed out are not counted.
     (Each worker reads its rank's shards itself; the page cache makes that one disk read.)
-  * Resume: ``load_state_dict`` sets that counter; workers restart at it. The state is the
-    same on every dp rank (all ranks consume equally), so saving rank 0's is enough. Seed,
-    shuffle, dp_size, micro_batch_size, seq_len and the data set must match (else DataError);
-    ``num_workers`` may change freely.
+  * Resume: the state is the number of samples consumed from the epoch stream, the same on
+    every dp rank, so saving rank 0's is enough. A state loads into any layout with the same
+    global batch size G (dp_size and micro_batch_size may change, e.g. from dp=2 to one
+    process with twice the micro-batch), and ``num_workers`` may change freely; seed,
+    shuffle, seq_len and the data set must match (else DataError).
 """
 
 from __future__ import annotations
@@ -39,7 +42,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from memtron.data.prepare import INDEX_FORMAT, INDEX_NAME, INDEX_VERSION
 
-STATE_VERSION = 1
+STATE_VERSION = 2
 SHARDS_CACHED = 2  # a batch can straddle two shards; more would only cost memory
 
 
@@ -147,12 +150,12 @@ class _BatchReader:
         self.seed = seed
         self.shuffle = shuffle
         self.n_samples = int(self.index["n_samples"])
-        per_rank = self.n_samples // dp_size
-        self.rank_start = dp_rank * per_rank
-        self.batches_per_epoch = per_rank // micro_batch_size
+        self.global_batch_size = micro_batch_size * dp_size
+        self.rank_offset = dp_rank * micro_batch_size
+        self.batches_per_epoch = self.n_samples // self.global_batch_size
         if self.batches_per_epoch == 0:
             raise DataError(
-                f"{self.index_path}: {self.n_samples} samples cannot fill one batch per rank "
+                f"{self.index_path}: {self.n_samples} samples cannot fill one global batch "
                 f"(dp_size={dp_size} x micro_batch_size={micro_batch_size})"
             )
         # Identifies the data set in saved states: resuming on other data is refused.
@@ -193,7 +196,8 @@ class _BatchReader:
     def batch(self, t: int) -> torch.Tensor:
         epoch, b = divmod(t, self.batches_per_epoch)
         order, starts = self._epoch_layout(epoch)
-        positions = self.rank_start + b * self.micro_batch_size + np.arange(self.micro_batch_size)
+        positions = (b * self.global_batch_size + self.rank_offset
+                     + np.arange(self.micro_batch_size))
         slots = np.searchsorted(starts, positions, side="right") - 1
         out = np.empty((self.micro_batch_size, self.sample_len), dtype=np.int64)
         for slot in np.unique(slots):
@@ -276,13 +280,11 @@ class ShardLoader:
         reader = self._reader
         return {
             "version": STATE_VERSION,
-            "batches_yielded": self._batches_yielded,
+            "samples_consumed": self._batches_yielded * reader.global_batch_size,
             "epoch": self.epoch,
-            "batch_in_epoch": self._batches_yielded % self.batches_per_epoch,
+            "global_batch_size": reader.global_batch_size,
             "seed": reader.seed,
             "shuffle": reader.shuffle,
-            "dp_size": self.dp_size,
-            "micro_batch_size": reader.micro_batch_size,
             "seq_len": self.seq_len,
             "dataset": reader.fingerprint,
         }
@@ -290,17 +292,18 @@ class ShardLoader:
     def load_state_dict(self, state: dict) -> None:
         """Continue exactly after the saved position (num_workers may differ from the save)."""
         expected = self.state_dict()
-        for key in ("version", "seed", "shuffle", "dp_size", "micro_batch_size", "seq_len",
-                    "dataset", "batches_yielded"):
+        for key in ("version", "seed", "shuffle", "global_batch_size", "seq_len", "dataset",
+                    "samples_consumed"):
             if key not in state:
                 raise DataError(f"loader state: missing key {key!r}")
-            if key != "batches_yielded" and state[key] != expected[key]:
+            if key != "samples_consumed" and state[key] != expected[key]:
                 raise DataError(
                     f"loader state: {key!r} is {state[key]!r} but this loader has "
                     f"{expected[key]!r} ({self._reader.index_path}); exact resume needs the "
-                    "same seed, shuffle, dp_size, micro_batch_size, seq_len and data"
+                    "same seed, shuffle, global batch (dp_size x micro_batch_size), seq_len "
+                    "and data"
                 )
-        self._batches_yielded = int(state["batches_yielded"])
+        self._batches_yielded = int(state["samples_consumed"]) // self._reader.global_batch_size
 
 
 def eval_batches(
