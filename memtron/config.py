@@ -86,6 +86,19 @@ class OptimConfig:
 
 
 @dataclass
+class ParallelConfig:
+    """Process layout (DESIGN §2, §4). The world is tp x cp x dp ranks; the memory-parallel group
+    (ep) is folded over those same ranks, so value tables are stored once in the whole job."""
+
+    tp: int = 1  # tensor parallel
+    cp: int = 1  # context parallel
+    dp: int = 0  # data parallel; 0 = world_size / (tp * cp)
+    ep: int = 1  # memory (value-table) parallel; 0 = all ranks
+    timeout_s: float = 600.0  # collective timeout: a hung or dead peer fails the job after it
+    backend: Literal["auto", "gloo", "nccl"] = "auto"  # auto: nccl on GPU, gloo on CPU
+
+
+@dataclass
 class TrainConfig:
     steps: int = 600
     grad_accum: int = 1
@@ -96,6 +109,8 @@ class TrainConfig:
     log_every: int = 10
     run_dir: str = "runs/tiny-cpu"
     threads: int = 0  # torch intra-op threads; 0 leaves torch's default
+    engine: Literal["native", "deepspeed"] = "native"  # dense-param data parallel engine
+    zero_stage: int = 1  # DeepSpeed ZeRO stage (1 or 2) when engine=deepspeed
 
 
 @dataclass
@@ -118,6 +133,7 @@ class Config:
     memory: MemoryConfig = field(default_factory=MemoryConfig)
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
@@ -257,6 +273,21 @@ def _require(cond: bool, key: str, msg: str) -> None:
         raise ConfigError(f"{key}: {msg}")
 
 
+def check_world(cfg: Config, world_size: int) -> tuple[int, int, int, int]:
+    """Resolve (tp, cp, dp, ep) for ``world_size`` ranks, or fail naming the numbers."""
+    p = cfg.parallel
+    model_ranks = p.tp * p.cp
+    _require(world_size % model_ranks == 0, "parallel.tp",
+             f"tp={p.tp} x cp={p.cp} = {model_ranks} does not divide world size {world_size}")
+    dp = p.dp or world_size // model_ranks
+    _require(model_ranks * dp == world_size, "parallel.dp",
+             f"tp={p.tp} x cp={p.cp} x dp={dp} = {model_ranks * dp} != world size {world_size}")
+    ep = p.ep or world_size
+    _require(world_size % ep == 0, "parallel.ep", f"ep={ep} does not divide world size "
+             f"{world_size}")
+    return p.tp, p.cp, dp, ep
+
+
 def validate(cfg: Config) -> None:
     m, mem, d, o, t, c = cfg.model, cfg.memory, cfg.data, cfg.optim, cfg.train, cfg.checkpoint
     for key, val in [
@@ -319,6 +350,20 @@ def validate(cfg: Config) -> None:
     _require(o.grad_clip >= 0, "optim.grad_clip", "must be >= 0 (0 disables)")
     _require(o.memory_grad_clip >= 0, "optim.memory_grad_clip", "must be >= 0 (0 disables)")
     _require(o.memory_lr_mult > 0, "optim.memory_lr_mult", "must be positive")
+
+    p = cfg.parallel
+    for key in ("tp", "cp"):
+        _require(getattr(p, key) >= 1, f"parallel.{key}", "must be >= 1")
+    for key in ("dp", "ep"):
+        _require(getattr(p, key) >= 0, f"parallel.{key}", "must be >= 0 (0 = derive)")
+    _require(p.timeout_s > 0, "parallel.timeout_s", "must be positive")
+    for what, size in [("n_heads", m.n_heads), ("n_kv_heads", m.n_kv_heads), ("d_ff", m.d_ff),
+                       ("vocab_size", m.vocab_size)]:
+        _require(size % p.tp == 0, "parallel.tp",
+                 f"tp={p.tp} does not divide model.{what}={size}")
+    _require(t.zero_stage in (1, 2), "train.zero_stage", f"must be 1 or 2, got {t.zero_stage}")
+    _require(t.engine == "native" or (p.tp == 1 and p.cp == 1), "train.engine",
+             "deepspeed runs data parallelism only here: needs parallel.tp=1 and parallel.cp=1")
 
     _require(t.eval_every >= 0, "train.eval_every", "must be >= 0 (0 disables)")
     _require(t.threads >= 0, "train.threads", "must be >= 0")

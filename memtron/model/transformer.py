@@ -74,6 +74,9 @@ class Transformer(nn.Module):
             blocks.append(Block(cfg, ffn, memory))
         self.blocks = nn.ModuleList(blocks)
         self.norm = nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps)
+        # The hidden state entering the output head; tensor parallelism swaps in a module
+        # that sums its gradient over the tp ranks holding vocab shards of a tied head.
+        self.head_input: nn.Module = nn.Identity()
         self.head = None if cfg.tie_embeddings else nn.Linear(cfg.d_model, cfg.vocab_size,
                                                               bias=False)
         self._init_dense(out_std)
@@ -104,7 +107,7 @@ class Transformer(nn.Module):
         x = self.embed(tokens)
         for block in self.blocks:
             x = block(x, cos, sin)
-        x = self.norm(x)
+        x = self.head_input(self.norm(x))
         weight = self.embed.weight if self.head is None else self.head.weight
         return F.linear(x, weight)
 

@@ -17,14 +17,28 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+import torch.distributed as dist
 
 from memtron.config import Config, ConfigError, config_from_dict
 from memtron.data.loader import ShardLoader, eval_batches
 from memtron.data.prepare import INDEX_NAME
 from memtron.data.synthetic import load_questions
 from memtron.data.tokenizer import load_tokenizer
-from memtron.model.transformer import Transformer, build_model, lm_loss
+from memtron.model.transformer import Transformer, build_model
+from memtron.parallel.data_parallel import (
+    average_dense_grads,
+    average_replicated_table_grads,
+    average_scalar,
+)
+from memtron.parallel.launch import init_distributed, shutdown_distributed
+from memtron.parallel.state import ParallelState, build_parallel_state, destroy_parallel_state
+from memtron.parallel.tensor import (
+    CheckpointLayout,
+    clip_grad_norm,
+    gather_logits,
+    parallel_lm_loss,
+    parallelize_tensor,
+)
 from memtron.train.checkpoint import (
     CheckpointError,
     latest_checkpoint,
@@ -84,34 +98,62 @@ def _same_architecture(saved: Config, cfg: Config, where: Path) -> None:
 
 
 class Trainer:
+    """Expects the process group (if any) to be up: see :func:`train`."""
+
     def __init__(self, cfg: Config) -> None:
         check_inputs(cfg)
         self.cfg = cfg
         if cfg.train.threads:
             torch.set_num_threads(cfg.train.threads)
-        torch.manual_seed(cfg.train.seed)
+        self.state: ParallelState = build_parallel_state(
+            cfg, timeout_minutes=max(1, math.ceil(cfg.parallel.timeout_s / 60)))
+        if self.state.ep != 1:
+            raise ConfigError(f"parallel.ep: {self.state.ep}; row-sharded value tables are not "
+                              "available in this version, use parallel.ep=1")
+        torch.manual_seed(cfg.train.seed)  # the same full init on every rank, then sharded
         self.run_dir = Path(cfg.train.run_dir)
         self.ckpt_root = self.run_dir / "checkpoints"
         self.tokenizer = load_tokenizer(cfg.data.tokenizer)
-        self.model: Transformer = build_model(cfg)
+        self.model: Transformer = parallelize_tensor(build_model(cfg), self.state)
+        self.layout = CheckpointLayout(self.state)
         self.tables = dict(self.model.value_tables.items())
         self.dense_opt, self.sparse_opt = build_optimizers(self.model, self.tables, cfg.optim)
+        self.dense_params = [p for g in self.dense_opt.param_groups for p in g["params"]]
         self.loader = ShardLoader(cfg.data.train, cfg.data.micro_batch_size, cfg.data.seq_len,
+                                  dp_rank=self.state.dp_rank, dp_size=self.state.dp,
                                   num_workers=cfg.data.num_workers, seed=cfg.train.seed)
         self.questions = load_questions(cfg.data.questions) if cfg.data.questions else []
         self.step = 0
         self._stop_signal: int | None = None
-        n_dense = sum(p.numel() for g in self.dense_opt.param_groups for p in g["params"])
+        n_dense = sum(p.numel() for p in self.dense_params) * self.state.tp  # ~ full model
         self.flops_per_token = flops_per_token(cfg.model, cfg.data.seq_len, n_dense)
 
     # ----------------------------------------------------------------------- state
     def _tensor_state(self) -> dict[str, Any]:
-        model_sd, optim_sd = get_state_dict(self.model, self.dense_opt)
-        return {"model": model_sd, "optim": optim_sd, "memory_optim": self.sparse_opt.state_dict()}
+        """Checkpoint tensors under single-process names; tp shards as DTensors. Views share
+        storage with the live tensors, so a load writes straight into the model."""
+        params = dict(self.model.named_parameters())
+        model = {name: self.layout.view(t, params.get(name, t))
+                 for name, t in self.model.state_dict().items()}
+        dense = {id(p) for p in self.dense_params}
+        optim = {}
+        for name, param in params.items():
+            if id(param) not in dense:
+                continue
+            state = self.dense_opt.state[param]
+            if not state:  # AdamW's own lazy init, done early so a load has somewhere to go
+                state.update(step=torch.tensor(0.0), exp_avg=torch.zeros_like(param),
+                             exp_avg_sq=torch.zeros_like(param))
+            optim[name] = {"step": state["step"],
+                           "exp_avg": self.layout.view(state["exp_avg"], param),
+                           "exp_avg_sq": self.layout.view(state["exp_avg_sq"], param)}
+        return {"model": model, "optim": optim, "memory_optim": self.sparse_opt.state_dict()}
 
     def save(self) -> Path:
+        s = self.state
         meta = {"config": self.cfg.to_dict(), "data_state": self.loader.state_dict(),
-                "world_size": 1}
+                "layout": {"world_size": s.world_size, "tp": s.tp, "cp": s.cp, "dp": s.dp,
+                           "ep": s.ep}}
         return save_checkpoint(self.ckpt_root, self.step, self._tensor_state(), meta,
                                self.cfg.checkpoint.keep_last)
 
@@ -128,8 +170,6 @@ class Trainer:
         _same_architecture(config_from_dict(manifest["config"]), self.cfg, path)
         state = self._tensor_state()
         load_checkpoint(path, state)
-        set_state_dict(self.model, self.dense_opt, model_state_dict=state["model"],
-                       optim_state_dict=state["optim"])
         self.sparse_opt.load_state_dict(state["memory_optim"])
         self.loader.load_state_dict(manifest["data_state"])
         self.step = manifest["step"]
@@ -149,20 +189,20 @@ class Trainer:
             tokens = next(batches)
             with self._autocast():
                 logits = self.model(tokens[:, :-1])
-            loss = lm_loss(logits, tokens[:, 1:])
+            loss = parallel_lm_loss(logits, tokens[:, 1:], self.state)
             (loss / cfg.train.grad_accum).backward()
             total += loss.item()
-        dense_params = [p for g in self.dense_opt.param_groups for p in g["params"]]
-        grad_norm = torch.nn.utils.clip_grad_norm_(
-            dense_params, cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else math.inf)
+        average_dense_grads(self.dense_params, self.state.dp_cp_group)
+        average_replicated_table_grads(self.tables.values(), self.state.dp_cp_group)
+        grad_norm = clip_grad_norm(self.dense_params, cfg.optim.grad_clip, self.state)
         memory_norm = clip_sparse_grad_norm(self.tables.values(), cfg.optim.memory_grad_clip)
         self.dense_opt.step()
         self.sparse_opt.step()
         self.dense_opt.zero_grad(set_to_none=True)
         self.sparse_opt.zero_grad()
         self.step += 1
-        return {"loss": total / cfg.train.grad_accum, "lr": lr, "grad_norm": float(grad_norm),
-                "memory_grad_norm": memory_norm}
+        loss = average_scalar(total / cfg.train.grad_accum, self.state.dp_cp_group)
+        return {"loss": loss, "lr": lr, "grad_norm": grad_norm, "memory_grad_norm": memory_norm}
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, Any]:
@@ -170,18 +210,19 @@ class Trainer:
         self.model.eval()
         losses = []
         for tokens in eval_batches(cfg.data.valid, cfg.data.micro_batch_size, cfg.data.seq_len,
-                                   cfg.train.eval_batches):
+                                   cfg.train.eval_batches, dp_rank=self.state.dp_rank,
+                                   dp_size=self.state.dp):
             with self._autocast():
                 logits = self.model(tokens[:, :-1])
-            losses.append(lm_loss(logits, tokens[:, 1:]).item())
+            losses.append(parallel_lm_loss(logits, tokens[:, 1:], self.state).item())
         result: dict[str, Any] = {}
         if losses:
-            result["loss"] = sum(losses) / len(losses)
+            result["loss"] = average_scalar(sum(losses) / len(losses), self.state.dp_cp_group)
             result["perplexity"] = math.exp(min(result["loss"], 50.0))
         if self.questions:
             def logits_fn(tokens: torch.Tensor) -> torch.Tensor:
                 with self._autocast():
-                    return self.model(tokens).float()
+                    return gather_logits(self.model(tokens), self.state).float()
 
             accuracy = fact_accuracy(logits_fn, self.tokenizer, self.questions,
                                      max_len=cfg.model.max_seq_len)
@@ -193,25 +234,36 @@ class Trainer:
     def _on_signal(self, signum: int, _frame: Any) -> None:
         self._stop_signal = signum
 
+    def _agreed_stop(self) -> int | None:
+        """Ranks may see a signal at different steps; all stop at the first step any saw it."""
+        if self.state.world_size == 1:
+            return self._stop_signal
+        flag = torch.tensor([self._stop_signal or 0])
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return int(flag.item()) or None
+
     def run(self) -> TrainResult:
         cfg = self.cfg
         resume = self.resume_path()
         if resume is not None:
             self.load(resume)
         result = TrainResult(self.run_dir, self.step)
-        log = MetricsLogger(self.run_dir, cfg, self.step)
+        log = MetricsLogger(self.run_dir, cfg, self.step, enabled=self.state.is_main)
         n_params = sum(p.numel() for p in self.model.parameters())
         n_memory = sum(t.weight.numel() for t in self.tables.values())
-        tokens_per_step = cfg.data.micro_batch_size * cfg.data.seq_len * cfg.train.grad_accum
+        tokens_per_step = (cfg.data.micro_batch_size * cfg.data.seq_len * cfg.train.grad_accum
+                           * self.state.dp)
         log.print(f"memtron: {n_params / 1e6:.2f}M parameters ({n_memory / 1e6:.2f}M in "
                   f"{len(self.tables)} value table(s), {len(self.model.memory_layers())} memory "
-                  f"layer(s)); {tokens_per_step} tokens/step; run dir {self.run_dir}")
+                  f"layer(s)); {tokens_per_step} tokens/step; "
+                  f"{self.state.describe()}; run dir {self.run_dir}")
         if resume is not None:
             log.print(f"resumed from {resume} at step {self.step}")
         previous = {s: signal.signal(s, self._on_signal) for s in STOP_SIGNALS}
         batches = iter(self.loader)
         try:
-            while self.step < cfg.train.steps and self._stop_signal is None:
+            stop = None
+            while self.step < cfg.train.steps and stop is None:
                 start = time.perf_counter()
                 metrics = self.train_step(batches)
                 elapsed = time.perf_counter() - start
@@ -236,10 +288,11 @@ class Trainer:
                 every = cfg.checkpoint.every
                 if is_last or (every and self.step % every == 0):
                     result.checkpoint = self.save()
-            if self._stop_signal is not None:
-                result.stopped_by = self._stop_signal
+                stop = self._agreed_stop()
+            if stop is not None:
+                result.stopped_by = stop
                 result.checkpoint = self.save()
-                log.print(f"stopped by signal {self._stop_signal} at step {self.step}; "
+                log.print(f"stopped by signal {stop} at step {self.step}; "
                           f"checkpoint {result.checkpoint}")
         finally:
             for s, handler in previous.items():
@@ -250,4 +303,10 @@ class Trainer:
 
 
 def train(cfg: Config) -> TrainResult:
-    return Trainer(cfg).run()
+    """Run a training job in this process: one rank of a launched job, or the whole job."""
+    init_distributed(cfg.parallel.timeout_s, cfg.parallel.backend)
+    try:
+        return Trainer(cfg).run()
+    finally:
+        destroy_parallel_state()
+        shutdown_distributed()

@@ -1,0 +1,103 @@
+"""Data parallelism: gradients averaged over the ranks that hold the same weights.
+
+Dense gradients are flattened into buckets and all-reduced over the dp x cp group (cp ranks see
+other tokens of the same sequences, so they average too). Value tables that every rank holds
+whole (ep = 1) exchange only their touched rows: each rank's (ids, rows) are all-gathered,
+padded to the largest count since gloo has no uneven all-gather, and summed per id; no dense
+N x d gradient is ever formed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+import torch.distributed as dist
+
+from memtron.model.memory.values import ValueTable, sum_rows_by_id
+
+BUCKET_BYTES = 25 * 1024 * 1024
+
+
+def _group_size(group: dist.ProcessGroup | None) -> int:
+    return 1 if group is None else dist.get_world_size(group)
+
+
+def average_dense_grads(params: Iterable[torch.Tensor], group: dist.ProcessGroup | None,
+                        bucket_bytes: int = BUCKET_BYTES) -> int:
+    """All-reduce-average ``.grad`` of ``params`` in flat buckets; returns bytes reduced."""
+    size = _group_size(group)
+    grads = [p.grad for p in params if p.grad is not None]
+    if size == 1 or not grads:
+        return 0
+    sent = 0
+    bucket: list[torch.Tensor] = []
+    filled = 0
+
+    def flush() -> None:
+        nonlocal bucket, filled, sent
+        flat = torch.cat([g.reshape(-1) for g in bucket])
+        dist.all_reduce(flat, group=group)
+        flat.div_(size)
+        offset = 0
+        for g in bucket:
+            g.copy_(flat[offset : offset + g.numel()].view_as(g))
+            offset += g.numel()
+        sent += flat.numel() * flat.element_size()
+        bucket, filled = [], 0
+
+    for g in grads:
+        bucket.append(g)
+        filled += g.numel() * g.element_size()
+        if filled >= bucket_bytes:
+            flush()
+    if bucket:
+        flush()
+    return sent
+
+
+def average_replicated_table_grads(tables: Iterable[ValueTable],
+                                   group: dist.ProcessGroup | None) -> int:
+    """Average the sparse row gradients of whole (unsharded) tables over ``group``.
+
+    Returns the bytes this rank contributed to the exchange.
+    """
+    size = _group_size(group)
+    if size == 1:
+        return 0
+    sent = 0
+    for table in tables:
+        grad = table.sparse_grad()
+        ids = grad[0] if grad is not None else torch.zeros(0, dtype=torch.int64)
+        rows = grad[1] if grad is not None else torch.zeros(0, table.dim)
+        count = torch.tensor([ids.numel()])
+        counts = [torch.zeros_like(count) for _ in range(size)]
+        dist.all_gather(counts, count, group=group)
+        longest = int(max(c.item() for c in counts))
+        if longest == 0:
+            continue
+        padded_ids = torch.zeros(longest, dtype=torch.int64)
+        padded_rows = torch.zeros(longest, table.dim)
+        padded_ids[: ids.numel()] = ids
+        padded_rows[: ids.numel()] = rows
+        all_ids = [torch.empty_like(padded_ids) for _ in range(size)]
+        all_rows = [torch.empty_like(padded_rows) for _ in range(size)]
+        dist.all_gather(all_ids, padded_ids, group=group)
+        dist.all_gather(all_rows, padded_rows, group=group)
+        keep_ids = torch.cat([i[: int(c)] for i, c in zip(all_ids, counts)])
+        keep_rows = torch.cat([r[: int(c)] for r, c in zip(all_rows, counts)])
+        unique_ids, summed = sum_rows_by_id(keep_ids, keep_rows)
+        table.zero_grad_rows()
+        table.accumulate_grad(unique_ids, summed.div_(size))
+        sent += longest * (8 + 4 * table.dim)
+    return sent
+
+
+def average_scalar(value: float, group: dist.ProcessGroup | None) -> float:
+    """Mean of a per-rank scalar (e.g. the loss) over ``group``."""
+    size = _group_size(group)
+    if size == 1:
+        return value
+    t = torch.tensor([value], dtype=torch.float64)
+    dist.all_reduce(t, group=group)
+    return float(t.item()) / size

@@ -1,0 +1,186 @@
+"""Tensor parallelism with megatron-core's layers (DESIGN §2, issue: distributed core).
+
+``parallelize_tensor`` turns a full single-process model into this rank's tp shard, in place:
+attention q/k/v and the FFN gate/up become column-parallel, attention output and FFN down
+row-parallel, the embedding vocab-parallel, and the (tied) head produces vocab-sharded logits.
+Weights are sliced from the full, seeded initialisation, so the tp=2 model *is* the tp=1 model
+split, and equivalence tests can compare them. Memory layers (query nets, keys, gates) stay
+replicated: every tp rank sees the same activations and computes the same lookups.
+
+Communication per block (Megatron's scheme): the column layers' input is copied (identity
+forward, all-reduce of its gradient backward); the row layers' output is all-reduced.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import torch
+from torch import nn
+
+from memtron.model.attention import CausalSelfAttention
+from memtron.model.transformer import SwiGLU, Transformer, lm_loss
+from memtron.parallel.state import ParallelState
+
+
+def _megatron():
+    try:
+        from megatron.core import tensor_parallel
+        from megatron.core.model_parallel_config import ModelParallelConfig
+    except ImportError as e:  # pragma: no cover - depends on the install
+        raise ImportError("tensor parallelism needs megatron-core: pip install "
+                          "'memtron[megatron]'") from e
+    return tensor_parallel, ModelParallelConfig
+
+
+def _no_init(_weight: torch.Tensor) -> None:
+    """Weights are copied from the full model, never initialised by megatron."""
+
+
+def _mp_config(state: ParallelState, dtype: torch.dtype):
+    _, model_parallel_config = _megatron()
+    return model_parallel_config(tensor_model_parallel_size=state.tp, use_cpu_initialization=True,
+                                 perform_initialization=False, params_dtype=dtype)
+
+
+def _load_shard(param: torch.Tensor, full: torch.Tensor, dim: int, state: ParallelState) -> None:
+    """Copy this rank's slice of ``full`` and tag the parameter as a tp shard along ``dim``
+    (megatron tags only inside its own init, which is skipped here)."""
+    tensor_parallel, _ = _megatron()
+    with torch.no_grad():
+        param.copy_(full.chunk(state.tp, dim=dim)[state.tp_rank])
+    tensor_parallel.set_tensor_model_parallel_attributes(param, is_parallel=True, dim=dim,
+                                                         stride=1)
+
+
+@functools.cache
+def _layer_classes() -> tuple[type, type]:
+    """Megatron's parallel linears without the (output, bias) tuple, so they drop in for
+    nn.Linear; parameter names stay ``weight``, so checkpoints keep single-process names."""
+    tensor_parallel, _ = _megatron()
+
+    class ColumnLinear(tensor_parallel.ColumnParallelLinear):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return super().forward(x)[0]
+
+    class RowLinear(tensor_parallel.RowParallelLinear):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return super().forward(x)[0]
+
+    return ColumnLinear, RowLinear
+
+
+def _column(full: nn.Linear, state: ParallelState) -> nn.Module:
+    column_linear, _ = _layer_classes()
+    layer = column_linear(full.in_features, full.out_features, bias=False, gather_output=False,
+                         config=_mp_config(state, full.weight.dtype), init_method=_no_init)
+    _load_shard(layer.weight, full.weight, 0, state)
+    return layer
+
+
+def _row(full: nn.Linear, state: ParallelState) -> nn.Module:
+    _, row_linear = _layer_classes()
+    layer = row_linear(full.in_features, full.out_features, bias=False, input_is_parallel=True,
+                      skip_bias_add=False, config=_mp_config(state, full.weight.dtype),
+                      init_method=_no_init)
+    _load_shard(layer.weight, full.weight, 1, state)
+    return layer
+
+
+class CopyToTensorParallel(nn.Module):
+    """Identity forward; all-reduce of the gradient over tp backward (before a sharded head)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        tensor_parallel, _ = _megatron()
+        return tensor_parallel.copy_to_tensor_model_parallel_region(x)
+
+
+def parallelize_tensor(model: Transformer, state: ParallelState) -> Transformer:
+    if state.tp == 1:
+        return model
+    tensor_parallel, _ = _megatron()
+    for block in model.blocks:
+        attn: CausalSelfAttention = block.attn
+        attn.wq, attn.wk, attn.wv = (_column(attn.wq, state), _column(attn.wk, state),
+                                     _column(attn.wv, state))
+        attn.wo = _row(attn.wo, state)
+        if block.ffn is not None:
+            ffn: SwiGLU = block.ffn
+            ffn.w_gate, ffn.w_up = _column(ffn.w_gate, state), _column(ffn.w_up, state)
+            ffn.w_down = _row(ffn.w_down, state)
+    full = model.embed
+    embed = tensor_parallel.VocabParallelEmbedding(
+        full.num_embeddings, full.embedding_dim, init_method=_no_init,
+        config=_mp_config(state, full.weight.dtype))
+    _load_shard(embed.weight, full.weight, 0, state)
+    model.embed = embed
+    if model.head is None:  # tied: logits = x @ E_shard^T needs x's gradient summed over tp
+        model.head_input = CopyToTensorParallel()
+    else:
+        model.head = _column(model.head, state)
+    return model
+
+
+# --------------------------------------------------------------------------- loss and norms
+
+
+def parallel_lm_loss(logits: torch.Tensor, targets: torch.Tensor,
+                     state: ParallelState) -> torch.Tensor:
+    """Mean next-token cross entropy over vocab-sharded logits (no full-vocab gather)."""
+    if state.tp == 1:
+        return lm_loss(logits, targets)
+    tensor_parallel, _ = _megatron()
+    return tensor_parallel.vocab_parallel_cross_entropy(logits.float(), targets).mean()
+
+
+def gather_logits(logits: torch.Tensor, state: ParallelState) -> torch.Tensor:
+    """Full-vocab logits on every tp rank (for evaluation and generation)."""
+    if state.tp == 1:
+        return logits
+    tensor_parallel, _ = _megatron()
+    return tensor_parallel.gather_from_tensor_model_parallel_region(logits)
+
+
+def is_tp_sharded(param: torch.Tensor) -> bool:
+    return bool(getattr(param, "tensor_model_parallel", False))
+
+
+def clip_grad_norm(params: list[torch.Tensor], max_norm: float, state: ParallelState) -> float:
+    """Global L2 norm of the model's gradient, each weight counted once: tp shards add up over
+    the tp group, replicated weights count on one rank. Scales grads when over ``max_norm``."""
+    grads = [p.grad for p in params if p.grad is not None]
+    if state.tp == 1:
+        total = torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm > 0 else math.inf)
+        return float(total)
+    sq = torch.zeros((), dtype=torch.float64)
+    for p in params:
+        if p.grad is not None and (is_tp_sharded(p) or state.tp_rank == 0):
+            sq += p.grad.double().pow(2).sum()
+    torch.distributed.all_reduce(sq, group=state.tp_group)
+    total = float(sq.sqrt())
+    if max_norm > 0 and total > max_norm:
+        torch._foreach_mul_(grads, max_norm / (total + 1e-6))
+    return total
+
+
+class CheckpointLayout:
+    """How this rank's tensors appear in a checkpoint: tp shards become DTensors on a
+    (rest x tp) mesh, so ``torch.distributed.checkpoint`` stores global shapes and can load
+    them back at any tp (or into one process); replicated tensors are stored once."""
+
+    def __init__(self, state: ParallelState) -> None:
+        self.mesh = None
+        if state.tp > 1:
+            from torch.distributed.device_mesh import init_device_mesh
+
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+            self.mesh = init_device_mesh(device, (state.world_size // state.tp, state.tp))
+
+    def view(self, tensor: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
+        if self.mesh is None or not is_tp_sharded(param):
+            return tensor
+        from torch.distributed.tensor import DTensor, Replicate, Shard
+
+        return DTensor.from_local(tensor, self.mesh, [Replicate(), Shard(param.partition_dim)],
+                                  run_check=False)
