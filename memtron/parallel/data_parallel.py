@@ -10,6 +10,7 @@ N x d gradient is ever formed.
 from __future__ import annotations
 
 from collections.abc import Iterable
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -101,3 +102,63 @@ def average_scalar(value: float, group: dist.ProcessGroup | None) -> float:
     t = torch.tensor([value], dtype=torch.float64)
     dist.all_reduce(t, group=group)
     return float(t.item()) / size
+
+
+class DeepSpeedZero:
+    """Dense parameters under a DeepSpeed ZeRO-1/2 engine: optimizer state (and with stage 2
+    gradients) partitioned over the dp group. Value tables stay outside DeepSpeed with their
+    sparse optimizer. The engine wraps the caller's AdamW, so hyper-parameters and the LR
+    schedule are the native path's."""
+
+    def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, stage: int,
+                 micro_batch_size: int, grad_accum: int, grad_clip: float) -> None:
+        import os
+
+        if not dist.is_initialized():
+            raise RuntimeError("train.engine=deepspeed needs a launched job (torchrun, srun, "
+                               "mpirun) with a process group")
+        os.environ.setdefault("DS_ACCELERATOR", "cuda" if torch.cuda.is_available() else "cpu")
+        try:
+            import deepspeed
+        except ImportError as e:  # pragma: no cover - depends on the install
+            raise ImportError("train.engine=deepspeed needs: pip install 'memtron[deepspeed]'") \
+                from e
+        config = {
+            "train_micro_batch_size_per_gpu": micro_batch_size,
+            "gradient_accumulation_steps": grad_accum,
+            "zero_optimization": {"stage": stage},
+            "gradient_clipping": grad_clip,
+            "zero_allow_untested_optimizer": True,  # a plain torch AdamW
+            "communication_data_type": "fp32",
+            "steps_per_print": 2**62,
+        }
+        self.engine, self.optimizer, _, _ = deepspeed.initialize(
+            model=model, optimizer=optimizer, config=config, dist_init_required=False)
+
+    def backward(self, loss: torch.Tensor) -> None:
+        """Backward of one micro-batch (DeepSpeed divides by the accumulation steps itself);
+        at the accumulation boundary this also reduces, clips and applies the dense update."""
+        self.engine.backward(loss)
+        self.engine.step()
+
+    def set_lr(self, lr: float) -> None:
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+
+    def grad_norm(self) -> float:
+        norm = self.engine.get_global_grad_norm()
+        return float(norm) if norm is not None else 0.0
+
+    def save(self, directory: Path) -> None:
+        """Each dp rank's partition of the optimizer state, next to the DCP tensors."""
+        rank = dist.get_rank()
+        torch.save(self.optimizer.state_dict(), directory / f"zero-rank{rank:05d}.pt")
+
+    def load(self, directory: Path) -> None:
+        files = sorted(directory.glob("zero-rank*.pt"))
+        if len(files) != dist.get_world_size():
+            raise RuntimeError(f"{directory}: {len(files)} ZeRO partitions for "
+                               f"{dist.get_world_size()} ranks; DeepSpeed optimizer state "
+                               "resumes only at the layout it was saved with")
+        states = [torch.load(f, weights_only=False) for f in files]  # our checksummed files
+        self.optimizer.load_state_dict(states, load_optimizer_states=True)

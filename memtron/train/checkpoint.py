@@ -18,6 +18,7 @@ import os
 import random
 import shutil
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -96,10 +97,12 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 
 def save_checkpoint(root: Path, step: int, tensors: dict[str, Any], meta: dict[str, Any],
-                    keep_last: int) -> Path:
+                    keep_last: int, write_extra: Callable[[Path], None] | None = None) -> Path:
     """Write ``tensors`` (a DCP state dict) and ``meta`` (JSON) as checkpoint ``step``.
 
     Collective when a process group is up: every rank calls it with its own shards.
+    ``write_extra(dir)`` lets every rank add files (e.g. DeepSpeed's ZeRO partitions) that the
+    manifest then checksums like the rest.
     """
     final = step_dir(root, step)
     tmp = root / f".tmp-{final.name}"
@@ -109,6 +112,8 @@ def save_checkpoint(root: Path, step: int, tensors: dict[str, Any], meta: dict[s
     _barrier()
     dcp.save(tensors, checkpoint_id=str(tmp))
     torch.save(rng_state(), tmp / f"rng-rank{_rank():05d}.pt")
+    if write_extra is not None:
+        write_extra(tmp)
     _barrier()
     if _rank() == 0:
         files = {p.name: _sha256(p) for p in sorted(tmp.iterdir()) if p.is_file()}

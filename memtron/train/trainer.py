@@ -26,6 +26,7 @@ from memtron.data.synthetic import load_questions
 from memtron.data.tokenizer import load_tokenizer
 from memtron.model.transformer import Transformer, build_model
 from memtron.parallel.data_parallel import (
+    DeepSpeedZero,
     average_dense_grads,
     average_replicated_table_grads,
     average_scalar,
@@ -119,6 +120,11 @@ class Trainer:
         self.tables = dict(self.model.value_tables.items())
         self.dense_opt, self.sparse_opt = build_optimizers(self.model, self.tables, cfg.optim)
         self.dense_params = [p for g in self.dense_opt.param_groups for p in g["params"]]
+        self.zero: DeepSpeedZero | None = None
+        if cfg.train.engine == "deepspeed":
+            self.zero = DeepSpeedZero(self.model, self.dense_opt, cfg.train.zero_stage,
+                                      cfg.data.micro_batch_size, cfg.train.grad_accum,
+                                      cfg.optim.grad_clip)
         self.loader = ShardLoader(cfg.data.train, cfg.data.micro_batch_size, cfg.data.seq_len,
                                   dp_rank=self.state.dp_rank, dp_size=self.state.dp,
                                   num_workers=cfg.data.num_workers, seed=cfg.train.seed)
@@ -135,6 +141,8 @@ class Trainer:
         params = dict(self.model.named_parameters())
         model = {name: self.layout.view(t, params.get(name, t))
                  for name, t in self.model.state_dict().items()}
+        if self.zero is not None:
+            return {"model": model, "memory_optim": self.sparse_opt.state_dict()}
         dense = {id(p) for p in self.dense_params}
         optim = {}
         for name, param in params.items():
@@ -154,8 +162,11 @@ class Trainer:
         meta = {"config": self.cfg.to_dict(), "data_state": self.loader.state_dict(),
                 "layout": {"world_size": s.world_size, "tp": s.tp, "cp": s.cp, "dp": s.dp,
                            "ep": s.ep}}
+        if self.zero is not None:  # ZeRO keeps its own (partitioned) AdamW state
+            meta["engine"] = "deepspeed"
         return save_checkpoint(self.ckpt_root, self.step, self._tensor_state(), meta,
-                               self.cfg.checkpoint.keep_last)
+                               self.cfg.checkpoint.keep_last,
+                               write_extra=self.zero.save if self.zero is not None else None)
 
     def resume_path(self) -> Path | None:
         resume = self.cfg.checkpoint.resume
@@ -168,9 +179,14 @@ class Trainer:
     def load(self, path: Path) -> None:
         manifest = read_manifest(path)
         _same_architecture(config_from_dict(manifest["config"]), self.cfg, path)
+        if manifest.get("engine", "native") != self.cfg.train.engine:
+            raise CheckpointError(f"{path}: written by the {manifest.get('engine', 'native')} "
+                                  f"engine, config has train.engine={self.cfg.train.engine}")
         state = self._tensor_state()
         load_checkpoint(path, state)
         self.sparse_opt.load_state_dict(state["memory_optim"])
+        if self.zero is not None:
+            self.zero.load(path)
         self.loader.load_state_dict(manifest["data_state"])
         self.step = manifest["step"]
 
@@ -183,6 +199,8 @@ class Trainer:
         cfg = self.cfg
         lr = lr_at(self.step + 1, cfg.train.steps, cfg.optim)
         set_lr(self.dense_opt, self.sparse_opt, lr, cfg.optim.memory_lr_mult)
+        if self.zero is not None:
+            self.zero.set_lr(lr)
         self.model.train()
         total = 0.0
         for _ in range(cfg.train.grad_accum):
@@ -190,15 +208,21 @@ class Trainer:
             with self._autocast():
                 logits = self.model(tokens[:, :-1])
             loss = parallel_lm_loss(logits, tokens[:, 1:], self.state)
-            (loss / cfg.train.grad_accum).backward()
+            if self.zero is not None:
+                self.zero.backward(loss)  # applies the dense update at the last micro-batch
+            else:
+                (loss / cfg.train.grad_accum).backward()
             total += loss.item()
-        average_dense_grads(self.dense_params, self.state.dp_cp_group)
+        if self.zero is not None:
+            grad_norm = self.zero.grad_norm()
+        else:
+            average_dense_grads(self.dense_params, self.state.dp_cp_group)
+            grad_norm = clip_grad_norm(self.dense_params, cfg.optim.grad_clip, self.state)
+            self.dense_opt.step()
+            self.dense_opt.zero_grad(set_to_none=True)
         average_replicated_table_grads(self.tables.values(), self.state.dp_cp_group)
-        grad_norm = clip_grad_norm(self.dense_params, cfg.optim.grad_clip, self.state)
         memory_norm = clip_sparse_grad_norm(self.tables.values(), cfg.optim.memory_grad_clip)
-        self.dense_opt.step()
         self.sparse_opt.step()
-        self.dense_opt.zero_grad(set_to_none=True)
         self.sparse_opt.zero_grad()
         self.step += 1
         loss = average_scalar(total / cfg.train.grad_accum, self.state.dp_cp_group)
