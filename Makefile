@@ -9,7 +9,8 @@ install:
 	PYTHON=$(PYTHON) scripts/install.sh
 
 install-dev:
-	PYTHON=$(PYTHON) scripts/install.sh dev
+	scripts/install-system.sh
+	PYTHON=$(PYTHON) scripts/install.sh dev,megatron,deepspeed,mpi
 
 $(DATA)/raw/train.jsonl:
 	memtron data synth --out $(DATA)

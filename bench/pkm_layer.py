@@ -46,6 +46,7 @@ import torch
 MiB = 1 << 20
 GiB = 1 << 30
 HEADROOM = int(1.0 * GiB)  # kept free when deciding whether a side fits
+BUSY = 0.10  # foreign CPU share above which a row's timings are flagged
 
 
 # -- sizes and estimates -------------------------------------------------------------------------
@@ -346,6 +347,33 @@ def busy_others() -> list[str]:
     return busy
 
 
+class ForeignCpu:
+    """Share of the machine's CPU time that other processes (or the hypervisor, as steal) used
+    while the block ran: /proc/stat busy time minus this process's own CPU time."""
+
+    share = 0.0
+
+    @staticmethod
+    def _machine_busy() -> float:
+        with open("/proc/stat") as f:
+            v = [int(x) for x in f.readline().split()[1:9]]
+        return (v[0] + v[1] + v[2] + v[5] + v[6] + v[7]) / os.sysconf("SC_CLK_TCK")
+
+    @staticmethod
+    def _own() -> float:
+        t = os.times()
+        return t.user + t.system
+
+    def __enter__(self) -> ForeignCpu:
+        self.t0, self.busy0, self.own0 = time.perf_counter(), self._machine_busy(), self._own()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        wall = time.perf_counter() - self.t0
+        foreign = (self._machine_busy() - self.busy0) - (self._own() - self.own0)
+        self.share = max(0.0, foreign / max(wall * (os.cpu_count() or 1), 1e-9))
+
+
 def warn_if_busy(when: str) -> None:
     for line in busy_others():
         print(f"WARNING ({when}): another process shares the cores, timings unreliable: {line}",
@@ -372,6 +400,7 @@ class Row:
     mib: dict[str, float | str | None] = field(default_factory=dict)
     fwd_gbs: float | None = None
     bwd_gbs: float | None = None
+    foreign: float = 0.0  # largest share of CPU other processes took while a side was timed
     notes: list[str] = field(default_factory=list)
 
 
@@ -399,13 +428,19 @@ def run_config(n: int, d: int, a: argparse.Namespace, sides: list[str], memcpy: 
         t0 = time.perf_counter()
         obj = build(side, n, d, a)
         t_build = time.perf_counter() - t0
-        row.ms[side] = 1e3 * median_time(lambda obj=obj: obj.step(x, gy), a.warmup, a.repeats)
-        line = f"  N={fmt_slots(n)} d={d} {side}: build {t_build:.1f} s, step {row.ms[side]:.0f} ms"
+        with ForeignCpu() as meter:
+            row.ms[side] = 1e3 * median_time(lambda obj=obj: obj.step(x, gy), a.warmup,
+                                             a.repeats)
+            if side == "memtron":
+                fwd, bwd, nbytes = obj.lookup_bandwidth(x, gy, max(3, a.repeats))
+        row.foreign = max(row.foreign, meter.share)
+        line = (f"  N={fmt_slots(n)} d={d} {side}: build {t_build:.1f} s, "
+                f"step {row.ms[side]:.0f} ms")
         if side == "memtron":
-            fwd, bwd, nbytes = obj.lookup_bandwidth(x, gy, max(3, a.repeats))
             row.fwd_gbs, row.bwd_gbs = nbytes / fwd / 1e9, nbytes / bwd / 1e9
             line += (f", lookup fwd {1e3 * fwd:.1f} ms ({row.fwd_gbs:.1f} GB/s = "
                      f"{1e9 * row.fwd_gbs / memcpy:.0%} of memcpy), bwd {1e3 * bwd:.1f} ms")
+        line += f", other processes {meter.share:.0%} CPU"
         print(line, flush=True)
         del obj
         free()
@@ -434,10 +469,11 @@ def profile(n: int, d: int, a: argparse.Namespace) -> None:
         obj = build(side, n, d, a)
         for _ in range(a.warmup):
             obj.step(x, gy)
-        runs = [obj.phases(x, gy) for _ in range(a.repeats)]
+        with ForeignCpu() as meter:
+            runs = [obj.phases(x, gy) for _ in range(a.repeats)]
         parts = {k: statistics.median(r[k] for r in runs) for k in runs[0]}
         total = sum(parts.values())
-        print(f"  {side} (sum {1e3 * total:.0f} ms)")
+        print(f"  {side} (sum {1e3 * total:.0f} ms; other processes {meter.share:.0%} CPU)")
         for name, sec in parts.items():
             print(f"    {name:<44} {1e3 * sec:8.1f}  {sec / total:6.1%}")
         del obj, runs
@@ -473,7 +509,8 @@ def print_table(rows: list[Row], a: argparse.Namespace, memcpy: float) -> None:
     print(head)
     print("-" * len(head))
     for r in rows:
-        line = (f"{fmt_slots(r.n):>5} {r.d:>4} | {fmt(r.ms.get('memtron'), '.0f', 8)} "
+        mark = "*" if r.foreign > BUSY else " "
+        line = (f"{fmt_slots(r.n):>4}{mark} {r.d:>4} | {fmt(r.ms.get('memtron'), '.0f', 8)} "
                 f"{fmt(r.ms.get('peer'), '.0f', 8)} "
                 f"{fmt(ratio(r.ms.get('peer'), r.ms.get('memtron')), '.2f', 7)} | "
                 f"{fmt(r.mib.get('memtron'), '.0f', 8)} {fmt(r.mib.get('peer'), '.0f', 8)} "
@@ -489,6 +526,9 @@ def print_table(rows: list[Row], a: argparse.Namespace, memcpy: float) -> None:
     notes = [f"  N={fmt_slots(r.n)} d={r.d} {note}" for r in rows for note in r.notes]
     notes += [f"  N={fmt_slots(r.n)} d={r.d} {side}: {v}" for r in rows
               for side, v in r.mib.items() if isinstance(v, str)]
+    if any(r.foreign > BUSY for r in rows):
+        notes.append(f"  * other processes took > {BUSY:.0%} of the CPUs while this row was "
+                     "timed: its times are unreliable (rerun on an idle machine)")
     if notes:
         print("notes:\n" + "\n".join(notes))
     print(f"memcpy bandwidth {memcpy / 1e9:.1f} GB/s (read + written, 256 MiB copy_). "
@@ -543,7 +583,8 @@ def main(argv: list[str] | None = None) -> None:
           f"({len(os.sched_getaffinity(0))} usable), RAM {ram / GiB:.1f} GiB "
           f"({mem_available() / GiB:.1f} available)")
     print(f"python {platform.python_version()}, torch {torch.__version__}, "
-          f"threads {torch.get_num_threads()} (interop {torch.get_num_interop_threads()})")
+          f"threads {torch.get_num_threads()} (interop {torch.get_num_interop_threads()}), "
+          f"THP_MEM_ALLOC_ENABLE={os.environ.get('THP_MEM_ALLOC_ENABLE', 'unset')}")
     print(f"H={a.heads} k={a.topk} d_key={a.d_key} T={a.tokens} fp32; warmup {a.warmup}, "
           f"median of {a.repeats}; sides {', '.join(a.sides)}")
     print("memtron: ProductKeyMemory(memory_plus=False) + LocalValueTable, AdamW + SparseRowAdam"

@@ -35,10 +35,14 @@ def _cmd_train(args: argparse.Namespace) -> int:
     if args.resume is not None:
         overrides.append(f"checkpoint.resume={args.resume}")
     cfg = load_config(args.config, overrides)
+    from memtron.parallel.launch import detect_env, fail_fast
     from memtron.train.trainer import train
 
-    result = train(cfg)
-    _print_summary(result)
+    env = detect_env()
+    with fail_fast(env):  # one failing rank ends the whole job instead of hanging it
+        result = train(cfg)
+    if env.rank == 0:
+        _print_summary(result)
     return 128 + result.stopped_by if result.stopped_by else 0
 
 
@@ -121,11 +125,12 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from memtron.data.loader import DataError
+    from memtron.parallel.launch import LaunchError
     from memtron.train.checkpoint import CheckpointError
 
     try:
         return args.func(args)
-    except (ConfigError, DataError, CheckpointError, FileNotFoundError) as e:
+    except (ConfigError, DataError, CheckpointError, LaunchError, FileNotFoundError) as e:
         print(f"memtron: error: {e}", file=sys.stderr)
         return 2
 

@@ -8,6 +8,7 @@ With one process every group is ``None`` and every size 1: the primitives then r
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 
 import torch.distributed as dist
@@ -48,7 +49,9 @@ def build_parallel_state(cfg: Config, timeout_minutes: int = 10) -> ParallelStat
     tp, cp, dp, ep = check_world(cfg, world)
     if world == 1:
         return ParallelState()
-    from megatron.core import parallel_state as mps
+    with warnings.catch_warnings():  # "Transformer Engine and Apex are not installed": expected
+        warnings.filterwarnings("ignore", message=".*Transformer Engine and Apex.*")
+        from megatron.core import parallel_state as mps
 
     if not mps.model_parallel_is_initialized():
         mps.initialize_model_parallel(

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import functools
 import math
+import warnings
 
 import torch
 from torch import nn
@@ -26,8 +27,10 @@ from memtron.parallel.state import ParallelState
 
 def _megatron():
     try:
-        from megatron.core import tensor_parallel
-        from megatron.core.model_parallel_config import ModelParallelConfig
+        with warnings.catch_warnings():  # "Transformer Engine and Apex are not installed"
+            warnings.filterwarnings("ignore", message=".*Transformer Engine and Apex.*")
+            from megatron.core import tensor_parallel
+            from megatron.core.model_parallel_config import ModelParallelConfig
     except ImportError as e:  # pragma: no cover - depends on the install
         raise ImportError("tensor parallelism needs megatron-core: pip install "
                           "'memtron[megatron]'") from e
