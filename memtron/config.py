@@ -53,6 +53,10 @@ class MemoryConfig:
     # query net). Layers not listed get a table of their own.
     shared_tables: list[list[int]] = field(default_factory=list)
     usage_window: int = 100  # steps over which per-slot hits are counted
+    # How tables spread over the memory-parallel group (parallel.ep): rows sharded with
+    # all-to-all lookups; or the baselines, columns sharded, or whole tables everywhere with a
+    # dense gradient all-reduce.
+    parallel: Literal["rowwise", "colwise", "replicated"] = "rowwise"
 
     @property
     def n_slots(self) -> int:
@@ -93,7 +97,7 @@ class ParallelConfig:
     tp: int = 1  # tensor parallel
     cp: int = 1  # context parallel
     dp: int = 0  # data parallel; 0 = world_size / (tp * cp)
-    ep: int = 1  # memory (value-table) parallel; 0 = all ranks
+    ep: int = 0  # memory (value-table) parallel; 0 = all ranks
     timeout_s: float = 600.0  # collective timeout: a hung or dead peer fails the job after it
     backend: Literal["auto", "gloo", "nccl"] = "auto"  # auto: nccl on GPU, gloo on CPU
 

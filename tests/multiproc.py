@@ -49,13 +49,17 @@ def run_ranks(world: int, fn: Callable, *args: Any, timeout: float = 300) -> lis
         for p in procs:
             if p.is_alive():
                 p.kill()
-        results = []
+        results, errors = [], []
         for rank in range(world):
             path = Path(out) / f"rank{rank}.pt"
             if not path.exists():
-                raise RuntimeError(f"rank {rank} produced no result (exit {procs[rank].exitcode})")
+                errors.append(f"rank {rank} produced no result (exit {procs[rank].exitcode})")
+                continue
             record = torch.load(path, weights_only=False)
             if "error" in record:
-                raise RuntimeError(f"rank {rank} failed:\n{record['error']}")
-            results.append(record["ok"])
+                errors.append(f"rank {rank} failed:\n{record['error']}")
+            else:
+                results.append(record["ok"])
+        if errors:  # all of them: a peer's "connection closed" often hides the first cause
+            raise RuntimeError("\n".join(errors))
         return results

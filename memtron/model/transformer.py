@@ -4,6 +4,7 @@ in place of the FFN, or both side by side (DESIGN §2)."""
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -52,8 +53,15 @@ def table_groups(mem: MemoryConfig) -> list[list[int]]:
     return shared + [[layer] for layer in sorted(mem.layers) if layer not in grouped]
 
 
+TableFactory = Callable[[int, int, int], ValueTable]  # (n_rows, dim, seed) -> table
+
+
 class Transformer(nn.Module):
-    def __init__(self, cfg: ModelConfig, mem: MemoryConfig) -> None:
+    """``make_table`` builds each value table; parallel code passes one that builds only this
+    rank's shard, so a table too large for one process is never allocated whole."""
+
+    def __init__(self, cfg: ModelConfig, mem: MemoryConfig,
+                 make_table: TableFactory = LocalValueTable) -> None:
         super().__init__()
         self.cfg, self.mem_cfg = cfg, mem
         self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
@@ -62,7 +70,8 @@ class Transformer(nn.Module):
         self.value_tables = nn.ModuleDict()
         table_of: dict[int, ValueTable] = {}
         for g, layers in enumerate(table_groups(mem)):
-            table = LocalValueTable(mem.n_slots, mem.value_dim or cfg.d_model)
+            seed = int(torch.randint(0, 2**31 - 1, ()))  # from the seeded global generator
+            table = make_table(mem.n_slots, mem.value_dim or cfg.d_model, seed)
             self.value_tables[f"table{g}"] = table
             table_of.update({layer: table for layer in layers})
         blocks = []
@@ -117,5 +126,5 @@ def lm_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
 
 
-def build_model(cfg: Config) -> Transformer:
-    return Transformer(cfg.model, cfg.memory)
+def build_model(cfg: Config, make_table: TableFactory = LocalValueTable) -> Transformer:
+    return Transformer(cfg.model, cfg.memory, make_table)

@@ -1,10 +1,10 @@
 """Data parallelism: gradients averaged over the ranks that hold the same weights.
 
 Dense gradients are flattened into buckets and all-reduced over the dp x cp group (cp ranks see
-other tokens of the same sequences, so they average too). Value tables that every rank holds
-whole (ep = 1) exchange only their touched rows: each rank's (ids, rows) are all-gathered,
-padded to the largest count since gloo has no uneven all-gather, and summed per id; no dense
-N x d gradient is ever formed.
+other tokens of the same sequences, so they average too). Value-table rows held by several
+ranks exchange only their touched rows: each rank's (ids, rows) are all-gathered, padded to the
+largest count since gloo has no uneven all-gather, and summed per id; no dense N x d gradient
+is ever formed (``memtron.parallel.memory`` decides who sums with whom).
 """
 
 from __future__ import annotations
@@ -57,9 +57,8 @@ def average_dense_grads(params: Iterable[torch.Tensor], group: dist.ProcessGroup
     return sent
 
 
-def average_replicated_table_grads(tables: Iterable[ValueTable],
-                                   group: dist.ProcessGroup | None) -> int:
-    """Average the sparse row gradients of whole (unsharded) tables over ``group``.
+def sum_table_grads(tables: Iterable[ValueTable], group: dist.ProcessGroup | None) -> int:
+    """Sum the sparse row gradients of tables whose rows ``group`` holds in several copies.
 
     Returns the bytes this rank contributed to the exchange.
     """
@@ -89,7 +88,7 @@ def average_replicated_table_grads(tables: Iterable[ValueTable],
         keep_rows = torch.cat([r[: int(c)] for r, c in zip(all_rows, counts)])
         unique_ids, summed = sum_rows_by_id(keep_ids, keep_rows)
         table.zero_grad_rows()
-        table.accumulate_grad(unique_ids, summed.div_(size))
+        table.accumulate_grad(unique_ids, summed)
         sent += longest * (8 + 4 * table.dim)
     return sent
 
@@ -132,8 +131,16 @@ class DeepSpeedZero:
             "communication_data_type": "fp32",
             "steps_per_print": 2**62,
         }
-        self.engine, self.optimizer, _, _ = deepspeed.initialize(
-            model=model, optimizer=optimizer, config=config, dist_init_required=False)
+        # DeepSpeed broadcasts every module parameter from rank 0 at start-up, which would
+        # overwrite the other ranks' value-table shards: the tables sit outside the module
+        # while it is wrapped (memory layers reach them through their own references).
+        tables = model.value_tables
+        model.value_tables = torch.nn.ModuleDict()
+        try:
+            self.engine, self.optimizer, _, _ = deepspeed.initialize(
+                model=model, optimizer=optimizer, config=config, dist_init_required=False)
+        finally:
+            model.value_tables = tables
 
     def backward(self, loss: torch.Tensor) -> None:
         """Backward of one micro-batch (DeepSpeed divides by the accumulation steps itself);

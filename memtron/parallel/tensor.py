@@ -165,25 +165,3 @@ def clip_grad_norm(params: list[torch.Tensor], max_norm: float, state: ParallelS
     if max_norm > 0 and total > max_norm:
         torch._foreach_mul_(grads, max_norm / (total + 1e-6))
     return total
-
-
-class CheckpointLayout:
-    """How this rank's tensors appear in a checkpoint: tp shards become DTensors on a
-    (rest x tp) mesh, so ``torch.distributed.checkpoint`` stores global shapes and can load
-    them back at any tp (or into one process); replicated tensors are stored once."""
-
-    def __init__(self, state: ParallelState) -> None:
-        self.mesh = None
-        if state.tp > 1:
-            from torch.distributed.device_mesh import init_device_mesh
-
-            device = "cuda" if torch.cuda.is_available() else "cpu"
-            self.mesh = init_device_mesh(device, (state.world_size // state.tp, state.tp))
-
-    def view(self, tensor: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
-        if self.mesh is None or not is_tp_sharded(param):
-            return tensor
-        from torch.distributed.tensor import DTensor, Replicate, Shard
-
-        return DTensor.from_local(tensor, self.mesh, [Replicate(), Shard(param.partition_dim)],
-                                  run_check=False)

@@ -14,6 +14,7 @@ import math
 from collections.abc import Iterable
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from memtron.config import OptimConfig
@@ -76,12 +77,16 @@ class SparseRowAdam:
                 self.state[name][key].copy_(value)
 
 
-def clip_sparse_grad_norm(tables: Iterable[ValueTable], max_norm: float) -> float:
-    """Clip the global norm of the tables' row gradients (as if they were dense); returns it."""
+def clip_sparse_grad_norm(tables: Iterable[ValueTable], max_norm: float,
+                          group: dist.ProcessGroup | None = None) -> float:
+    """Clip the global norm of the tables' row gradients (as if they were dense); returns it.
+    ``group``: the ranks holding other shards of the tables, whose squares add up."""
     grads = [g for g in (t.sparse_grad() for t in tables) if g is not None]
-    if not grads:
-        return 0.0
-    total = math.sqrt(sum(float(rows.double().pow(2).sum()) for _, rows in grads))
+    squares = torch.tensor(sum(float(rows.double().pow(2).sum()) for _, rows in grads),
+                           dtype=torch.float64)
+    if group is not None:
+        dist.all_reduce(squares, group=group)
+    total = math.sqrt(float(squares))
     if max_norm > 0 and total > max_norm:
         scale = max_norm / (total + 1e-6)
         for _, rows in grads:

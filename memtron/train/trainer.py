@@ -25,16 +25,17 @@ from memtron.data.prepare import INDEX_NAME
 from memtron.data.synthetic import load_questions
 from memtron.data.tokenizer import load_tokenizer
 from memtron.model.transformer import Transformer, build_model
-from memtron.parallel.data_parallel import (
-    DeepSpeedZero,
-    average_dense_grads,
-    average_replicated_table_grads,
-    average_scalar,
-)
+from memtron.parallel.data_parallel import DeepSpeedZero, average_dense_grads, average_scalar
 from memtron.parallel.launch import init_distributed, shutdown_distributed
+from memtron.parallel.memory import (
+    Traffic,
+    norm_group,
+    reduce_table_grads,
+    table_factory,
+)
+from memtron.parallel.sharding import CheckpointLayout
 from memtron.parallel.state import ParallelState, build_parallel_state, destroy_parallel_state
 from memtron.parallel.tensor import (
-    CheckpointLayout,
     clip_grad_norm,
     gather_logits,
     parallel_lm_loss,
@@ -108,14 +109,16 @@ class Trainer:
             torch.set_num_threads(cfg.train.threads)
         self.state: ParallelState = build_parallel_state(
             cfg, timeout_minutes=max(1, math.ceil(cfg.parallel.timeout_s / 60)))
-        if self.state.ep != 1:
-            raise ConfigError(f"parallel.ep: {self.state.ep}; row-sharded value tables are not "
-                              "available in this version, use parallel.ep=1")
+        mem = cfg.memory
+        if mem.parallel == "colwise" and (mem.value_dim or cfg.model.d_model) % self.state.ep:
+            raise ConfigError(f"memory.value_dim: {mem.value_dim or cfg.model.d_model} is not "
+                              f"divisible by ep={self.state.ep} (memory.parallel=colwise)")
         torch.manual_seed(cfg.train.seed)  # the same full init on every rank, then sharded
         self.run_dir = Path(cfg.train.run_dir)
         self.ckpt_root = self.run_dir / "checkpoints"
         self.tokenizer = load_tokenizer(cfg.data.tokenizer)
-        self.model: Transformer = parallelize_tensor(build_model(cfg), self.state)
+        self.model: Transformer = parallelize_tensor(
+            build_model(cfg, table_factory(cfg, self.state)), self.state)
         self.layout = CheckpointLayout(self.state)
         self.tables = dict(self.model.value_tables.items())
         self.dense_opt, self.sparse_opt = build_optimizers(self.model, self.tables, cfg.optim)
@@ -142,7 +145,7 @@ class Trainer:
         model = {name: self.layout.view(t, params.get(name, t))
                  for name, t in self.model.state_dict().items()}
         if self.zero is not None:
-            return {"model": model, "memory_optim": self.sparse_opt.state_dict()}
+            return {"model": model, "memory_optim": self._memory_optim_state()}
         dense = {id(p) for p in self.dense_params}
         optim = {}
         for name, param in params.items():
@@ -155,7 +158,14 @@ class Trainer:
             optim[name] = {"step": state["step"],
                            "exp_avg": self.layout.view(state["exp_avg"], param),
                            "exp_avg_sq": self.layout.view(state["exp_avg_sq"], param)}
-        return {"model": model, "optim": optim, "memory_optim": self.sparse_opt.state_dict()}
+        return {"model": model, "optim": optim, "memory_optim": self._memory_optim_state()}
+
+    def _memory_optim_state(self) -> dict[str, Any]:
+        """Sparse Adam moments live with their rows, sharded the way the table is."""
+        state = self.sparse_opt.state_dict()
+        return {name: {key: self.layout.view(value, self.tables[name].weight)
+                       if value.dim() else value for key, value in moments.items()}
+                for name, moments in state.items()}
 
     def save(self) -> Path:
         s = self.state
@@ -182,9 +192,7 @@ class Trainer:
         if manifest.get("engine", "native") != self.cfg.train.engine:
             raise CheckpointError(f"{path}: written by the {manifest.get('engine', 'native')} "
                                   f"engine, config has train.engine={self.cfg.train.engine}")
-        state = self._tensor_state()
-        load_checkpoint(path, state)
-        self.sparse_opt.load_state_dict(state["memory_optim"])
+        load_checkpoint(path, self._tensor_state())  # in place: views share storage
         if self.zero is not None:
             self.zero.load(path)
         self.loader.load_state_dict(manifest["data_state"])
@@ -220,13 +228,34 @@ class Trainer:
             grad_norm = clip_grad_norm(self.dense_params, cfg.optim.grad_clip, self.state)
             self.dense_opt.step()
             self.dense_opt.zero_grad(set_to_none=True)
-        average_replicated_table_grads(self.tables.values(), self.state.dp_cp_group)
-        memory_norm = clip_sparse_grad_norm(self.tables.values(), cfg.optim.memory_grad_clip)
+        tables = list(self.tables.values())
+        reduce_table_grads(tables, cfg, self.state)
+        memory_norm = clip_sparse_grad_norm(tables, cfg.optim.memory_grad_clip,
+                                            norm_group(cfg, self.state))
         self.sparse_opt.step()
         self.sparse_opt.zero_grad()
         self.step += 1
         loss = average_scalar(total / cfg.train.grad_accum, self.state.dp_cp_group)
-        return {"loss": loss, "lr": lr, "grad_norm": grad_norm, "memory_grad_norm": memory_norm}
+        return {"loss": loss, "lr": lr, "grad_norm": grad_norm, "memory_grad_norm": memory_norm,
+                **self._memory_traffic()}
+
+    def _memory_traffic(self) -> dict[str, float]:
+        """Memory-parallel load per step: bytes this rank exchanged per token it looked up,
+        and how unevenly hits landed on the owners (max / mean over ranks)."""
+        sent, received = Traffic.take()
+        served = sum(t.take_served() for t in self.tables.values())
+        if self.state.world_size == 1 or not self.tables:
+            return {}
+        per_rank = torch.tensor([float(served)])
+        gathered = [torch.empty_like(per_rank) for _ in range(self.state.world_size)]
+        dist.all_gather(gathered, per_rank)
+        loads = torch.cat(gathered)
+        cfg = self.cfg
+        lookups = (cfg.data.micro_batch_size * cfg.data.seq_len * cfg.train.grad_accum
+                   * len(self.model.memory_layers()))
+        return {"memory/bytes_sent_per_token": sent / lookups,
+                "memory/bytes_received_per_token": received / lookups,
+                "memory/hit_imbalance": float(loads.max() / loads.mean().clamp_min(1e-9))}
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, Any]:

@@ -13,46 +13,76 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-# Rows gathered at once when computing the weight gradient; bounds the [chunk, H*k, d] buffer.
+# Hits gathered at once when computing the weight gradient; bounds the [chunk, d] buffer.
 _GATHER_BUDGET = 1 << 24
+# Rows per initialisation block: each block has its own generator and is always drawn whole
+# (torch's randn values depend on the size drawn), so any row range (a shard) initialises
+# alone to the same values as those rows of the whole table.
+INIT_BLOCK_ROWS = 1024
+
+
+def init_rows(weight: torch.Tensor, row_start: int, seed: int, columns: slice | None = None,
+              full_dim: int | None = None) -> None:
+    """Fill ``weight`` (rows ``row_start ...``, and ``columns`` of ``full_dim`` if given, of a
+    table) with N(0, 1/d), the same values whatever the sharding: row i always comes from
+    block ``i // INIT_BLOCK_ROWS`` of ``seed``."""
+    n_rows = weight.shape[0]
+    dim = full_dim or weight.shape[1]
+    columns = columns or slice(0, dim)
+    std = dim**-0.5
+    row = row_start
+    while row < row_start + n_rows:
+        block = row // INIT_BLOCK_ROWS
+        block_start = block * INIT_BLOCK_ROWS
+        take = min(block_start + INIT_BLOCK_ROWS, row_start + n_rows) - row
+        gen = torch.Generator().manual_seed(seed * 1_000_003 + block)
+        block_rows = torch.randn(INIT_BLOCK_ROWS, dim, generator=gen)
+        values = block_rows[row - block_start : row - block_start + take, columns]
+        with torch.no_grad():
+            weight[row - row_start : row - row_start + take] = values.mul_(std).to(weight.dtype)
+        row += take
+
+
+def bag_index(offsets: torch.Tensor, n_hits: int) -> torch.Tensor:
+    """The bag of every hit, from bag start offsets (``embedding_bag`` layout)."""
+    lengths = torch.diff(offsets, append=torch.tensor([n_hits], dtype=offsets.dtype,
+                                                       device=offsets.device))
+    return torch.repeat_interleave(torch.arange(offsets.numel(), device=offsets.device), lengths)
 
 
 def sum_rows_by_id(
-    ids: torch.Tensor, rows: torch.Tensor, weights: torch.Tensor | None = None
+    ids: torch.Tensor, rows: torch.Tensor, weights: torch.Tensor | None = None,
+    src: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Deduplicate ``ids`` and sum ``weights[i] * rows[src[i]]`` per distinct id.
+    """Deduplicate ``ids`` [M] and sum ``weights[i] * rows[src[i]]`` per distinct id.
 
-    ``ids`` [M] holds one id per hit and ``rows`` [R, d] the vectors hits draw from: hit i uses
-    row ``i // (M // R)`` (so ``R == M`` pairs them one to one, and ``R == T`` with ``M == T*H*k``
-    maps each hit to its token). The sum runs through ``embedding_bag`` over hits sorted by id, so
-    no [M, d] intermediate is ever built. Returns (sorted unique ids [U], summed rows [U, d]).
+    ``src`` maps each hit to the row of ``rows`` it draws from (default: hit i uses row i).
+    The sum runs through ``embedding_bag`` over hits sorted by id, so no [M, d] intermediate is
+    ever built. Returns (sorted unique ids [U], summed rows [U, d]).
     """
-    per_row = ids.numel() // rows.shape[0]
     sorted_ids, order = torch.sort(ids)
     unique_ids, counts = torch.unique_consecutive(sorted_ids, return_counts=True)
     offsets = torch.zeros_like(counts)
     offsets[1:] = counts.cumsum(0)[:-1]
-    sample_weights = None if weights is None else weights.reshape(-1)[order].to(rows.dtype)
-    if sample_weights is None:
+    if weights is None:
         sample_weights = torch.ones(order.numel(), dtype=rows.dtype, device=rows.device)
-    summed = F.embedding_bag(
-        order // per_row, rows, offsets, per_sample_weights=sample_weights, mode="sum"
-    )
+    else:
+        sample_weights = weights.reshape(-1)[order].to(rows.dtype)
+    source = order if src is None else src[order]
+    summed = F.embedding_bag(source, rows, offsets, per_sample_weights=sample_weights,
+                             mode="sum")
     return unique_ids, summed
 
 
-def weighted_row_dot(
-    table: torch.Tensor, ids: torch.Tensor, grad_out: torch.Tensor
-) -> torch.Tensor:
-    """``out[t, j] = <table[ids[t, j]], grad_out[t]>``, gathered in bounded chunks."""
-    n_tokens, hits = ids.shape
-    chunk = max(1, _GATHER_BUDGET // max(1, hits * table.shape[1]))
+def row_dot(table: torch.Tensor, ids: torch.Tensor, vectors: torch.Tensor,
+            src: torch.Tensor) -> torch.Tensor:
+    """``out[i] = <table[ids[i]], vectors[src[i]]>`` for every hit, in bounded chunks."""
+    chunk = max(1, _GATHER_BUDGET // max(1, table.shape[1]))
     parts = []
-    for start in range(0, n_tokens, chunk):
-        rows = table[ids[start : start + chunk]]  # [c, hits, d]
-        g = grad_out[start : start + chunk].to(rows.dtype).unsqueeze(-1)  # [c, d, 1]
-        parts.append(torch.bmm(rows, g).squeeze(-1))
-    return torch.cat(parts) if parts else grad_out.new_zeros(0, hits)
+    for start in range(0, ids.numel(), chunk):
+        rows = table[ids[start : start + chunk]]
+        parts.append((rows * vectors[src[start : start + chunk]].to(rows.dtype)).sum(-1))
+    return torch.cat(parts) if parts else vectors.new_zeros(0)
 
 
 class ValueTable(nn.Module):
@@ -72,6 +102,7 @@ class ValueTable(nn.Module):
         self._coalesced: tuple[torch.Tensor, torch.Tensor] | None = None
         # Per-slot hit counts over the usage window (not checkpointed: a monitoring window).
         self.register_buffer("hits", torch.zeros(n_rows, dtype=torch.int32), persistent=False)
+        self.served = 0  # hits served since take_served(): an owner's share of the work
 
     # -- contract --------------------------------------------------------------------------
     def lookup(self, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
@@ -100,7 +131,12 @@ class ValueTable(nn.Module):
         self._grad_ids, self._grad_rows, self._coalesced = [], [], None
 
     # -- usage -------------------------------------------------------------------------------
+    def take_served(self) -> int:
+        served, self.served = self.served, 0
+        return served
+
     def record_hits(self, local_ids: torch.Tensor) -> None:
+        self.served += local_ids.numel()
         self.hits.index_add_(0, local_ids.reshape(-1), torch.ones_like(local_ids.reshape(-1),
                                                                         dtype=torch.int32))
 
@@ -118,47 +154,63 @@ class ValueTable(nn.Module):
         return stats
 
 
-class _LocalLookup(torch.autograd.Function):
+class _BagLookup(torch.autograd.Function):
+    """``out[b] = sum over hits i of bag b: weights[i] * table[ids[i]]``, sparse backward."""
+
     @staticmethod
     def forward(ctx, weights: torch.Tensor, rows: torch.Tensor, ids: torch.Tensor,
-                table: LocalValueTable):
+                offsets: torch.Tensor, table: LocalValueTable):
         # ``rows`` is the table weight, an input only so that backward runs when the weights
         # need no gradient; its gradient goes to the table, never to ``rows.grad``.
-        ctx.save_for_backward(weights, ids)
+        ctx.save_for_backward(weights, ids, offsets)
         ctx.table = table
-        out = F.embedding_bag(ids, table.weight, per_sample_weights=weights.to(table.weight.dtype),
+        out = F.embedding_bag(ids, rows, offsets, per_sample_weights=weights.to(rows.dtype),
                               mode="sum")
         return out.to(weights.dtype)
 
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):
-        weights, ids = ctx.saved_tensors
+        weights, ids, offsets = ctx.saved_tensors
         table: LocalValueTable = ctx.table
         grad_out = grad_out.contiguous()
+        bags = bag_index(offsets, ids.numel())
         grad_weights = None
         if ctx.needs_input_grad[0]:
-            grad_weights = weighted_row_dot(table.weight, ids, grad_out).to(weights.dtype)
-        unique_ids, rows = sum_rows_by_id(ids.reshape(-1), grad_out.float(), weights)
-        table.accumulate_grad(unique_ids, rows)
-        return grad_weights, None, None, None
+            grad_weights = row_dot(table.weight, ids, grad_out, bags).to(weights.dtype)
+        if ids.numel():
+            table.accumulate_grad(*sum_rows_by_id(ids, grad_out.float(), weights, src=bags))
+        return grad_weights, None, None, None, None
 
 
 class LocalValueTable(ValueTable):
-    """The whole table in this process. Its weight never gets a ``.grad``: the sparse row-wise
-    Adam owns it and dense optimizers must leave it out (see ``train.optim``)."""
+    """Rows held in this process: the whole table, or (as the base of the sharded table) the
+    row range ``[row_start, row_start + n_rows)`` of a larger one. Its weight never gets a
+    ``.grad``: the sparse row-wise Adam owns it and dense optimizers leave it out."""
 
-    def __init__(self, n_rows: int, dim: int, dtype: torch.dtype = torch.float32) -> None:
+    def __init__(self, n_rows: int, dim: int, seed: int = 0, row_start: int = 0,
+                 dtype: torch.dtype = torch.float32) -> None:
         super().__init__(n_rows, dim)
+        self.seed, self.row_start = seed, row_start
         self.weight = nn.Parameter(torch.empty(n_rows, dim, dtype=dtype))
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        nn.init.normal_(self.weight, std=self.dim**-0.5)
+        init_rows(self.weight, self.row_start, self.seed)
 
     def lookup(self, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-        with torch.no_grad():
-            self.record_hits(ids)
-        return _LocalLookup.apply(weights, self.weight, ids, self)
+        n_tokens, hits = ids.shape
+        offsets = torch.arange(0, n_tokens * hits, hits, device=ids.device)
+        return self.lookup_bags(ids.reshape(-1), weights.reshape(-1), offsets)
+
+    def lookup_bags(self, ids: torch.Tensor, weights: torch.Tensor,
+                    offsets: torch.Tensor) -> torch.Tensor:
+        """Weighted sums of local rows over variable-size bags: ids, weights [M] (local row
+        numbers), offsets [B] bag starts -> [B, dim]."""
+        if self.training:
+            with torch.no_grad():
+                self.record_hits(ids)
+        return _BagLookup.apply(weights, self.weight, ids, offsets, self)
 
     def extra_repr(self) -> str:
-        return f"rows={self.n_rows}, dim={self.dim}, dtype={self.weight.dtype}"
+        return (f"rows={self.n_rows} (from {self.row_start}), dim={self.dim}, "
+                f"dtype={self.weight.dtype}")

@@ -1,0 +1,371 @@
+"""Memory parallelism: value tables sharded over the memory-parallel (ep) group (DESIGN §4).
+
+Row-wise (the default): rank r owns rows ``[r*c, (r+1)*c)`` with ``c = ceil(N / P)`` (torch.chunk
+layout, so uneven N/P and even empty ranks work, and DTensor checkpoints reshard). A lookup
+groups every token's (slot, weight) hits by owner and runs, per (requester, owner) pair, the
+cheaper of two exchanges:
+
+* partial sums: send each hit (local row int32, fp32 weight, bag-start flag); the owner
+  returns one weighted sum per token, ``[tokens, d]``;
+* rows: send the pair's distinct rows; the owner returns them, ``[rows, d]``, and the
+  requester takes the weighted sums itself (wins when few distinct slots are hot).
+
+Both sides derive the choice from the same all-gathered counts, so no extra round trip is
+needed. Backward is the mirror exchange, produced by autograd through :func:`all_to_all`;
+the owner's local lookup records sparse row gradients, so no rank ever forms an N x d gradient.
+
+Column-wise (a baseline): every rank holds all rows x d/P columns; ids and weights are
+all-gathered, each rank computes its columns for every token, and an all-to-all returns each
+token's columns to its rank.
+
+Replicated (a baseline): whole tables everywhere, row gradients exchanged as a dense N x d
+all-reduce, the way data parallelism treats an embedding.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from memtron.config import Config
+from memtron.model.memory.values import LocalValueTable, ValueTable, init_rows
+from memtron.parallel.state import ParallelState
+
+PARTIAL, ROWS = 0, 1
+
+
+class Traffic:
+    """Bytes this rank put on the wire to other ranks (and took off it) in memory exchanges,
+    forward and backward, counted where the exchanges happen."""
+
+    sent = 0
+    received = 0
+
+    @classmethod
+    def add(cls, sent: int, received: int) -> None:
+        cls.sent += sent
+        cls.received += received
+
+    @classmethod
+    def take(cls) -> tuple[int, int]:
+        taken = (cls.sent, cls.received)
+        cls.sent = cls.received = 0
+        return taken
+
+
+def _exchange(x: torch.Tensor, send: list[int], recv: list[int], group) -> torch.Tensor:
+    out = x.new_empty((sum(recv), *x.shape[1:]))
+    dist.all_to_all_single(out, x.contiguous(), recv, send, group=group)
+    me = dist.get_rank(group)
+    row = x[0].numel() * x.element_size() if x.numel() else 0
+    Traffic.add((sum(send) - send[me]) * row, (sum(recv) - recv[me]) * row)
+    return out
+
+
+# --------------------------------------------------------------------------- all-to-all
+
+
+class _AllToAll(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, send: list[int], recv: list[int], group) -> torch.Tensor:
+        ctx.send, ctx.recv, ctx.group = send, recv, group
+        return _exchange(x, send, recv, group)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return _AllToAll.apply(grad.contiguous(), ctx.recv, ctx.send, ctx.group), None, None, None
+
+
+def all_to_all(x: torch.Tensor, send: list[int], recv: list[int],
+               group: dist.ProcessGroup | None) -> torch.Tensor:
+    """Uneven all-to-all of rows of ``x``: ``send[r]`` rows go to rank r, ``recv[r]`` come from
+    it. Differentiable: the gradient travels the same route backwards."""
+    if x.requires_grad:
+        return _AllToAll.apply(x, send, recv, group)
+    return _exchange(x, send, recv, group)
+
+
+class Dispatch:
+    """permute -> all-to-all -> (owners compute) -> all-to-all back -> inverse permute.
+
+    Built once from each item's destination rank and reused for every payload that travels
+    with those items (ids, weights, flags) and for the answers coming back. The memory tables
+    route slot hits with it; the hierarchical bank routes tokens to block owners with it.
+    """
+
+    def __init__(self, dest: torch.Tensor, group: dist.ProcessGroup | None, size: int,
+                 recv_counts: list[int] | None = None) -> None:
+        self.group = group
+        self.order = torch.argsort(dest, stable=True)
+        self.send_counts = torch.bincount(dest, minlength=size).tolist()
+        if recv_counts is None:  # exchange the counts (skipped when the caller knows them)
+            counts = torch.tensor(self.send_counts, dtype=torch.int64)
+            received = torch.empty_like(counts)
+            dist.all_to_all_single(received, counts, group=group)
+            recv_counts = received.tolist()
+        self.recv_counts = recv_counts
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Items to their owners: ``[M, ...]`` -> ``[sum(recv_counts), ...]``, grouped by source."""
+        return all_to_all(x[self.order], self.send_counts, self.recv_counts, self.group)
+
+    def backward(self, y: torch.Tensor) -> torch.Tensor:
+        """Owners' answers (one per received item) back to the items' original order."""
+        back = all_to_all(y, self.recv_counts, self.send_counts, self.group)
+        return back[torch.argsort(self.order)]
+
+
+# --------------------------------------------------------------------------- row-wise
+
+
+def row_bounds(n_rows: int, parts: int) -> list[int]:
+    """torch.chunk layout: ``ceil(n/p)`` rows per rank, the last ranks possibly short/empty."""
+    chunk = math.ceil(n_rows / parts)
+    return [min(r * chunk, n_rows) for r in range(parts + 1)]
+
+
+def _index_dtype(n_rows: int) -> torch.dtype:
+    """Smallest index type collectives carry (gloo and NCCL have no int16)."""
+    return torch.int32 if n_rows <= 2**31 else torch.int64
+
+
+class ShardedValueTable(LocalValueTable):
+    """This rank's row range of a table sharded over the ep group, plus the routing that makes
+    ``lookup`` behave as if the whole table were local."""
+
+    def __init__(self, n_rows: int, dim: int, seed: int, group: dist.ProcessGroup,
+                 rank: int, size: int) -> None:
+        self.bounds = row_bounds(n_rows, size)
+        super().__init__(self.bounds[rank + 1] - self.bounds[rank], dim, seed,
+                         row_start=self.bounds[rank])
+        self.global_rows, self.group, self.ep_rank, self.ep_size = n_rows, group, rank, size
+        self.weight.ep_shard = (0, n_rows)  # checkpoint: dim 0 of a [n_rows, dim] tensor
+        self.index_dtype = _index_dtype(max(1, self.bounds[1] - self.bounds[0]))
+        self.exchanges = {"partial": 0, "rows": 0}  # (requester, owner) pairs served each way
+
+    def _modes(self, counts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Every pair's counts [src, dst, (hits, distinct tokens, distinct rows)] and its
+        exchange [src, dst]: partial sums or rows, whichever moves fewer bytes."""
+        gathered = [torch.empty_like(counts) for _ in range(self.ep_size)]
+        dist.all_gather(gathered, counts, group=self.group)
+        all_counts = torch.stack(gathered)
+        hits, tokens, rows = all_counts.unbind(-1)
+        index_bytes = torch.empty(0, dtype=self.index_dtype).element_size()
+        row_bytes = 4 * self.dim
+        partial = hits * (index_bytes + 4 + 1) + tokens * row_bytes
+        by_rows = rows * (index_bytes + row_bytes)
+        return torch.where(partial <= by_rows, PARTIAL, ROWS), all_counts
+
+    def lookup(self, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        n_tokens, hits_per_token = ids.shape
+        n = self.global_rows
+        token = torch.arange(n_tokens).repeat_interleave(hits_per_token)
+        # Merge repeated (token, slot) hits (heads that found the same slot) into one weight.
+        pair, inverse = torch.unique(token * n + ids.reshape(-1), return_inverse=True)
+        merged = weights.new_zeros(pair.numel()).index_add(0, inverse, weights.reshape(-1))
+        token, slot = pair // n, pair % n
+        owner = torch.searchsorted(torch.tensor(self.bounds), slot, right=True) - 1
+        # Owner-major, then token, then slot: the order hits travel in and owners read bags in.
+        order = torch.argsort(owner, stable=True)
+        token, slot, owner, merged = token[order], slot[order], owner[order], merged[order]
+        local = slot - torch.tensor(self.bounds)[owner]
+
+        counts = torch.stack([
+            torch.bincount(owner, minlength=self.ep_size),
+            torch.bincount(torch.unique(owner * n_tokens + token) // n_tokens,
+                           minlength=self.ep_size),
+            torch.bincount(torch.unique(owner * n + slot) // n, minlength=self.ep_size),
+        ], dim=1)
+        modes, all_counts = self._modes(counts)
+        self.exchanges["partial"] += int((modes[self.ep_rank] == PARTIAL).sum())
+        self.exchanges["rows"] += int((modes[self.ep_rank] == ROWS).sum())
+        use_partial = modes[self.ep_rank, owner] == PARTIAL
+        out = weights.new_zeros(n_tokens, self.dim)
+        if bool((modes == PARTIAL).any()):
+            m = use_partial
+            out = out + self._partial_sums(token[m], local[m], merged[m], owner[m],
+                                           (modes == PARTIAL), all_counts, n_tokens)
+        if bool((modes == ROWS).any()):
+            m = ~use_partial
+            out = out + self._by_rows(token[m], local[m], merged[m], owner[m],
+                                      (modes == ROWS), all_counts, n_tokens)
+        return out
+
+    def _received(self, chosen: torch.Tensor, all_counts: torch.Tensor, what: int) -> list[int]:
+        """How many items each source sends this rank in an exchange it chose."""
+        me = self.ep_rank
+        return torch.where(chosen[:, me], all_counts[:, me, what], 0).tolist()
+
+    def _partial_sums(self, token, local, weights, owner, chosen, all_counts, n_tokens):
+        """Hits go to their owners; one weighted sum per (requester, token) comes back."""
+        hits = Dispatch(owner, self.group, self.ep_size, self._received(chosen, all_counts, 0))
+        starts = torch.ones_like(token, dtype=torch.bool)  # first hit of each (owner, token)
+        starts[1:] = (owner[1:] != owner[:-1]) | (token[1:] != token[:-1])
+        recv_local = hits.forward(local.to(self.index_dtype)).long()
+        recv_weights = hits.forward(weights)
+        recv_starts = hits.forward(starts.to(torch.uint8)).bool()
+        sums = self.lookup_bags(recv_local, recv_weights, torch.nonzero(recv_starts).view(-1))
+        # Sums return in the order their bags arrived: per source, by token; the requester's
+        # bags in (owner, token) order are exactly that order.
+        bags = Dispatch(owner[starts], self.group, self.ep_size,
+                        self._received(chosen, all_counts, 1))
+        back = bags.backward(sums)
+        return back.new_zeros(n_tokens, self.dim).index_add(0, token[starts], back)
+
+    def _by_rows(self, token, local, weights, owner, chosen, all_counts, n_tokens):
+        """Each pair's distinct rows come back; the requester takes the weighted sums."""
+        wanted, which = torch.unique(owner * self.global_rows + local, return_inverse=True)
+        rows = Dispatch(wanted // self.global_rows, self.group, self.ep_size,
+                        self._received(chosen, all_counts, 2))
+        asked = rows.forward((wanted % self.global_rows).to(self.index_dtype)).long()
+        served = self.lookup_bags(asked, torch.ones(asked.numel()), torch.arange(asked.numel()))
+        got = rows.backward(served)  # [distinct rows wanted, d], in `wanted` order
+        by_token = torch.argsort(token, stable=True)
+        token = token[by_token]
+        starts = torch.ones_like(token, dtype=torch.bool)
+        starts[1:] = token[1:] != token[:-1]
+        sums = F.embedding_bag(which[by_token], got, torch.nonzero(starts).view(-1),
+                               per_sample_weights=weights[by_token].to(got.dtype), mode="sum")
+        return sums.new_zeros(n_tokens, self.dim).index_add(0, token[starts], sums)
+
+
+# --------------------------------------------------------------------------- column-wise
+
+
+class _AllGatherRows(torch.autograd.Function):
+    """All-gather of equal-size row blocks; backward sums the gradient over ranks and keeps
+    this rank's block (reduce-scatter)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, group, size: int, rank: int) -> torch.Tensor:
+        ctx.group, ctx.size, ctx.rank = group, size, rank
+        parts = [torch.empty_like(x) for _ in range(size)]
+        dist.all_gather(parts, x.contiguous(), group=group)
+        return torch.cat(parts)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        out = torch.empty_like(grad.chunk(ctx.size)[0])
+        dist.reduce_scatter_tensor(out, grad.contiguous(), group=ctx.group)
+        return out, None, None, None
+
+
+class ColumnShardedValueTable(LocalValueTable):
+    """All rows, this rank's d/P columns; the column-sharded baseline of DESIGN §4."""
+
+    def __init__(self, n_rows: int, dim: int, seed: int, group: dist.ProcessGroup,
+                 rank: int, size: int) -> None:
+        if dim % size:
+            raise ValueError(f"memory.value_dim {dim} is not divisible by ep={size} "
+                             "(column-sharded tables)")
+        self.full_dim, self.group, self.ep_rank, self.ep_size = dim, group, rank, size
+        self.columns = slice(rank * dim // size, (rank + 1) * dim // size)
+        super().__init__(n_rows, dim // size, seed)
+        self.weight.ep_shard = (1, dim)
+
+    def reset_parameters(self) -> None:
+        init_rows(self.weight, 0, self.seed, columns=self.columns, full_dim=self.full_dim)
+
+    def lookup(self, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        n_tokens, hits = ids.shape
+        p, me = self.ep_size, self.ep_rank
+        counts = torch.tensor([n_tokens])
+        all_counts = [torch.empty_like(counts) for _ in range(p)]
+        dist.all_gather(all_counts, counts, group=self.group)
+        longest = int(max(c.item() for c in all_counts))
+        pad = longest - n_tokens
+        ids_p = F.pad(ids, (0, 0, 0, pad))
+        weights_p = F.pad(weights, (0, 0, 0, pad))  # padded hits weigh 0
+        all_ids = torch.empty(p * longest, hits, dtype=ids.dtype)
+        dist.all_gather_into_tensor(all_ids, ids_p.contiguous(), group=self.group)
+        all_weights = _AllGatherRows.apply(weights_p, self.group, p, me)
+        cols = LocalValueTable.lookup(self, all_ids, all_weights)  # [p * longest, d/p]
+        mine = all_to_all(cols, [longest] * p, [longest] * p, self.group)  # [p*longest, d/p]
+        out = mine.view(p, longest, -1).permute(1, 0, 2).reshape(longest, self.full_dim)
+        gathered = (p - 1) * longest * hits * (ids.element_size() + weights.element_size())
+        Traffic.add(gathered, gathered)  # ids and weights all-gathered
+        return out[:n_tokens]
+
+
+# --------------------------------------------------------------------------- wiring
+
+
+def table_factory(cfg: Config, state: ParallelState) -> Callable[[int, int, int], ValueTable]:
+    """The ``make_table`` the model is built with for this layout."""
+    mode = cfg.memory.parallel
+    if mode == "replicated" or state.ep == 1:
+        return LocalValueTable
+    cls = ShardedValueTable if mode == "rowwise" else ColumnShardedValueTable
+
+    def make(n_rows: int, dim: int, seed: int) -> ValueTable:
+        return cls(n_rows, dim, seed, state.ep_group, state.ep_rank, state.ep)
+
+    return make
+
+
+def replica_group(cfg: Config, state: ParallelState) -> dist.ProcessGroup | None:
+    """Ranks that hold the same rows (and must sum their row gradients): everyone for whole
+    tables, megatron's expert-data-parallel group for tables sharded over ep < world."""
+    if state.world_size == 1:
+        return None
+    if cfg.memory.parallel == "replicated" or state.ep == 1:
+        return dist.group.WORLD
+    if state.ep == state.world_size:
+        return None
+    from megatron.core import parallel_state as mps
+
+    return mps.get_expert_data_parallel_group()
+
+
+def reduce_table_grads(tables: list[ValueTable], cfg: Config, state: ParallelState) -> int:
+    """Turn each rank's row gradients into those of the global mean loss.
+
+    Every rank's loss is the mean over its tokens, and tp ranks repeat the same tokens, so the
+    sum over all ranks of the rows' gradients is ``world_size`` times the single-process one.
+    Owners already hold the sums of their requesters; rows held on several ranks are summed
+    over the replica group first (sparsely, or as a dense all-reduce for the replicated
+    baseline). Returns the bytes this rank sent.
+    """
+    if state.world_size == 1:
+        return 0
+    group = replica_group(cfg, state)
+    sent = 0
+    if group is not None:
+        if cfg.memory.parallel == "replicated":
+            sent = dense_table_all_reduce(tables, group)
+        else:
+            from memtron.parallel.data_parallel import sum_table_grads
+
+            sent = sum_table_grads(tables, group)
+    for table in tables:
+        grad = table.sparse_grad()
+        if grad is not None:
+            grad[1].div_(state.world_size)
+    return sent
+
+
+def dense_table_all_reduce(tables: list[ValueTable], group: dist.ProcessGroup) -> int:
+    """The replicated baseline: densify each table's row gradient and all-reduce N x d."""
+    sent = 0
+    for table in tables:
+        dense = torch.zeros_like(table.weight, dtype=torch.float32)
+        grad = table.sparse_grad()
+        if grad is not None:
+            dense[grad[0]] = grad[1]
+        dist.all_reduce(dense, group=group)
+        touched = torch.nonzero(dense.abs().sum(1)).reshape(-1)
+        table.zero_grad_rows()
+        table.accumulate_grad(touched, dense[touched])
+        sent += dense.numel() * 4
+    return sent
+
+
+def norm_group(cfg: Config, state: ParallelState) -> dist.ProcessGroup | None:
+    """Where the squared norms of sharded row gradients must be summed for the global norm."""
+    if cfg.memory.parallel == "replicated" or state.ep == 1:
+        return None
+    return state.ep_group
