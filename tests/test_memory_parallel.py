@@ -4,6 +4,8 @@ weight gradients, row gradients and the table after optimizer steps, on gloo."""
 import pytest
 import torch
 import torch.distributed as dist
+import torch.utils._pytree as pytree
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from memtron.model.memory.values import LocalValueTable
 from memtron.parallel.launch import init_distributed, shutdown_distributed
@@ -108,3 +110,61 @@ def test_sharded_table_equals_single_process(layout, world, case):
     if layout == "rowwise":  # both exchanges were exercised where they should win
         used = {k: sum(s["exchanges"][k] for s in shards) for k in ("partial", "rows")}
         assert used["rows" if case == "skewed" else "partial"] > 0, used
+
+
+class _LargestNewTensor(TorchDispatchMode):
+    """Records the largest tensor any op allocates (outputs aliasing an input, such as
+    in-place row updates of the table, are not new allocations)."""
+
+    def __init__(self):
+        super().__init__()
+        self.largest, self.op = 0, None
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        inputs = {t.untyped_storage().data_ptr() for t in pytree.tree_leaves((args, kwargs))
+                  if isinstance(t, torch.Tensor) and t.device.type != "meta"}
+        for t in pytree.tree_leaves(out):
+            if isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() not in inputs \
+                    and t.numel() > self.largest:
+                self.largest, self.op = t.numel(), func
+        return out
+
+
+def test_no_dense_table_gradient_in_a_training_step(tiny_config):
+    """A whole training step (forward, backward, clipping, both optimizers) on a 1M-slot
+    table never allocates anything near the table's size."""
+    from memtron.train.trainer import Trainer
+
+    cfg = tiny_config(**{"memory.n_sub_keys": 1024, "memory.value_dim": 32,
+                         "model.n_heads": 4, "model.n_kv_heads": 2})
+    trainer = Trainer(cfg)
+    batches = iter(trainer.loader)
+    trainer.train_step(batches)  # optimizer state allocated once, outside the probe
+    table = trainer.tables["table0"].weight
+    with _LargestNewTensor() as probe:
+        trainer.train_step(batches)
+    assert table.numel() == 1024**2 * 32
+    assert probe.largest < table.numel() // 100, (probe.largest, probe.op)
+
+
+def _probe_sharded(rank: int, world: int) -> tuple[int, int]:
+    init_distributed(timeout_s=60)
+    try:
+        table = ShardedValueTable(1 << 20, 16, SEED, dist.group.WORLD, rank, world)
+        opt = SparseRowAdam({"t": table}, lr=0.01, betas=(0.9, 0.99))
+        ids = torch.randint(0, 1 << 20, (64, 128))
+        weights = torch.rand(64, 128, requires_grad=True)
+        with _LargestNewTensor() as probe:
+            (table.lookup(ids, weights) ** 2).sum().backward()
+            opt.step()
+        return probe.largest, table.weight.numel(), ids.numel() * table.dim
+    finally:
+        shutdown_distributed()
+
+
+def test_no_dense_gradient_in_sharded_lookup():
+    """Allocations scale with the hits (8192 x d), never with the 524288-row shard."""
+    for largest, shard, hit_rows in run_ranks(2, _probe_sharded, 2):
+        assert largest <= 2 * hit_rows, (largest, hit_rows)
+        assert largest < shard // 50, (largest, shard)

@@ -69,7 +69,8 @@ def sum_table_grads(tables: Iterable[ValueTable], group: dist.ProcessGroup | Non
     for table in tables:
         grad = table.sparse_grad()
         ids = grad[0] if grad is not None else torch.zeros(0, dtype=torch.int64)
-        rows = grad[1] if grad is not None else torch.zeros(0, table.dim)
+        width = table.weight.shape[1]
+        rows = grad[1] if grad is not None else torch.zeros(0, width)
         count = torch.tensor([ids.numel()])
         counts = [torch.zeros_like(count) for _ in range(size)]
         dist.all_gather(counts, count, group=group)
@@ -77,7 +78,7 @@ def sum_table_grads(tables: Iterable[ValueTable], group: dist.ProcessGroup | Non
         if longest == 0:
             continue
         padded_ids = torch.zeros(longest, dtype=torch.int64)
-        padded_rows = torch.zeros(longest, table.dim)
+        padded_rows = torch.zeros(longest, width)
         padded_ids[: ids.numel()] = ids
         padded_rows[: ids.numel()] = rows
         all_ids = [torch.empty_like(padded_ids) for _ in range(size)]
@@ -89,7 +90,7 @@ def sum_table_grads(tables: Iterable[ValueTable], group: dist.ProcessGroup | Non
         unique_ids, summed = sum_rows_by_id(keep_ids, keep_rows)
         table.zero_grad_rows()
         table.accumulate_grad(unique_ids, summed)
-        sent += longest * (8 + 4 * table.dim)
+        sent += longest * (8 + 4 * width)
     return sent
 
 

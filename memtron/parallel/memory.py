@@ -265,6 +265,7 @@ class ColumnShardedValueTable(LocalValueTable):
         self.full_dim, self.group, self.ep_rank, self.ep_size = dim, group, rank, size
         self.columns = slice(rank * dim // size, (rank + 1) * dim // size)
         super().__init__(n_rows, dim // size, seed)
+        self.dim = dim  # the lookup's output width (the contract); weight holds dim / P of it
         self.weight.ep_shard = (1, dim)
 
     def reset_parameters(self) -> None:
