@@ -57,7 +57,8 @@ from memtron.train.optim import (
     set_lr,
 )
 
-STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+# SIGUSR1 is SLURM's pre-emption warning (sbatch --signal=USR1@secs): checkpoint, requeue.
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)
 
 
 @dataclass
@@ -347,6 +348,10 @@ class Trainer:
                 result.checkpoint = self.save()
                 log.print(f"stopped by signal {stop} at step {self.step}; "
                           f"checkpoint {result.checkpoint}")
+                if stop == signal.SIGUSR1 and self.state.is_main:
+                    from memtron.slurm import requeue_current_job
+
+                    log.print(requeue_current_job())
         finally:
             for s, handler in previous.items():
                 signal.signal(s, handler)
