@@ -4,6 +4,9 @@
   memtron data synth   --out DIR           generate the long-tail facts corpus
   memtron data prepare IN... --out DIR     raw text -> packed webdataset token shards
   memtron config  --config FILE [overrides] print the resolved, validated config
+  memtron submit  CONFIG [overrides] --nodes N --gpus-per-node G   sbatch a training job
+  memtron status  RUN_DIR                  job state, last step and loss, checkpoint
+  memtron cancel  RUN_DIR                  scancel the run's job
 """
 
 from __future__ import annotations
@@ -88,6 +91,90 @@ def _cmd_prepare(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_submit(args: argparse.Namespace) -> int:
+    from memtron import slurm
+
+    spec = slurm.JobSpec(
+        nodes=args.nodes, gpus_per_node=args.gpus_per_node, tasks_per_node=args.tasks_per_node,
+        cpus_per_task=args.cpus_per_task, partition=args.partition or "",
+        account=args.account or "", time=args.time or "", qos=args.qos or "",
+        constraint=args.constraint or "", exclusive=args.exclusive,
+        container_image=args.container_image or "", container_mounts=args.container_mounts or "",
+        env=args.env, sbatch_options=args.sbatch, signal_seconds=args.signal_seconds,
+        launcher=args.launcher, template=args.template or "", job_name=args.job_name or "",
+        python=args.python or "")
+    if args.dry_run:
+        print(slurm.render(args.config, args.overrides, spec).script, end="")
+        return 0
+    job = slurm.submit(args.config, args.overrides, spec)
+    print(f"submitted job {job.job_id}" + (f" to partition {job.partition}" if job.partition
+                                           else ""))
+    print(f"log {job.log}")
+    print(f"script {job.script}  run dir {job.run_dir}")
+    print(f"follow with: memtron status {job.run_dir}")
+    return 0
+
+
+def _cmd_status(args: argparse.Namespace) -> int:
+    from memtron import slurm
+
+    state = slurm.status(args.run_dir)
+    print(json.dumps(state, indent=1) if args.json else slurm.format_status(state))
+    return 0
+
+
+def _cmd_cancel(args: argparse.Namespace) -> int:
+    from memtron import slurm
+
+    print(slurm.cancel(args.run_dir))
+    return 0
+
+
+def _add_submit_parser(sub) -> None:
+    p = sub.add_parser("submit", help="submit a training job to SLURM (sbatch)",
+                       description="Render an sbatch script from a template in slurm/, write it "
+                       "and the resolved config into the run dir and submit it. The job "
+                       "checkpoints and requeues itself on SIGUSR1 and resumes when restarted.")
+    p.add_argument("config", help="YAML recipe")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides")
+    p.add_argument("--nodes", "-N", type=int, default=1)
+    p.add_argument("--gpus-per-node", type=int, default=0,
+                   help="one task per GPU; 0 = CPU nodes (gloo)")
+    p.add_argument("--tasks-per-node", type=int, default=0,
+                   help="CPU nodes: tasks per node (default: from parallel.* in the config)")
+    p.add_argument("--cpus-per-task", type=int, default=0, help="also sets OMP_NUM_THREADS")
+    p.add_argument("--partition", "-p")
+    p.add_argument("--account", "-A")
+    p.add_argument("--time", "-t", help="time limit, e.g. 24:00:00")
+    p.add_argument("--qos")
+    p.add_argument("--constraint", "-C")
+    p.add_argument("--exclusive", action="store_true")
+    p.add_argument("--container-image", help="run the tasks in this image (pyxis srun option)")
+    p.add_argument("--container-mounts", help="pyxis mounts (default: the run dir)")
+    p.add_argument("--env", action="append", default=[], metavar="KEY=VAL",
+                   help="export in the job script (repeatable)")
+    p.add_argument("--sbatch", action="append", default=[], metavar="OPTION",
+                   help="extra #SBATCH option, e.g. --sbatch=--mem=0 (repeatable)")
+    p.add_argument("--signal-seconds", type=int, default=120,
+                   help="send SIGUSR1 this long before the time limit: checkpoint + requeue")
+    p.add_argument("--launcher", choices=["srun", "torchrun"], default="srun",
+                   help="srun: one task per GPU (default); torchrun: one torchrun per node")
+    p.add_argument("--template", help="custom sbatch template (default slurm/<launcher>.sbatch)")
+    p.add_argument("--job-name", help="default: the run dir's name")
+    p.add_argument("--python", help="interpreter on the nodes (default: this one)")
+    p.add_argument("--dry-run", action="store_true", help="print the script, submit nothing")
+    p.set_defaults(func=_cmd_submit)
+
+    p = sub.add_parser("status", help="state, last step, loss and checkpoint of a SLURM run")
+    p.add_argument("run_dir")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=_cmd_status)
+
+    p = sub.add_parser("cancel", help="cancel the SLURM job of a run dir")
+    p.add_argument("run_dir")
+    p.set_defaults(func=_cmd_cancel)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="memtron", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -119,6 +206,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--samples-per-shard", type=int, default=2048)
     p.add_argument("--text-key", default="text")
     p.set_defaults(func=_cmd_prepare)
+
+    _add_submit_parser(sub)
     return parser
 
 
@@ -126,11 +215,13 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from memtron.data.loader import DataError
     from memtron.parallel.launch import LaunchError
+    from memtron.slurm import SlurmError
     from memtron.train.checkpoint import CheckpointError
 
     try:
         return args.func(args)
-    except (ConfigError, DataError, CheckpointError, LaunchError, FileNotFoundError) as e:
+    except (ConfigError, DataError, CheckpointError, LaunchError, SlurmError,
+            FileNotFoundError) as e:
         print(f"memtron: error: {e}", file=sys.stderr)
         return 2
 

@@ -361,6 +361,8 @@ def validate(cfg: Config) -> None:
     for key in ("dp", "ep"):
         _require(getattr(p, key) >= 0, f"parallel.{key}", "must be >= 0 (0 = derive)")
     _require(p.timeout_s > 0, "parallel.timeout_s", "must be positive")
+    _require(d.seq_len % (2 * p.cp) == 0, "data.seq_len",
+             f"{d.seq_len} must be divisible by 2 * parallel.cp = {2 * p.cp} (zigzag chunks)")
     for what, size in [("n_heads", m.n_heads), ("n_kv_heads", m.n_kv_heads), ("d_ff", m.d_ff),
                        ("vocab_size", m.vocab_size)]:
         _require(size % p.tp == 0, "parallel.tp",

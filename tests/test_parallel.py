@@ -16,9 +16,10 @@ GLOBAL_BATCH = 4
 STEPS = 5
 
 
-def _overrides(corpus: Path, run_dir: Path, tp: int = 1, dp: int = 1, ep: int = 0,
+def _overrides(corpus: Path, run_dir: Path, tp: int = 1, dp: int = 1, ep: int = 0, cp: int = 1,
                **extra) -> list[str]:
     values = {"model.n_heads": 4, "model.n_kv_heads": 2, "parallel.tp": tp, "parallel.ep": ep,
+              "parallel.cp": cp,
               "data.micro_batch_size": GLOBAL_BATCH // dp, "train.steps": STEPS,
               "optim.warmup_steps": 1, "checkpoint.keep_last": 10}
     values.update(extra)
@@ -51,25 +52,26 @@ def reference(tiny_corpus, tmp_path_factory):
     return result, _params(result["checkpoint"], overrides), overrides
 
 
-@pytest.mark.parametrize("tp,dp,ep,layout", [
-    (2, 1, 2, "rowwise"), (1, 2, 2, "rowwise"), (2, 2, 4, "rowwise"),
-    (2, 2, 2, "rowwise"),  # ep < world: shards replicated over megatron's expert-dp group
-    (2, 2, 1, "rowwise"),  # whole tables, sparse row exchange
-    (1, 2, 2, "colwise"), (1, 2, 1, "replicated"),
+@pytest.mark.parametrize("tp,cp,dp,ep,layout", [
+    (2, 1, 1, 2, "rowwise"), (1, 1, 2, 2, "rowwise"), (2, 1, 2, 4, "rowwise"),
+    (2, 1, 2, 2, "rowwise"),  # ep < world: shards replicated over megatron's expert-dp group
+    (2, 1, 2, 1, "rowwise"),  # whole tables, sparse row exchange
+    (1, 1, 2, 2, "colwise"), (1, 1, 2, 1, "replicated"),
+    (1, 2, 1, 2, "rowwise"), (1, 2, 2, 4, "rowwise"),  # ring attention, with dp and memory
 ])
-def test_parallel_training_equals_single_process(tiny_corpus, tmp_path, reference, tp, dp, ep,
-                                                 layout):
+def test_parallel_training_equals_single_process(tiny_corpus, tmp_path, reference, tp, cp, dp,
+                                                 ep, layout):
     ref, ref_params, ref_overrides = reference
     run_dir = tmp_path / "run"
-    overrides = _overrides(tiny_corpus, run_dir, tp=tp, dp=dp, ep=ep,
+    overrides = _overrides(tiny_corpus, run_dir, tp=tp, dp=dp, ep=ep, cp=cp,
                            **{"memory.parallel": layout})
-    (result, *_) = run_ranks(tp * dp, _train_rank, overrides)
+    (result, *_) = run_ranks(tp * cp * dp, _train_rank, overrides)
     assert sorted(result["losses"]) == list(range(1, STEPS + 1))
     loss_err = max(abs(result["losses"][s] - ref["losses"][s]) / abs(ref["losses"][s])
                    for s in ref["losses"])
     params = _params(result["checkpoint"], ref_overrides)
     param_err = max(_rel(params[k], ref_params[k]) for k in ref_params)
-    print(f"tp={tp} dp={dp} ep={ep} {layout}: max loss rel err {loss_err:.2e}, "
+    print(f"tp={tp} cp={cp} dp={dp} ep={ep} {layout}: max loss rel err {loss_err:.2e}, "
           f"max param rel err {param_err:.2e}")
     assert loss_err <= 1e-5
     assert param_err <= 1e-5

@@ -22,9 +22,20 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return rotated.to(x.dtype)
 
 
+def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """q [B, H, L, D], k/v [B, KV, L, D] -> [B, H, L, D]; grouped-query when KV < H."""
+    return F.scaled_dot_product_attention(q, k, v, is_causal=True,
+                                          enable_gqa=q.shape[1] != k.shape[1])
+
+
 class CausalSelfAttention(nn.Module):
+    """``core`` computes attention from rotated q, k, v. It is the one place sequence-parallel
+    code plugs in (context parallelism swaps in ring attention), so the math here stays
+    single-process."""
+
     def __init__(self, d_model: int, n_heads: int, n_kv_heads: int) -> None:
         super().__init__()
+        self.core = causal_attention
         self.n_heads, self.n_kv_heads = n_heads, n_kv_heads
         self.head_dim = d_model // n_heads
         self.wq = nn.Linear(d_model, n_heads * self.head_dim, bias=False)
@@ -38,6 +49,5 @@ class CausalSelfAttention(nn.Module):
         k = self.wk(x).view(b, length, -1, self.head_dim).transpose(1, 2)
         v = self.wv(x).view(b, length, -1, self.head_dim).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        out = F.scaled_dot_product_attention(q, k, v, is_causal=True,
-                                             enable_gqa=self.n_heads != self.n_kv_heads)
+        out = self.core(q, k, v)
         return self.wo(out.transpose(1, 2).reshape(b, length, -1))

@@ -25,6 +25,7 @@ from memtron.data.prepare import INDEX_NAME
 from memtron.data.synthetic import load_questions
 from memtron.data.tokenizer import load_tokenizer
 from memtron.model.transformer import Transformer, build_model
+from memtron.parallel.context import local_attention, parallelize_context, zigzag_indices
 from memtron.parallel.data_parallel import DeepSpeedZero, average_dense_grads, average_scalar
 from memtron.parallel.launch import init_distributed, shutdown_distributed
 from memtron.parallel.memory import (
@@ -118,8 +119,12 @@ class Trainer:
         self.run_dir = Path(cfg.train.run_dir)
         self.ckpt_root = self.run_dir / "checkpoints"
         self.tokenizer = load_tokenizer(cfg.data.tokenizer)
-        self.model: Transformer = parallelize_tensor(
-            build_model(cfg, table_factory(cfg, self.state)), self.state)
+        model = build_model(cfg, table_factory(cfg, self.state))
+        self.model: Transformer = parallelize_context(parallelize_tensor(model, self.state),
+                                                      self.state)
+        self.positions = None  # this rank's token positions under context parallelism
+        if self.state.cp > 1:
+            self.positions = zigzag_indices(cfg.data.seq_len, self.state.cp, self.state.cp_rank)
         self.layout = CheckpointLayout(self.state)
         self.tables = dict(self.model.value_tables.items())
         self.dense_opt, self.sparse_opt = build_optimizers(self.model, self.tables, cfg.optim)
@@ -204,6 +209,16 @@ class Trainer:
         enabled = self.cfg.train.dtype == "bf16"
         return torch.autocast("cpu", dtype=torch.bfloat16, enabled=enabled)
 
+    def _loss(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Mean next-token loss over this rank's tokens of a [B, L + 1] batch (its zigzag
+        chunks under context parallelism; the vocab shard under tensor parallelism)."""
+        inputs, targets = tokens[:, :-1], tokens[:, 1:]
+        if self.positions is not None:
+            inputs, targets = inputs[:, self.positions], targets[:, self.positions]
+        with self._autocast():
+            logits = self.model(inputs, self.positions)
+        return parallel_lm_loss(logits, targets, self.state)
+
     def train_step(self, batches) -> dict[str, float]:
         cfg = self.cfg
         lr = lr_at(self.step + 1, cfg.train.steps, cfg.optim)
@@ -213,10 +228,7 @@ class Trainer:
         self.model.train()
         total = 0.0
         for _ in range(cfg.train.grad_accum):
-            tokens = next(batches)
-            with self._autocast():
-                logits = self.model(tokens[:, :-1])
-            loss = parallel_lm_loss(logits, tokens[:, 1:], self.state)
+            loss = self._loss(next(batches))
             if self.zero is not None:
                 self.zero.backward(loss)  # applies the dense update at the last micro-batch
             else:
@@ -266,9 +278,7 @@ class Trainer:
         for tokens in eval_batches(cfg.data.valid, cfg.data.micro_batch_size, cfg.data.seq_len,
                                    cfg.train.eval_batches, dp_rank=self.state.dp_rank,
                                    dp_size=self.state.dp):
-            with self._autocast():
-                logits = self.model(tokens[:, :-1])
-            losses.append(parallel_lm_loss(logits, tokens[:, 1:], self.state).item())
+            losses.append(self._loss(tokens).item())
         result: dict[str, Any] = {}
         if losses:
             result["loss"] = average_scalar(sum(losses) / len(losses), self.state.dp_cp_group)
@@ -278,8 +288,9 @@ class Trainer:
                 with self._autocast():
                     return gather_logits(self.model(tokens), self.state).float()
 
-            accuracy = fact_accuracy(logits_fn, self.tokenizer, self.questions,
-                                     max_len=cfg.model.max_seq_len)
+            with local_attention(self.model):  # questions are whole sequences on every rank
+                accuracy = fact_accuracy(logits_fn, self.tokenizer, self.questions,
+                                         max_len=cfg.model.max_seq_len)
             result.update({f"fact_acc/{k}": v for k, v in accuracy.items()})
         self.model.train()
         return result

@@ -1,0 +1,262 @@
+"""Context parallelism: zigzag sequence layout and ring attention (DESIGN §7).
+
+The sequence is cut into ``2 * cp`` chunks and cp rank i holds chunks ``i`` and
+``2*cp - 1 - i``, so every rank has the same causal work. Tokens, targets and RoPE positions
+all follow this layout (:func:`zigzag_indices`), and each rank's loss is over its own tokens.
+
+Ring attention: K/V blocks travel the cp ring with ``batch_isend_irecv`` (the next block is
+in flight while the current one is used). For every (query chunk, key chunk) pair the global
+chunk order decides: an earlier key chunk is seen whole, the same chunk causally, a later one
+not at all (skipped, never computed). Each pair runs a local kernel that returns the output
+and its log-sum-exp, merged into the running result in fp32 with the stable LSE update.
+Backward is a custom autograd function: probabilities are recomputed from the final LSE, and
+dK/dV accumulators ride a second ring with their block until they are back with its owner.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from contextlib import contextmanager
+
+import torch
+import torch.distributed as dist
+
+from memtron.model.attention import CausalSelfAttention, causal_attention
+from memtron.parallel.state import ParallelState
+
+KEY_BLOCK = 512  # keys per step of the local kernel: memory ~ queries x KEY_BLOCK
+
+
+# --------------------------------------------------------------------------- layout
+
+
+def zigzag_chunks(cp: int, rank: int) -> tuple[int, int]:
+    return rank, 2 * cp - 1 - rank
+
+
+def zigzag_indices(seq_len: int, cp: int, rank: int) -> torch.Tensor:
+    """Positions of this cp rank's tokens in the full sequence, in local order."""
+    if seq_len % (2 * cp):
+        raise ValueError(f"sequence length {seq_len} must be divisible by 2 * cp = {2 * cp} "
+                         "(data.seq_len, parallel.cp)")
+    chunk = seq_len // (2 * cp)
+    return torch.cat([torch.arange(c * chunk, (c + 1) * chunk) for c in zigzag_chunks(cp, rank)])
+
+
+# --------------------------------------------------------------------------- local kernel
+
+
+def _grouped(q: torch.Tensor, kv_heads: int) -> torch.Tensor:
+    """[B, H, L, D] -> [B, KV, H/KV, L, D]: query heads grouped under their kv head (GQA)."""
+    b, h, length, d = q.shape
+    return q.reshape(b, kv_heads, h // kv_heads, length, d)
+
+
+def _mask(scores: torch.Tensor, key_start: int) -> torch.Tensor:
+    """Causal mask for a diagonal block: query i sees keys at local index <= i."""
+    n_q, n_k = scores.shape[-2:]
+    q_idx = torch.arange(n_q, device=scores.device)[:, None]
+    k_idx = torch.arange(key_start, key_start + n_k, device=scores.device)[None, :]
+    return scores.masked_fill(k_idx > q_idx, float("-inf"))
+
+
+def merge_partial(out: torch.Tensor, lse: torch.Tensor, block_out: torch.Tensor,
+                  block_lse: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Combine two softmax-normalised partial results over disjoint keys (fp32). Rows that saw
+    no key yet have lse = -inf and contribute nothing."""
+    new = torch.logaddexp(lse, block_lse)
+    safe = new.masked_fill(torch.isinf(new), 0.0)
+    merged = (out * torch.exp(lse - safe).unsqueeze(-1)
+              + block_out * torch.exp(block_lse - safe).unsqueeze(-1))
+    return merged, new
+
+
+def attention_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool,
+                  block: int = KEY_BLOCK) -> tuple[torch.Tensor, torch.Tensor]:
+    """Exact attention of q [B, H, Lq, D] over k, v [B, KV, Lk, D] -> (out [B, H, Lq, D] fp32,
+    lse [B, H, Lq] fp32), walking the keys in blocks with an online softmax. ``causal``:
+    q and k cover the same positions and query i sees keys j <= i."""
+    b, h, n_q, d = q.shape
+    kv_heads = k.shape[1]
+    scale = 1.0 / math.sqrt(d)
+    qg = _grouped(q.float(), kv_heads) * scale
+    out = torch.zeros_like(qg)
+    lse = torch.full(qg.shape[:-1], float("-inf"), device=q.device)
+    for start in range(0, k.shape[2], block):
+        if causal and start >= n_q:
+            break
+        kb = k[:, :, start : start + block].float().unsqueeze(2)
+        vb = v[:, :, start : start + block].float().unsqueeze(2)
+        scores = qg @ kb.transpose(-1, -2)
+        if causal:
+            scores = _mask(scores, start)
+        block_lse = torch.logsumexp(scores, dim=-1)
+        shift = block_lse.masked_fill(torch.isinf(block_lse), 0.0).unsqueeze(-1)
+        block_out = torch.exp(scores - shift) @ vb
+        out, lse = merge_partial(out, lse, block_out, block_lse)
+    return out.reshape(b, h, n_q, d), lse.reshape(b, h, n_q)
+
+
+def attention_lse_backward(q, k, v, out, lse, grad_out, causal: bool, block: int = KEY_BLOCK):
+    """Gradients of one (query, key) block pair given the *final* out and lse of the queries
+    (so contributions of all pairs add up): returns (dq, dk, dv) in fp32."""
+    b, h, n_q, d = q.shape
+    kv_heads = k.shape[1]
+    scale = 1.0 / math.sqrt(d)
+    qg = _grouped(q.float(), kv_heads)
+    dog = _grouped(grad_out.float(), kv_heads)
+    lse_g = lse.reshape(b, kv_heads, h // kv_heads, n_q, 1)
+    delta = (dog * _grouped(out.float(), kv_heads)).sum(-1, keepdim=True)
+    dq = torch.zeros_like(qg)
+    dk = torch.zeros(k.shape, dtype=torch.float32, device=k.device)
+    dv = torch.zeros(v.shape, dtype=torch.float32, device=v.device)
+    for start in range(0, k.shape[2], block):
+        if causal and start >= n_q:
+            break
+        stop = min(start + block, k.shape[2])
+        kb = k[:, :, start:stop].float().unsqueeze(2)
+        vb = v[:, :, start:stop].float().unsqueeze(2)
+        scores = (qg * scale) @ kb.transpose(-1, -2)
+        if causal:
+            scores = _mask(scores, start)
+        p = torch.exp(scores - lse_g)
+        dv[:, :, start:stop] = (p.transpose(-1, -2) @ dog).sum(2)
+        ds = p * (dog @ vb.transpose(-1, -2) - delta)
+        dq += (ds @ kb) * scale
+        dk[:, :, start:stop] = (ds.transpose(-1, -2) @ qg).sum(2) * scale
+    return dq.reshape(b, h, n_q, d), dk, dv
+
+
+# --------------------------------------------------------------------------- ring
+
+
+def _pairs(q_chunks: Sequence[int], kv_chunks: Sequence[int]):
+    """(query slot, key slot, causal) for every pair a query chunk can see."""
+    for qi, a in enumerate(q_chunks):
+        for ki, c in enumerate(kv_chunks):
+            if c <= a:
+                yield qi, ki, c == a
+
+
+class _Ring:
+    """Passes tensors one hop along the cp ring (rank i -> i+1) without blocking."""
+
+    def __init__(self, group: dist.ProcessGroup, cp: int, rank: int) -> None:
+        self.group = group
+        self.next = dist.get_global_rank(group, (rank + 1) % cp)
+        self.prev = dist.get_global_rank(group, (rank - 1) % cp)
+
+    def start(self, tensors: list[torch.Tensor]) -> tuple[list, list[torch.Tensor]]:
+        received = [torch.empty(t.shape, dtype=t.dtype, device=t.device) for t in tensors]
+        ops = [dist.P2POp(dist.isend, t.contiguous(), self.next, self.group) for t in tensors]
+        ops += [dist.P2POp(dist.irecv, r, self.prev, self.group) for r in received]
+        return dist.batch_isend_irecv(ops), received
+
+    @staticmethod
+    def finish(pending: tuple[list, list[torch.Tensor]]) -> list[torch.Tensor]:
+        requests, received = pending
+        for request in requests:
+            request.wait()
+        return received
+
+
+class _RingAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, group, cp: int, rank: int):
+        ring = _Ring(group, cp, rank)
+        mine = zigzag_chunks(cp, rank)
+        q_parts = q.chunk(2, dim=2)
+        outs = [None, None]
+        lses = [None, None]
+        kv = [k, v]
+        for step in range(cp):
+            pending = ring.start(kv) if step < cp - 1 else None
+            owner = (rank - step) % cp
+            k_parts, v_parts = kv[0].chunk(2, dim=2), kv[1].chunk(2, dim=2)
+            for qi, ki, causal in _pairs(mine, zigzag_chunks(cp, owner)):
+                o, lse = attention_lse(q_parts[qi], k_parts[ki], v_parts[ki], causal)
+                if outs[qi] is None:
+                    outs[qi], lses[qi] = o, lse
+                else:
+                    outs[qi], lses[qi] = merge_partial(outs[qi], lses[qi], o, lse)
+            if pending is not None:
+                kv = _Ring.finish(pending)
+        out, lse = torch.cat(outs, dim=2), torch.cat(lses, dim=2)
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.group, ctx.cp, ctx.rank = group, cp, rank
+        return out.to(q.dtype)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        q, k, v, out, lse = ctx.saved_tensors
+        cp, rank = ctx.cp, ctx.rank
+        ring = _Ring(ctx.group, cp, rank)
+        mine = zigzag_chunks(cp, rank)
+        q_parts, out_parts, lse_parts, go_parts = (t.chunk(2, dim=2)
+                                                   for t in (q, out, lse, grad_out))
+        dq_parts = [torch.zeros_like(p, dtype=torch.float32) for p in q_parts]
+        # The block in hand travels with its dK/dV accumulators; after cp hops it is home.
+        held = [k, v, torch.zeros_like(k, dtype=torch.float32),
+                torch.zeros_like(v, dtype=torch.float32)]
+        for step in range(cp):
+            owner = (rank - step) % cp
+            k_parts, v_parts = held[0].chunk(2, dim=2), held[1].chunk(2, dim=2)
+            dk_parts, dv_parts = held[2].chunk(2, dim=2), held[3].chunk(2, dim=2)
+            for qi, ki, causal in _pairs(mine, zigzag_chunks(cp, owner)):
+                dq, dk, dv = attention_lse_backward(q_parts[qi], k_parts[ki], v_parts[ki],
+                                                    out_parts[qi], lse_parts[qi], go_parts[qi],
+                                                    causal)
+                dq_parts[qi] += dq
+                dk_parts[ki].add_(dk)
+                dv_parts[ki].add_(dv)
+            if step < cp - 1:
+                held = _Ring.finish(ring.start(held))
+            else:  # last hop: only the gradients go home
+                held[2:] = _Ring.finish(ring.start(held[2:]))
+        dq = torch.cat(dq_parts, dim=2).to(q.dtype)
+        return dq, held[2].to(k.dtype), held[3].to(v.dtype), None, None, None
+
+
+def ring_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                   group: dist.ProcessGroup, cp: int, rank: int) -> torch.Tensor:
+    """Causal attention of this rank's zigzag tokens over the whole sequence.
+    q [B, H, 2c, D], k, v [B, KV, 2c, D] hold chunks (rank, 2cp-1-rank) of the sequence."""
+    return _RingAttention.apply(q, k, v, group, cp, rank)
+
+
+# --------------------------------------------------------------------------- wiring
+
+
+class RingCore:
+    """The attention core of every layer under cp > 1 (replaces ``causal_attention``)."""
+
+    def __init__(self, state: ParallelState) -> None:
+        self.group, self.cp, self.rank = state.cp_group, state.cp, state.cp_rank
+
+    def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        return ring_attention(q, k, v, self.group, self.cp, self.rank)
+
+
+def parallelize_context(model: torch.nn.Module, state: ParallelState) -> torch.nn.Module:
+    if state.cp > 1:
+        core = RingCore(state)
+        for module in model.modules():
+            if isinstance(module, CausalSelfAttention):
+                module.core = core
+    return model
+
+
+@contextmanager
+def local_attention(model: torch.nn.Module):
+    """Whole sequences on every rank (e.g. evaluating fact questions, whose lengths do not
+    follow the zigzag layout): attention cores back to the local kernel for the duration."""
+    layers = [m for m in model.modules() if isinstance(m, CausalSelfAttention)]
+    saved = [m.core for m in layers]
+    for m in layers:
+        m.core = causal_attention
+    try:
+        yield
+    finally:
+        for m, core in zip(layers, saved):
+            m.core = core
