@@ -402,7 +402,10 @@ def status(run_dir: str | Path) -> dict[str, Any]:
     run_dir = Path(run_dir).resolve()
     job = _read_job(run_dir)
     job_id = str(job["job_id"])
-    info = job_state(job_id)
+    try:
+        info, unknown_why = job_state(job_id), "no longer known to slurmctld"
+    except SlurmError as e:  # e.g. looking at a run dir from a machine without SLURM
+        info, unknown_why = {}, str(e)
     steps = None
     if (run_dir / CONFIG_FILE).is_file():
         with_steps = yaml.safe_load((run_dir / CONFIG_FILE).read_text()) or {}
@@ -413,11 +416,12 @@ def status(run_dir: str | Path) -> dict[str, Any]:
         "job_id": job_id,
         "state": info.get("JobState", "UNKNOWN"),
         "reason": info.get("Reason", ""),
-        "restarts": int(info.get("RestartCnt", info.get("Restarts", "0")) or 0),
+        "restarts": int(info.get("Restarts", "0") or 0),
         "exit_code": info.get("ExitCode", ""),
         "run_time": info.get("RunTime", ""),
         "nodes": info.get("NodeList", ""),
         "known_to_slurm": bool(info),
+        "unknown_why": "" if info else unknown_why,
         "step": last["step"] if last else None,
         "steps": steps,
         "loss": last["loss"] if last else None,
@@ -428,7 +432,7 @@ def status(run_dir: str | Path) -> dict[str, Any]:
 
 
 def format_status(s: dict[str, Any]) -> str:
-    state = s["state"] if s["known_to_slurm"] else "UNKNOWN (no longer known to slurmctld)"
+    state = s["state"] if s["known_to_slurm"] else f"UNKNOWN ({s['unknown_why']})"
     extra = []
     if s["reason"] and s["reason"] != "None":
         extra.append(f"reason {s['reason']}")

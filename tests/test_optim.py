@@ -73,6 +73,17 @@ def test_sparse_adam_matches_torch_sparse_adam():
     torch.testing.assert_close(table.weight, param.detach(), rtol=1e-5, atol=1e-6)
 
 
+def test_sparse_adam_counts_steps_without_rows():
+    """A shard whose rows nobody touched this step still advances the step count, so every
+    rank's bias correction matches the whole table's."""
+    table = LocalValueTable(16, 4)
+    opt = SparseRowAdam({"t": table}, lr=0.1, betas=(0.9, 0.95))
+    before = table.weight.detach().clone()
+    opt.step()  # no gradient recorded
+    assert int(opt.state["t"]["step"]) == 1
+    assert torch.equal(table.weight, before)
+
+
 def test_sparse_adam_keeps_fp32_state_for_bf16_table():
     table = LocalValueTable(16, 4, dtype=torch.bfloat16)
     opt = SparseRowAdam({"t": table}, lr=0.1, betas=(0.9, 0.95))

@@ -172,6 +172,7 @@ def test_bf16_and_grad_accum_train(tiny_config):
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(1800)  # ~4 min on 2 idle cores; a hang guard, not a speed assertion
 def test_default_demo_learns_facts(tmp_path, monkeypatch):
     """The README's demo recipe, unchanged but for paths: loss falls, frequent facts are learned."""
     data = tmp_path / "data"

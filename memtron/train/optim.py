@@ -1,8 +1,9 @@
 """Optimizers: AdamW for dense parameters, a sparse row-wise Adam for value tables, the schedule.
 
 Sparse row-wise Adam semantics (lazy Adam, the arithmetic of ``torch.optim.SparseAdam``):
-only rows with a gradient this step move, and only their moments decay; the step count is per
-table and counts the steps in which any row of the table was touched; with ``t`` that count,
+only rows with a gradient this step move, and only their moments decay; the step count ``t``
+counts optimizer steps (the same on every rank holding a shard of the table, whether or not
+its rows were touched, so a sharded table behaves as the whole one and checkpoints it once);
 ``row -= lr * sqrt(1 - b2^t) / (1 - b1^t) * m / (sqrt(v) + eps)``. Decoupled weight decay
 (``row *= 1 - lr * wd``) applies to touched rows only, so an untouched row never changes.
 Moments are fp32 whatever the table's dtype.
@@ -42,12 +43,12 @@ class SparseRowAdam:
     def step(self) -> None:
         beta1, beta2 = self.betas
         for name, table in self.tables.items():
+            state = self.state[name]
+            state["step"] += 1
             grad = table.sparse_grad()
             if grad is None:
                 continue
             ids, rows = grad
-            state = self.state[name]
-            state["step"] += 1
             t = int(state["step"])
             exp_avg = state["exp_avg"][ids].mul_(beta1).add_(rows, alpha=1 - beta1)
             exp_avg_sq = state["exp_avg_sq"][ids].mul_(beta2).addcmul_(rows, rows,

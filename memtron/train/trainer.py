@@ -92,9 +92,10 @@ def check_inputs(cfg: Config) -> None:
 
 
 def _same_architecture(saved: Config, cfg: Config, where: Path) -> None:
+    layout_only = {"parallel", "usage_window"}  # how tables are spread, not what they hold
     for section in ("model", "memory"):
         old, new = getattr(saved, section).__dict__, getattr(cfg, section).__dict__
-        diff = [k for k in new if old.get(k) != new[k]]
+        diff = [k for k in new if k not in layout_only and old.get(k) != new[k]]
         if diff:
             key = f"{section}.{diff[0]}"
             raise CheckpointError(f"{where}: saved with {key}={old.get(diff[0])!r}, config has "
