@@ -5,9 +5,9 @@ The sequence is cut into ``2 * cp`` chunks and cp rank i holds chunks ``i`` and
 all follow this layout (:func:`zigzag_indices`), and each rank's loss is over its own tokens.
 
 Ring attention: K/V blocks travel the cp ring with ``batch_isend_irecv`` (the next block is
-in flight while the current one is used). For every (query chunk, key chunk) pair the global
-chunk order decides: an earlier key chunk is seen whole, the same chunk causally, a later one
-not at all (skipped, never computed). Each pair runs a local kernel that returns the output
+in flight while the current one is used, forward and backward). For every (query chunk, key
+chunk) pair the global chunk order decides: an earlier key chunk is seen whole, the same chunk
+causally, a later one not at all (skipped, never computed). Each pair runs a local kernel that returns the output
 and its log-sum-exp, merged into the running result in fp32 with the stable LSE update.
 Backward is a custom autograd function: probabilities are recomputed from the final LSE, and
 dK/dV accumulators ride a second ring with their block until they are back with its owner.
@@ -25,7 +25,7 @@ import torch.distributed as dist
 from memtron.model.attention import CausalSelfAttention, causal_attention
 from memtron.parallel.state import ParallelState
 
-KEY_BLOCK = 512  # keys per step of the local kernel: memory ~ queries x KEY_BLOCK
+KEY_BLOCK = 512  # query and key block of the local kernel: memory ~ KEY_BLOCK^2 per head
 
 
 # --------------------------------------------------------------------------- layout
@@ -53,11 +53,22 @@ def _grouped(q: torch.Tensor, kv_heads: int) -> torch.Tensor:
     return q.reshape(b, kv_heads, h // kv_heads, length, d)
 
 
-def _mask(scores: torch.Tensor, key_start: int) -> torch.Tensor:
-    """Causal mask for a diagonal block: query i sees keys at local index <= i."""
-    n_q, n_k = scores.shape[-2:]
-    q_idx = torch.arange(n_q, device=scores.device)[:, None]
-    k_idx = torch.arange(key_start, key_start + n_k, device=scores.device)[None, :]
+def _blocks(n_q: int, n_k: int, causal: bool, block: int):
+    """(query block, key block, needs a mask) pairs of the local kernel. Under ``causal`` (q and
+    k cover the same positions) key blocks wholly after a query block are never visited."""
+    for qs in range(0, n_q, block):
+        qe = min(qs + block, n_q)
+        for ks in range(0, n_k, block):
+            if causal and ks >= qe:
+                break
+            ke = min(ks + block, n_k)
+            yield slice(qs, qe), slice(ks, ke), causal and ke - 1 > qs
+
+
+def _mask(scores: torch.Tensor, q: slice, k: slice) -> torch.Tensor:
+    """Causal mask of a block that straddles the diagonal: query i sees keys j <= i."""
+    q_idx = torch.arange(q.start, q.stop, device=scores.device)[:, None]
+    k_idx = torch.arange(k.start, k.stop, device=scores.device)[None, :]
     return scores.masked_fill(k_idx > q_idx, float("-inf"))
 
 
@@ -75,32 +86,30 @@ def merge_partial(out: torch.Tensor, lse: torch.Tensor, block_out: torch.Tensor,
 def attention_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool,
                   block: int = KEY_BLOCK) -> tuple[torch.Tensor, torch.Tensor]:
     """Exact attention of q [B, H, Lq, D] over k, v [B, KV, Lk, D] -> (out [B, H, Lq, D] fp32,
-    lse [B, H, Lq] fp32), walking the keys in blocks with an online softmax. ``causal``:
-    q and k cover the same positions and query i sees keys j <= i."""
+    lse [B, H, Lq] fp32), in query x key blocks with an online softmax (memory ~ block^2).
+    ``causal``: q and k cover the same positions and query i sees keys j <= i."""
     b, h, n_q, d = q.shape
     kv_heads = k.shape[1]
-    scale = 1.0 / math.sqrt(d)
-    qg = _grouped(q.float(), kv_heads) * scale
+    qg = _grouped(q.float(), kv_heads) * (1.0 / math.sqrt(d))
+    kf, vf = k.float().unsqueeze(2), v.float().unsqueeze(2)
     out = torch.zeros_like(qg)
     lse = torch.full(qg.shape[:-1], float("-inf"), device=q.device)
-    for start in range(0, k.shape[2], block):
-        if causal and start >= n_q:
-            break
-        kb = k[:, :, start : start + block].float().unsqueeze(2)
-        vb = v[:, :, start : start + block].float().unsqueeze(2)
-        scores = qg @ kb.transpose(-1, -2)
-        if causal:
-            scores = _mask(scores, start)
+    for qb, kb, masked in _blocks(n_q, k.shape[2], causal, block):
+        scores = qg[..., qb, :] @ kf[..., kb, :].transpose(-1, -2)
+        if masked:
+            scores = _mask(scores, qb, kb)
         block_lse = torch.logsumexp(scores, dim=-1)
         shift = block_lse.masked_fill(torch.isinf(block_lse), 0.0).unsqueeze(-1)
-        block_out = torch.exp(scores - shift) @ vb
-        out, lse = merge_partial(out, lse, block_out, block_lse)
+        block_out = torch.exp(scores - shift) @ vf[..., kb, :]
+        out[..., qb, :], lse[..., qb] = merge_partial(out[..., qb, :], lse[..., qb], block_out,
+                                                      block_lse)
     return out.reshape(b, h, n_q, d), lse.reshape(b, h, n_q)
 
 
 def attention_lse_backward(q, k, v, out, lse, grad_out, causal: bool, block: int = KEY_BLOCK):
     """Gradients of one (query, key) block pair given the *final* out and lse of the queries
-    (so contributions of all pairs add up): returns (dq, dk, dv) in fp32."""
+    (so contributions of all pairs add up): returns (dq, dk, dv) in fp32. Probabilities are
+    recomputed block by block, never stored."""
     b, h, n_q, d = q.shape
     kv_heads = k.shape[1]
     scale = 1.0 / math.sqrt(d)
@@ -108,23 +117,19 @@ def attention_lse_backward(q, k, v, out, lse, grad_out, causal: bool, block: int
     dog = _grouped(grad_out.float(), kv_heads)
     lse_g = lse.reshape(b, kv_heads, h // kv_heads, n_q, 1)
     delta = (dog * _grouped(out.float(), kv_heads)).sum(-1, keepdim=True)
+    kf, vf = k.float().unsqueeze(2), v.float().unsqueeze(2)
     dq = torch.zeros_like(qg)
     dk = torch.zeros(k.shape, dtype=torch.float32, device=k.device)
     dv = torch.zeros(v.shape, dtype=torch.float32, device=v.device)
-    for start in range(0, k.shape[2], block):
-        if causal and start >= n_q:
-            break
-        stop = min(start + block, k.shape[2])
-        kb = k[:, :, start:stop].float().unsqueeze(2)
-        vb = v[:, :, start:stop].float().unsqueeze(2)
-        scores = (qg * scale) @ kb.transpose(-1, -2)
-        if causal:
-            scores = _mask(scores, start)
-        p = torch.exp(scores - lse_g)
-        dv[:, :, start:stop] = (p.transpose(-1, -2) @ dog).sum(2)
-        ds = p * (dog @ vb.transpose(-1, -2) - delta)
-        dq += (ds @ kb) * scale
-        dk[:, :, start:stop] = (ds.transpose(-1, -2) @ qg).sum(2) * scale
+    for qb, kb, masked in _blocks(n_q, k.shape[2], causal, block):
+        scores = (qg[..., qb, :] * scale) @ kf[..., kb, :].transpose(-1, -2)
+        if masked:
+            scores = _mask(scores, qb, kb)
+        p = torch.exp(scores - lse_g[..., qb, :])
+        dv[:, :, kb] += (p.transpose(-1, -2) @ dog[..., qb, :]).sum(2)
+        ds = p * (dog[..., qb, :] @ vf[..., kb, :].transpose(-1, -2) - delta[..., qb, :])
+        dq[..., qb, :] += (ds @ kf[..., kb, :]) * scale
+        dk[:, :, kb] += (ds.transpose(-1, -2) @ qg[..., qb, :]).sum(2) * scale
     return dq.reshape(b, h, n_q, d), dk, dv
 
 
@@ -196,13 +201,16 @@ class _RingAttention(torch.autograd.Function):
         q_parts, out_parts, lse_parts, go_parts = (t.chunk(2, dim=2)
                                                    for t in (q, out, lse, grad_out))
         dq_parts = [torch.zeros_like(p, dtype=torch.float32) for p in q_parts]
-        # The block in hand travels with its dK/dV accumulators; after cp hops it is home.
-        held = [k, v, torch.zeros_like(k, dtype=torch.float32),
-                torch.zeros_like(v, dtype=torch.float32)]
+        # The next K/V block is in flight while this one is used; the dK/dV accumulators of
+        # the block in hand follow it once computed, and after cp hops they are home.
+        kv = [k, v]
+        grads = [torch.zeros_like(k, dtype=torch.float32),
+                 torch.zeros_like(v, dtype=torch.float32)]
         for step in range(cp):
+            pending = ring.start(kv) if step < cp - 1 else None
             owner = (rank - step) % cp
-            k_parts, v_parts = held[0].chunk(2, dim=2), held[1].chunk(2, dim=2)
-            dk_parts, dv_parts = held[2].chunk(2, dim=2), held[3].chunk(2, dim=2)
+            k_parts, v_parts = kv[0].chunk(2, dim=2), kv[1].chunk(2, dim=2)
+            dk_parts, dv_parts = grads[0].chunk(2, dim=2), grads[1].chunk(2, dim=2)
             for qi, ki, causal in _pairs(mine, zigzag_chunks(cp, owner)):
                 dq, dk, dv = attention_lse_backward(q_parts[qi], k_parts[ki], v_parts[ki],
                                                     out_parts[qi], lse_parts[qi], go_parts[qi],
@@ -210,12 +218,11 @@ class _RingAttention(torch.autograd.Function):
                 dq_parts[qi] += dq
                 dk_parts[ki].add_(dk)
                 dv_parts[ki].add_(dv)
-            if step < cp - 1:
-                held = _Ring.finish(ring.start(held))
-            else:  # last hop: only the gradients go home
-                held[2:] = _Ring.finish(ring.start(held[2:]))
+            grads = _Ring.finish(ring.start(grads))
+            if pending is not None:
+                kv = _Ring.finish(pending)
         dq = torch.cat(dq_parts, dim=2).to(q.dtype)
-        return dq, held[2].to(k.dtype), held[3].to(v.dtype), None, None, None
+        return dq, grads[0].to(k.dtype), grads[1].to(v.dtype), None, None, None
 
 
 def ring_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
