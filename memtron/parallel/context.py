@@ -7,8 +7,9 @@ all follow this layout (:func:`zigzag_indices`), and each rank's loss is over it
 Ring attention: K/V blocks travel the cp ring with ``batch_isend_irecv`` (the next block is
 in flight while the current one is used, forward and backward). For every (query chunk, key
 chunk) pair the global chunk order decides: an earlier key chunk is seen whole, the same chunk
-causally, a later one not at all (skipped, never computed). Each pair runs a local kernel that returns the output
-and its log-sum-exp, merged into the running result in fp32 with the stable LSE update.
+causally, a later one not at all (skipped, never computed). Each pair runs a local kernel that
+returns the output and its log-sum-exp, merged into the running result in fp32 with the stable
+LSE update.
 Backward is a custom autograd function: probabilities are recomputed from the final LSE, and
 dK/dV accumulators ride a second ring with their block until they are back with its owner.
 """
