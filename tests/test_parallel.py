@@ -78,7 +78,8 @@ def test_parallel_training_equals_single_process(tiny_corpus, tmp_path, referenc
     assert param_err <= 1e-5
     assert "value_tables.table0.weight" in params  # the memory layer took part
     logged = (run_dir / "metrics.jsonl").read_text()
-    assert "memory/bytes_sent_per_token" in logged and "memory/hit_imbalance" in logged
+    sharded = ep != 1 and layout != "replicated"  # traffic stats exist for sharded tables
+    assert ("memory/hit_imbalance" in logged) == sharded
 
 
 def test_checkpoint_reshards_across_tp_dp_and_ep(tiny_corpus, tmp_path, reference):

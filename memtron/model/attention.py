@@ -36,6 +36,9 @@ class CausalSelfAttention(nn.Module):
     def __init__(self, d_model: int, n_heads: int, n_kv_heads: int) -> None:
         super().__init__()
         self.core = causal_attention
+        # The input shared by q, k and v; tensor parallelism swaps in one gradient all-reduce
+        # here instead of one per projection.
+        self.input_hook: nn.Module = nn.Identity()
         self.n_heads, self.n_kv_heads = n_heads, n_kv_heads
         self.head_dim = d_model // n_heads
         self.wq = nn.Linear(d_model, n_heads * self.head_dim, bias=False)
@@ -45,6 +48,7 @@ class CausalSelfAttention(nn.Module):
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         b, length, _ = x.shape
+        x = self.input_hook(x)
         q = self.wq(x).view(b, length, -1, self.head_dim).transpose(1, 2)
         k = self.wk(x).view(b, length, -1, self.head_dim).transpose(1, 2)
         v = self.wv(x).view(b, length, -1, self.head_dim).transpose(1, 2)

@@ -22,8 +22,10 @@ class SwiGLU(nn.Module):
         self.w_gate = nn.Linear(d_model, d_ff, bias=False)
         self.w_up = nn.Linear(d_model, d_ff, bias=False)
         self.w_down = nn.Linear(d_ff, d_model, bias=False)
+        self.input_hook: nn.Module = nn.Identity()  # see CausalSelfAttention.input_hook
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.input_hook(x)
         return self.w_down(F.silu(self.w_gate(x)) * self.w_up(x))
 
 

@@ -297,10 +297,9 @@ class ColumnShardedValueTable(LocalValueTable):
 
 def table_factory(cfg: Config, state: ParallelState) -> Callable[[int, int, int], ValueTable]:
     """The ``make_table`` the model is built with for this layout."""
-    mode = cfg.memory.parallel
-    if mode == "replicated" or state.ep == 1:
+    if _whole_tables(cfg, state):
         return LocalValueTable
-    cls = ShardedValueTable if mode == "rowwise" else ColumnShardedValueTable
+    cls = ShardedValueTable if cfg.memory.parallel == "rowwise" else ColumnShardedValueTable
 
     def make(n_rows: int, dim: int, seed: int) -> ValueTable:
         return cls(n_rows, dim, seed, state.ep_group, state.ep_rank, state.ep)
@@ -308,13 +307,19 @@ def table_factory(cfg: Config, state: ParallelState) -> Callable[[int, int, int]
     return make
 
 
+def _whole_tables(cfg: Config, state: ParallelState) -> bool:
+    return cfg.memory.parallel == "replicated" or state.ep == 1
+
+
 def replica_group(cfg: Config, state: ParallelState) -> dist.ProcessGroup | None:
-    """Ranks that hold the same rows (and must sum their row gradients): everyone for whole
-    tables, megatron's expert-data-parallel group for tables sharded over ep < world."""
+    """Ranks whose row gradients must be summed. Whole tables: the dp x cp ranks (tp peers
+    saw the same tokens and hold identical gradients). Sharded tables: owners already hold the
+    sums of all their requesters; over ep < world, megatron's expert-data-parallel group
+    holds copies of the same shard."""
     if state.world_size == 1:
         return None
-    if cfg.memory.parallel == "replicated" or state.ep == 1:
-        return dist.group.WORLD
+    if _whole_tables(cfg, state):
+        return state.dp_cp_group if state.dp * state.cp > 1 else None
     if state.ep == state.world_size:
         return None
     from megatron.core import parallel_state as mps
@@ -325,11 +330,11 @@ def replica_group(cfg: Config, state: ParallelState) -> dist.ProcessGroup | None
 def reduce_table_grads(tables: list[ValueTable], cfg: Config, state: ParallelState) -> int:
     """Turn each rank's row gradients into those of the global mean loss.
 
-    Every rank's loss is the mean over its tokens, and tp ranks repeat the same tokens, so the
-    sum over all ranks of the rows' gradients is ``world_size`` times the single-process one.
-    Owners already hold the sums of their requesters; rows held on several ranks are summed
-    over the replica group first (sparsely, or as a dense all-reduce for the replicated
-    baseline). Returns the bytes this rank sent.
+    Every rank's loss is the mean over its tokens. Whole tables: summing over the dp x cp
+    replicas gives dp*cp times the single-process gradient. Sharded tables: every rank looked
+    up (tp peers repeating the same tokens), so the owners' sums are world_size times it.
+    Rows held on several ranks are summed over the replica group first (sparsely, or as a
+    dense all-reduce for the replicated baseline). Returns the bytes this rank sent.
     """
     if state.world_size == 1:
         return 0
@@ -342,10 +347,11 @@ def reduce_table_grads(tables: list[ValueTable], cfg: Config, state: ParallelSta
             from memtron.parallel.data_parallel import sum_table_grads
 
             sent = sum_table_grads(tables, group)
+    copies = state.dp * state.cp if _whole_tables(cfg, state) else state.world_size
     for table in tables:
         grad = table.sparse_grad()
         if grad is not None:
-            grad[1].div_(state.world_size)
+            grad[1].div_(copies)
     return sent
 
 
@@ -365,8 +371,10 @@ def dense_table_all_reduce(tables: list[ValueTable], group: dist.ProcessGroup) -
     return sent
 
 
+def tables_sharded(cfg: Config, state: ParallelState) -> bool:
+    return state.world_size > 1 and not _whole_tables(cfg, state)
+
+
 def norm_group(cfg: Config, state: ParallelState) -> dist.ProcessGroup | None:
     """Where the squared norms of sharded row gradients must be summed for the global norm."""
-    if cfg.memory.parallel == "replicated" or state.ep == 1:
-        return None
-    return state.ep_group
+    return None if _whole_tables(cfg, state) else state.ep_group

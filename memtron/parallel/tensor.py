@@ -7,8 +7,9 @@ Weights are sliced from the full, seeded initialisation, so the tp=2 model *is* 
 split, and equivalence tests can compare them. Memory layers (query nets, keys, gates) stay
 replicated: every tp rank sees the same activations and computes the same lookups.
 
-Communication per block (Megatron's scheme): the column layers' input is copied (identity
-forward, all-reduce of its gradient backward); the row layers' output is all-reduced.
+Communication per block (Megatron's scheme): the input shared by the column layers (q/k/v;
+gate/up) is copied once (identity forward, one all-reduce of its gradient backward); the row
+layers' output is all-reduced.
 """
 
 from __future__ import annotations
@@ -74,10 +75,13 @@ def _layer_classes() -> tuple[type, type]:
     return ColumnLinear, RowLinear
 
 
-def _column(full: nn.Linear, state: ParallelState) -> nn.Module:
+def _column(full: nn.Linear, state: ParallelState, shared_input: bool = False) -> nn.Module:
+    """``shared_input``: several column layers read one input that goes through a single
+    :class:`CopyToTensorParallel`, so this layer must not all-reduce the input gradient too."""
     column_linear, _ = _layer_classes()
     layer = column_linear(full.in_features, full.out_features, bias=False, gather_output=False,
-                         config=_mp_config(state, full.weight.dtype), init_method=_no_init)
+                          config=_mp_config(state, full.weight.dtype), init_method=_no_init,
+                          disable_grad_reduce=shared_input)
     _load_shard(layer.weight, full.weight, 0, state)
     return layer
 
@@ -105,12 +109,16 @@ def parallelize_tensor(model: Transformer, state: ParallelState) -> Transformer:
     tensor_parallel, _ = _megatron()
     for block in model.blocks:
         attn: CausalSelfAttention = block.attn
-        attn.wq, attn.wk, attn.wv = (_column(attn.wq, state), _column(attn.wk, state),
-                                     _column(attn.wv, state))
+        attn.input_hook = CopyToTensorParallel()  # one input-gradient all-reduce for q, k, v
+        attn.wq, attn.wk, attn.wv = (_column(attn.wq, state, shared_input=True),
+                                     _column(attn.wk, state, shared_input=True),
+                                     _column(attn.wv, state, shared_input=True))
         attn.wo = _row(attn.wo, state)
         if block.ffn is not None:
             ffn: SwiGLU = block.ffn
-            ffn.w_gate, ffn.w_up = _column(ffn.w_gate, state), _column(ffn.w_up, state)
+            ffn.input_hook = CopyToTensorParallel()
+            ffn.w_gate = _column(ffn.w_gate, state, shared_input=True)
+            ffn.w_up = _column(ffn.w_up, state, shared_input=True)
             ffn.w_down = _row(ffn.w_down, state)
     full = model.embed
     embed = tensor_parallel.VocabParallelEmbedding(

@@ -33,12 +33,14 @@ from memtron.parallel.memory import (
     norm_group,
     reduce_table_grads,
     table_factory,
+    tables_sharded,
 )
 from memtron.parallel.sharding import CheckpointLayout
 from memtron.parallel.state import ParallelState, build_parallel_state, destroy_parallel_state
 from memtron.parallel.tensor import (
     clip_grad_norm,
     gather_logits,
+    is_tp_sharded,
     parallel_lm_loss,
     parallelize_tensor,
 )
@@ -141,7 +143,8 @@ class Trainer:
         self.questions = load_questions(cfg.data.questions) if cfg.data.questions else []
         self.step = 0
         self._stop_signal: int | None = None
-        n_dense = sum(p.numel() for p in self.dense_params) * self.state.tp  # ~ full model
+        n_dense = sum(p.numel() * (self.state.tp if is_tp_sharded(p) else 1)
+                      for p in self.dense_params)  # the whole model's dense weights
         self.flops_per_token = flops_per_token(cfg.model, cfg.data.seq_len, n_dense)
 
     # ----------------------------------------------------------------------- state
@@ -258,7 +261,7 @@ class Trainer:
         and how unevenly hits landed on the owners (max / mean over ranks)."""
         sent, received = Traffic.take()
         served = sum(t.take_served() for t in self.tables.values())
-        if self.state.world_size == 1 or not self.tables:
+        if not self.tables or not tables_sharded(self.cfg, self.state):
             return {}
         per_rank = torch.tensor([float(served)])
         gathered = [torch.empty_like(per_rank) for _ in range(self.state.world_size)]
