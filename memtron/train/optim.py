@@ -50,18 +50,18 @@ class SparseRowAdam:
                 continue
             ids, rows = grad
             t = int(state["step"])
-            exp_avg = state["exp_avg"][ids].mul_(beta1).add_(rows, alpha=1 - beta1)
-            exp_avg_sq = state["exp_avg_sq"][ids].mul_(beta2).addcmul_(rows, rows,
-                                                                        value=1 - beta2)
-            state["exp_avg"][ids] = exp_avg
-            state["exp_avg_sq"][ids] = exp_avg_sq
+            exp_avg = state["exp_avg"].index_select(0, ids).lerp_(rows, 1 - beta1)
+            exp_avg_sq = state["exp_avg_sq"].index_select(0, ids).mul_(beta2)
+            exp_avg_sq.addcmul_(rows, rows, value=1 - beta2)
+            state["exp_avg"].index_copy_(0, ids, exp_avg)
+            state["exp_avg_sq"].index_copy_(0, ids, exp_avg_sq)
             step_size = self.lr * math.sqrt(1 - beta2**t) / (1 - beta1**t)
-            update = exp_avg.div_(exp_avg_sq.sqrt_().add_(self.eps)).mul_(step_size)
             weight = table.weight
-            new_rows = weight[ids].float()
+            new_rows = weight.index_select(0, ids).float()
             if self.weight_decay:
                 new_rows.mul_(1 - self.lr * self.weight_decay)
-            weight[ids] = new_rows.sub_(update).to(weight.dtype)
+            new_rows.addcdiv_(exp_avg, exp_avg_sq.sqrt_().add_(self.eps), value=-step_size)
+            weight.index_copy_(0, ids, new_rows.to(weight.dtype))
 
     def zero_grad(self) -> None:
         for table in self.tables.values():

