@@ -7,8 +7,9 @@ same dim / heads / num_keys / topk / half-key width, its values an ``nn.Embeddin
 gradient, and the optimizer its README recommends: ``Adam(fetch_optimizer_parameters(pkm))``,
 i.e. dense Adam over every parameter with lr 1e-2 for the values and 1e-3 for the rest.
 
-Both sides run plain PKM (memtron ``memory_plus=False``, value dim = model dim); ``--memory-plus``
-adds a memtron-only Memory+ row per size. Step times are medians over ``--repeats`` steps after
+Both sides run plain PKM (memtron ``memory_plus=False``, value dim = model dim); memtron with
+Memory+ (gate and output projection) is reported beside, without a peer counterpart
+(``--no-memory-plus`` drops it). Step times are medians over ``--repeats`` steps after
 ``--warmup`` steps, both sides timed in this process one after the other (never two tables held
 at once). Peak memory is measured in a fresh 'spawn' child per (side, size): the kernels are
 warmed on a tiny layer, the RSS high-water mark is reset (``/proc/self/clear_refs`` = 5), then
@@ -23,7 +24,11 @@ of the machine's memcpy bandwidth (``dst.copy_(src)`` on 256 MiB, bytes read + w
 
     python bench/pkm_layer.py                       # full run (< 10 min on 2 cores)
     python bench/pkm_layer.py --quick               # smoke test (< 60 s)
-    python bench/pkm_layer.py --sizes 1M --dims 512 --tokens 1024 --repeats 5
+    python bench/pkm_layer.py --sizes 1M --dims 512 --no-memory --profile none
+    THP_MEM_ALLOC_ENABLE=1 python bench/pkm_layer.py   # torch CPU tensors on huge pages
+
+Other processes on the cores wreck CPU timings (a parallel torch op waits on a preempted
+thread): the share of CPU they took is measured per row, and rows above 10% are starred.
 """
 
 from __future__ import annotations
@@ -82,7 +87,7 @@ def estimate_bytes(side: str, n: int, d: int, a: argparse.Namespace) -> int:
     dense = 4 * (a.heads * a.d_key * d + 2 * a.heads * n * a.d_key // 2 + 2 * d * d) * 4
     fixed = 256 * MiB + retrieval + dense
     if side == "peer":
-        return 6 * slots * d * 4 + 2 * hits * d * 4 // 4 + fixed
+        return 6 * slots * d * 4 + fixed
     return 3 * slots * d * 4 + 4 * slots + 6 * touched * d * 4 + fixed
 
 

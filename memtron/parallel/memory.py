@@ -61,7 +61,7 @@ def _exchange(x: torch.Tensor, send: list[int], recv: list[int], group) -> torch
     out = x.new_empty((sum(recv), *x.shape[1:]))
     dist.all_to_all_single(out, x.contiguous(), recv, send, group=group)
     me = dist.get_rank(group)
-    row = x[0].numel() * x.element_size() if x.numel() else 0
+    row = math.prod(x.shape[1:]) * x.element_size()
     Traffic.add((sum(send) - send[me]) * row, (sum(recv) - recv[me]) * row)
     return out
 
@@ -251,6 +251,8 @@ class _AllGatherRows(torch.autograd.Function):
     def backward(ctx, grad: torch.Tensor):
         out = torch.empty_like(grad.chunk(ctx.size)[0])
         dist.reduce_scatter_tensor(out, grad.contiguous(), group=ctx.group)
+        moved = (ctx.size - 1) * out.numel() * out.element_size()
+        Traffic.add(moved, moved)
         return out, None, None, None
 
 

@@ -83,8 +83,8 @@ def clip_sparse_grad_norm(tables: Iterable[ValueTable], max_norm: float,
     """Clip the global norm of the tables' row gradients (as if they were dense); returns it.
     ``group``: the ranks holding other shards of the tables, whose squares add up."""
     grads = [g for g in (t.sparse_grad() for t in tables) if g is not None]
-    squares = torch.tensor(sum(float(rows.double().pow(2).sum()) for _, rows in grads),
-                           dtype=torch.float64)
+    squares = torch.tensor(sum(float(torch.linalg.vector_norm(rows)) ** 2 for _, rows in grads),
+                           dtype=torch.float64)  # no fp64 copy of the rows
     if group is not None:
         dist.all_reduce(squares, group=group)
     total = math.sqrt(float(squares))
