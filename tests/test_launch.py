@@ -301,7 +301,8 @@ def test_torchrun_launch():
     check_two_ranks(run_launcher(cmd, child_env()), "torchrun")
 
 
-def test_mpirun_launch():
+def mpirun_two_ranks() -> list[str]:
+    """``mpirun`` starting 2 local ranks (skips the test when MPI is not installed)."""
     mpirun = shutil.which("mpirun")
     if mpirun is None:
         pytest.skip("mpirun not on PATH (install OpenMPI or MPICH to test MPI launches)")
@@ -309,7 +310,11 @@ def test_mpirun_launch():
     cmd = [mpirun, "-n", "2", "--oversubscribe"]
     if os.geteuid() == 0:
         cmd.append("--allow-run-as-root")
-    cmd += [sys.executable, str(SCRIPT)]
+    return cmd
+
+
+def test_mpirun_launch():
+    cmd = [*mpirun_two_ranks(), sys.executable, str(SCRIPT)]
     rows = check_two_ranks(run_launcher(cmd, child_env()), "mpi")
     assert rows[0]["master"] == rows[1]["master"]  # both got rank 0's broadcast
     assert rows[0]["master"].startswith("127.0.0.1:")  # all ranks on one host

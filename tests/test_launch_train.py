@@ -2,7 +2,6 @@
 like one process (dp=2 with half the micro-batch each)."""
 
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -17,6 +16,7 @@ from tests.test_launch import (
     LAUNCH_TIMEOUT_S,
     _slurm_job_id_for_free_port,
     child_env,
+    mpirun_two_ranks,
     run_launcher,
     wait_all,
 )
@@ -56,14 +56,7 @@ def test_train_under_torchrun(tiny_corpus, tmp_path, single_losses):
 
 
 def test_train_under_mpirun(tiny_corpus, tmp_path, single_losses):
-    mpirun = shutil.which("mpirun")
-    if mpirun is None:
-        pytest.skip("mpirun not on PATH (install OpenMPI or MPICH to test MPI launches)")
-    pytest.importorskip("mpi4py", reason="mpi4py not installed (pip install memtron[mpi])")
-    cmd = [mpirun, "-n", "2", "--oversubscribe"]
-    if os.geteuid() == 0:
-        cmd.append("--allow-run-as-root")
-    cmd += [sys.executable, *TRAIN, *_overrides(tiny_corpus, tmp_path, dp=2)]
+    cmd = [*mpirun_two_ranks(), sys.executable, *TRAIN, *_overrides(tiny_corpus, tmp_path, dp=2)]
     _check(tmp_path, run_launcher(cmd, child_env()), "mpi", single_losses)
 
 
