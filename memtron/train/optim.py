@@ -70,13 +70,6 @@ class SparseRowAdam:
     def state_dict(self) -> dict[str, dict[str, torch.Tensor]]:
         return self.state
 
-    def load_state_dict(self, state: dict[str, dict[str, torch.Tensor]]) -> None:
-        for name, tensors in state.items():
-            if name not in self.state:
-                raise KeyError(f"sparse optimizer state for unknown table {name!r}")
-            for key, value in tensors.items():
-                self.state[name][key].copy_(value)
-
 
 def clip_sparse_grad_norm(tables: Iterable[ValueTable], max_norm: float,
                           group: dist.ProcessGroup | None = None) -> float:

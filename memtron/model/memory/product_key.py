@@ -63,10 +63,6 @@ class ProductKeyMemory(nn.Module):
     def values(self) -> ValueTable:
         return self._values[0]
 
-    def set_values(self, values: ValueTable) -> None:
-        """Swap the table implementation (e.g. for the sharded one) without touching the math."""
-        self._values[0] = values
-
     def reset_parameters(self, init_std: float, out_std: float) -> None:
         nn.init.normal_(self.query.weight, std=init_std)
         bound = 1.0 / math.sqrt(self.d_key // 2)
