@@ -10,7 +10,7 @@ install:
 
 install-dev:
 	scripts/install-system.sh
-	PYTHON=$(PYTHON) scripts/install.sh dev,megatron,deepspeed,mpi
+	PYTHON=$(PYTHON) scripts/install.sh dev,megatron,deepspeed,mpi,serve,hf,eval
 
 $(DATA)/raw/train.jsonl:
 	memtron data synth --out $(DATA)
@@ -27,6 +27,9 @@ data: $(DATA)/train/index.json $(DATA)/valid/index.json
 demo: install
 	$(MAKE) data
 	memtron train --config configs/tiny-cpu.yaml --resume none
+	@echo "--- the trained model answers fact questions (greedy, KV cache):"
+	memtron generate --ckpt runs/tiny-cpu --prompts $(DATA)/questions.jsonl --limit 3 \
+	    --greedy --max-new-tokens 12
 
 test: install-dev
 	$(PYTHON) -m pytest -q $(PYTEST_ARGS)

@@ -10,7 +10,7 @@ are left out.
 Rows (each configuration runs in fresh processes, started the way torchrun would: env:// over
 gloo, 1 intra-op thread per rank):
 
-    sdpa     cp=1  ``memtron.model.attention.causal_attention`` (torch SDPA: what one process runs)
+    sdpa     cp=1  ``memtron.model.attention.sdpa_attention`` (torch SDPA: what one process runs)
     blocked  cp=1  the exact blocked kernel of ``memtron.parallel.context`` over the whole
                    sequence: ``attention_lse(causal=True)`` forward and ``attention_lse_backward``
                    in a small autograd Function of this file (``ring_attention`` itself cannot run
@@ -304,7 +304,7 @@ def _isolated_transfer(meter: _CommMeter, state, qkv, repeats: int = 5) -> dict:
 def rank_main(rank: int, run: Run) -> dict:
     import torch.distributed as dist
 
-    from memtron.model.attention import causal_attention
+    from memtron.model.attention import sdpa_attention
     from memtron.parallel.context import ring_attention
 
     torch.set_num_threads(1)
@@ -325,7 +325,7 @@ def rank_main(rank: int, run: Run) -> dict:
 
     def core(q, k, v):
         if run.kernel == "sdpa":
-            return causal_attention(q, k, v)
+            return sdpa_attention(q, k, v, None)
         if run.kernel == "blocked":
             return _Blocked.apply(q, k, v)
         return ring_attention(q, k, v, state.cp_group, state.cp, state.cp_rank)

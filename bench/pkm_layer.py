@@ -26,6 +26,15 @@ of the machine's memcpy bandwidth (``dst.copy_(src)`` on 256 MiB, bytes read + w
     python bench/pkm_layer.py --quick               # smoke test (< 60 s)
     python bench/pkm_layer.py --sizes 1M --dims 512 --no-memory --profile none
     THP_MEM_ALLOC_ENABLE=1 python bench/pkm_layer.py   # torch CPU tensors on huge pages
+    python bench/pkm_layer.py --device cuda         # on a GPU: N = 1M/4M, d = 512/1024, T = 8192
+    python bench/pkm_layer.py --device cuda --quick # GPU smoke test
+
+With ``--device cuda`` both sides run on the GPU: times are wall-clock with
+``torch.cuda.synchronize`` before each mark, peak memory is ``torch.cuda.max_memory_allocated``
+over build + steps in this process minus what was allocated before the build (no children),
+sides are skipped by the free GPU memory, the copy bandwidth is a device-to-device ``copy_`` of
+1 GiB, and memtron's table rows are drawn on the GPU (``LocalValueTable.drawn_on_device``: the
+seeded host init of N x d values would take minutes of the run).
 
 Other processes on the cores wreck CPU timings (a parallel torch op waits on a preempted
 thread): the share of CPU they took is measured per row, and rows above 10% are starred.
@@ -50,6 +59,7 @@ import torch
 
 MiB = 1 << 20
 GiB = 1 << 30
+CPU = torch.device("cpu")
 HEADROOM = int(1.0 * GiB)  # kept free when deciding whether a side fits
 BUSY = 0.10  # foreign CPU share above which a row's timings are flagged
 
@@ -140,8 +150,12 @@ class MemtronSide:
 
         cfg = MemoryConfig(layers=[0], memory_plus=memory_plus, n_heads=a.heads, topk=a.topk,
                            d_key=a.d_key, n_sub_keys=n, value_dim=d)
-        self.table = LocalValueTable(n * n, d)
-        self.layer = ProductKeyMemory(d, cfg, self.table, init_std=0.02, out_std=0.02)
+        if a.device.type == "cuda":
+            self.table = LocalValueTable.drawn_on_device(n * n, d, a.device)
+        else:
+            self.table = LocalValueTable(n * n, d)
+        self.layer = ProductKeyMemory(d, cfg, self.table, init_std=0.02,
+                                      out_std=0.02).to(a.device)
         self.dense, self.sparse = build_optimizers(self.layer, {"values": self.table},
                                                    OptimConfig())
 
@@ -155,27 +169,28 @@ class MemtronSide:
     def phases(self, x: torch.Tensor, gy: torch.Tensor) -> dict[str, float]:
         """One plain-PKM step with each phase timed (forward written out as ``layer.forward``)."""
         marks: dict[str, float] = {}
-        t0 = time.perf_counter()
+        now = clock(x.device)
+        t0 = now()
         ids, weights = self.layer.retrieve(x)
-        t1 = time.perf_counter()
+        t1 = now()
         y = self.table.lookup(ids, weights)
-        t2 = time.perf_counter()
+        t2 = now()
 
         def mark(grad: torch.Tensor) -> None:
-            marks.setdefault("lookup_bwd_done", time.perf_counter())
+            marks.setdefault("lookup_bwd_done", now())
 
         weights.register_hook(mark)
         y.backward(gy)
-        t3 = time.perf_counter()
+        t3 = now()
         self.dense.step()
-        t4 = time.perf_counter()
+        t4 = now()
         self.table.sparse_grad()  # the coalescing pass SparseRowAdam.step starts with
-        t5 = time.perf_counter()
+        t5 = now()
         self.sparse.step()
-        t6 = time.perf_counter()
+        t6 = now()
         self.dense.zero_grad(set_to_none=True)
         self.sparse.zero_grad()
-        t7 = time.perf_counter()
+        t7 = now()
         mid = marks["lookup_bwd_done"]
         return {
             "fwd: retrieve (query, scores, top-k)": t1 - t0,
@@ -199,16 +214,17 @@ class MemtronSide:
             with torch.no_grad():
                 self.table.lookup(ids, weights)
 
+        now = clock(x.device)
         bwd_times = []
         for i in range(repeats + 1):
             w = weights.clone().requires_grad_(True)
             y = self.table.lookup(ids, w)
-            t0 = time.perf_counter()
+            t0 = now()
             y.backward(gy)
             if i:
-                bwd_times.append(time.perf_counter() - t0)
+                bwd_times.append(now() - t0)
             self.table.zero_grad_rows()
-        return median_time(fwd, 1, repeats), statistics.median(bwd_times), nbytes
+        return median_time(fwd, 1, repeats, x.device), statistics.median(bwd_times), nbytes
 
 
 class PeerSide:
@@ -217,7 +233,9 @@ class PeerSide:
     def __init__(self, n: int, d: int, a: argparse.Namespace) -> None:
         from product_key_memory import PKM, fetch_optimizer_parameters
 
-        self.layer = PKM(dim=d, heads=a.heads, num_keys=n, topk=a.topk, dim_head=a.d_key // 2)
+        with torch.device(a.device):  # parameters made and initialised where they run
+            self.layer = PKM(dim=d, heads=a.heads, num_keys=n, topk=a.topk,
+                             dim_head=a.d_key // 2)
         self.opt = torch.optim.Adam(fetch_optimizer_parameters(self.layer), lr=1e-3)
 
     def step(self, x: torch.Tensor, gy: torch.Tensor) -> None:
@@ -226,15 +244,16 @@ class PeerSide:
         self.opt.zero_grad(set_to_none=True)
 
     def phases(self, x: torch.Tensor, gy: torch.Tensor) -> dict[str, float]:
-        t0 = time.perf_counter()
+        now = clock(x.device)
+        t0 = now()
         y = self.layer(x.unsqueeze(0))
-        t1 = time.perf_counter()
+        t1 = now()
         y.backward(gy.unsqueeze(0))
-        t2 = time.perf_counter()
+        t2 = now()
         self.opt.step()
-        t3 = time.perf_counter()
+        t3 = now()
         self.opt.zero_grad(set_to_none=True)
-        t4 = time.perf_counter()
+        t4 = now()
         return {"fwd": t1 - t0, "bwd (dense [N, d] value grad)": t2 - t1,
                 "opt: dense Adam over all params": t3 - t2, "zero_grad": t4 - t3}
 
@@ -248,31 +267,49 @@ def build(side: str, n: int, d: int, a: argparse.Namespace) -> MemtronSide | Pee
     return MemtronSide(n, d, a, memory_plus=side == "memtron+")
 
 
-def inputs(d: int, tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
+def inputs(d: int, tokens: int, device: torch.device = CPU) -> tuple[torch.Tensor, torch.Tensor]:
     g = torch.Generator().manual_seed(1234 + d)
-    return torch.randn(tokens, d, generator=g), torch.randn(tokens, d, generator=g)
+    x, gy = torch.randn(tokens, d, generator=g), torch.randn(tokens, d, generator=g)
+    return x.to(device), gy.to(device)
 
 
-def median_time(fn: Callable[[], object], warmup: int, repeats: int) -> float:
+def clock(device: torch.device) -> Callable[[], float]:
+    """``time.perf_counter``; on a GPU it first waits for the work queued so far, so that the
+    time between two marks is the time of the work issued between them."""
+    if device.type != "cuda":
+        return time.perf_counter
+
+    def now() -> float:
+        torch.cuda.synchronize(device)
+        return time.perf_counter()
+
+    return now
+
+
+def median_time(fn: Callable[[], object], warmup: int, repeats: int,
+                device: torch.device = CPU) -> float:
+    now = clock(device)
     for _ in range(warmup):
         fn()
     times = []
     for _ in range(repeats):
-        t0 = time.perf_counter()
+        t0 = now()
         fn()
-        times.append(time.perf_counter() - t0)
+        times.append(now() - t0)
     return statistics.median(times)
 
 
 def free() -> None:
     gc.collect()
+    if torch.cuda.is_initialized():
+        torch.cuda.empty_cache()
 
 
 # -- peak memory in a fresh child ----------------------------------------------------------------
 def warm_kernels(side: str, d: int, a: argparse.Namespace) -> None:
     """A few steps of a tiny layer (n = 2k sub-keys), so first-call costs stay out of the way."""
     tiny = build(side, 2 * a.topk, d, a)
-    x, gy = inputs(d, 64)
+    x, gy = inputs(d, 64, a.device)
     for _ in range(2):
         tiny.step(x, gy)
 
@@ -294,7 +331,27 @@ def _peak_child(side: str, n: int, d: int, opts: dict, conn) -> None:
     conn.close()
 
 
+def measure_peak_cuda(side: str, n: int, d: int, a: argparse.Namespace) -> float:
+    """MiB the side adds on the GPU over build + steps, from the caching allocator's own count:
+    ``max_memory_allocated`` minus what was allocated right before the build (kernels and
+    library workspaces were warmed first, by ``run_config``)."""
+    x, gy = inputs(d, a.tokens, a.device)
+    free()
+    torch.cuda.reset_peak_memory_stats(a.device)
+    base = torch.cuda.memory_allocated(a.device)
+    obj = build(side, n, d, a)
+    for _ in range(a.warmup + a.mem_steps):
+        obj.step(x, gy)
+    torch.cuda.synchronize(a.device)
+    peak = torch.cuda.max_memory_allocated(a.device) - base
+    del obj
+    free()
+    return peak / MiB
+
+
 def measure_peak(side: str, n: int, d: int, a: argparse.Namespace) -> float | str:
+    if a.device.type == "cuda":
+        return measure_peak_cuda(side, n, d, a)
     ctx = multiprocessing.get_context("spawn")
     recv, send = ctx.Pipe(duplex=False)
     proc = ctx.Process(target=_peak_child, args=(side, n, d, vars(a), send))
@@ -314,10 +371,16 @@ def measure_peak(side: str, n: int, d: int, a: argparse.Namespace) -> float | st
 
 
 # -- machine -------------------------------------------------------------------------------------
-def memcpy_bandwidth(nbytes: int = 256 * MiB, repeats: int = 7) -> float:
-    src = torch.ones(nbytes // 4)
+def copy_bytes(device: torch.device) -> int:
+    return GiB if device.type == "cuda" else 256 * MiB
+
+
+def memcpy_bandwidth(device: torch.device = CPU, repeats: int = 7) -> float:
+    """``dst.copy_(src)``, bytes read + written per second (host memory, or the GPU's)."""
+    nbytes = copy_bytes(device)
+    src = torch.ones(nbytes // 4, device=device)
     dst = torch.empty_like(src)
-    return 2 * nbytes / median_time(lambda: dst.copy_(src), 2, repeats)
+    return 2 * nbytes / median_time(lambda: dst.copy_(src), 2, repeats, device)
 
 
 def busy_others() -> list[str]:
@@ -409,8 +472,16 @@ class Row:
     notes: list[str] = field(default_factory=list)
 
 
+def available(device: torch.device) -> int:
+    """Bytes a side may take: MemAvailable, or the GPU's free memory."""
+    if device.type == "cuda":
+        free()
+        return torch.cuda.mem_get_info(device)[0]
+    return mem_available()
+
+
 def fits(side: str, n: int, d: int, a: argparse.Namespace) -> tuple[bool, str]:
-    need, avail = estimate_bytes(side, n, d, a), mem_available()
+    need, avail = estimate_bytes(side, n, d, a), available(a.device)
     if need + HEADROOM <= avail:
         return True, ""
     return False, (f"skipped (needs ~{need / GiB:.1f} GiB, {avail / GiB:.1f} GiB available)")
@@ -418,7 +489,7 @@ def fits(side: str, n: int, d: int, a: argparse.Namespace) -> tuple[bool, str]:
 
 def run_config(n: int, d: int, a: argparse.Namespace, sides: list[str], memcpy: float) -> Row:
     row = Row(n, d)
-    x, gy = inputs(d, a.tokens)
+    x, gy = inputs(d, a.tokens, a.device)
     for side in sides:
         warm_kernels(side, d, a)
     runnable = []
@@ -435,7 +506,7 @@ def run_config(n: int, d: int, a: argparse.Namespace, sides: list[str], memcpy: 
         t_build = time.perf_counter() - t0
         with ForeignCpu() as meter:
             row.ms[side] = 1e3 * median_time(lambda obj=obj: obj.step(x, gy), a.warmup,
-                                             a.repeats)
+                                             a.repeats, a.device)
             if side == "memtron":
                 fwd, bwd, nbytes = obj.lookup_bandwidth(x, gy, max(3, a.repeats))
         row.foreign = max(row.foreign, meter.share)
@@ -463,7 +534,7 @@ def run_config(n: int, d: int, a: argparse.Namespace, sides: list[str], memcpy: 
 
 
 def profile(n: int, d: int, a: argparse.Namespace) -> None:
-    x, gy = inputs(d, a.tokens)
+    x, gy = inputs(d, a.tokens, a.device)
     print(f"\nWhere the step goes at N={fmt_slots(n)}, d={d}, T={a.tokens} "
           f"(median of {a.repeats} steps, ms):")
     for side in ("memtron", "peer"):
@@ -536,12 +607,21 @@ def print_table(rows: list[Row], a: argparse.Namespace, memcpy: float) -> None:
                      "timed: its times are unreliable (rerun on an idle machine)")
     if notes:
         print("notes:\n" + "\n".join(notes))
-    print(f"memcpy bandwidth {memcpy / 1e9:.1f} GB/s (read + written, 256 MiB copy_). "
+    copied = copy_bytes(a.device) // MiB
+    where = "device copy" if a.device.type == "cuda" else "memcpy"
+    print(f"{where} bandwidth {memcpy / 1e9:.1f} GB/s (read + written, {copied} MiB copy_). "
           "Gather GB/s = T*H*k*d*4 value bytes / time of table.lookup forward (no autograd), "
           "resp. of its backward alone; > 100% of memcpy = rows reused from cache (small N).")
-    mem = ("not measured (--no-memory)" if a.no_memory else
-           "peak RSS (VmHWM, reset via /proc/self/clear_refs) of a fresh spawn child per cell "
-           f"over build + {a.warmup + a.mem_steps} steps, minus its RSS right before the build")
+    if a.no_memory:
+        mem = "not measured (--no-memory)"
+    elif a.device.type == "cuda":
+        mem = ("torch.cuda.max_memory_allocated over build + "
+               f"{a.warmup + a.mem_steps} steps, minus the memory allocated right before the "
+               "build")
+    else:
+        mem = ("peak RSS (VmHWM, reset via /proc/self/clear_refs) of a fresh spawn child per "
+               f"cell over build + {a.warmup + a.mem_steps} steps, minus its RSS right before "
+               "the build")
     print(f"peak memory: {mem}.")
     print("peer/mt > 1 means memtron is faster / smaller.")
 
@@ -569,15 +649,21 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--profile", default=None, help="N:d for the phase split (default 1M:512; "
                    "'none' to skip; off in --quick)")
     p.add_argument("--quick", action="store_true", help="N=64K, d=256, T=512 smoke run")
+    p.add_argument("--device", type=torch.device, default=CPU,
+                   help="cpu (default) or cuda: sizes default to 1M 4M, dims 512 1024, T 8192, "
+                        "profile 1M:1024")
     a = p.parse_args(argv)
-    quick = a.quick
+    quick, gpu = a.quick, a.device.type == "cuda"
+    if gpu and not torch.cuda.is_available():
+        p.error("--device cuda: no CUDA GPU here")
+    default_sizes = ("1M", "4M") if gpu else ("64K", "1M", "4M")
     a.sizes = a.sizes or ([parse_slots("64K")] if quick else
-                          [parse_slots(s) for s in ("64K", "1M", "4M")])
-    a.dims = a.dims or ([256] if quick else [256, 512])
-    a.tokens = a.tokens or (512 if quick else 2048)
+                          [parse_slots(s) for s in default_sizes])
+    a.dims = a.dims or ([256] if quick else [512, 1024] if gpu else [256, 512])
+    a.tokens = a.tokens or (512 if quick else 8192 if gpu else 2048)
     a.repeats = a.repeats or (3 if quick else 5)
     a.memory_plus = (not quick) if a.memory_plus is None else a.memory_plus
-    a.profile = a.profile or ("none" if quick else "1M:512")
+    a.profile = a.profile or ("none" if quick else "1M:1024" if gpu else "1M:512")
     a.sides = list(SIDES if a.memory_plus else SIDES[:2])
     torch.set_num_threads(a.threads)
     torch.manual_seed(0)
@@ -590,14 +676,24 @@ def main(argv: list[str] | None = None) -> None:
     print(f"python {platform.python_version()}, torch {torch.__version__}, "
           f"threads {torch.get_num_threads()} (interop {torch.get_num_interop_threads()}), "
           f"THP_MEM_ALLOC_ENABLE={os.environ.get('THP_MEM_ALLOC_ENABLE', 'unset')}")
+    if gpu:
+        from memtron.model.memory import kernels
+
+        props = torch.cuda.get_device_properties(a.device)
+        triton = kernels.use_triton(torch.empty(0, 1, device=a.device))
+        print(f"device: {props.name}, {props.total_memory / GiB:.1f} GiB "
+              f"({torch.cuda.mem_get_info(a.device)[0] / GiB:.1f} free), CUDA "
+              f"{torch.version.cuda}; memtron value-table kernels: "
+              f"{'Triton' if triton else 'torch (MEMTRON_TRITON=0 or no triton)'}")
     print(f"H={a.heads} k={a.topk} d_key={a.d_key} T={a.tokens} fp32; warmup {a.warmup}, "
           f"median of {a.repeats}; sides {', '.join(a.sides)}")
+    peer_adam = "foreach Adam on the GPU" if gpu else "single-tensor Adam on CPU"
     print("memtron: ProductKeyMemory(memory_plus=False) + LocalValueTable, AdamW + SparseRowAdam"
           "; peer: product_key_memory.PKM + Adam(fetch_optimizer_parameters) (dense value grad,"
-          " single-tensor Adam on CPU)")
+          f" {peer_adam})")
     warn_if_busy("start")
-    memcpy = memcpy_bandwidth()
-    print(f"memcpy: {memcpy / 1e9:.1f} GB/s", flush=True)
+    memcpy = memcpy_bandwidth(a.device)
+    print(f"{'device copy' if gpu else 'memcpy'}: {memcpy / 1e9:.1f} GB/s", flush=True)
 
     rows = []
     for n in a.sizes:

@@ -7,6 +7,11 @@
   memtron submit  CONFIG [overrides] --nodes N --gpus-per-node G   sbatch a training job
   memtron status  RUN_DIR                  job state, last step and loss, checkpoint
   memtron cancel  RUN_DIR                  scancel the run's job
+  memtron generate --ckpt RUN_DIR|CKPT --prompt TEXT   KV-cache generation
+  memtron export bank CKPT OUT             value tables -> on-disk row-block bank
+  memtron export hf CKPT OUT               Hugging Face model directory
+  memtron import hf HF_DIR CKPT_DIR        Hugging Face (memtron or Llama) -> checkpoint
+  memtron serve-memory BANK_DIR            HTTP row-fetch server over a bank
 """
 
 from __future__ import annotations
@@ -130,6 +135,244 @@ def _cmd_cancel(args: argparse.Namespace) -> int:
     return 0
 
 
+def _read_prompts(args: argparse.Namespace) -> list[dict]:
+    from memtron.infer.generate import GenerationError
+
+    if args.prompt is not None:
+        return [{"prompt": args.prompt}]
+    rows = []
+    with open(args.prompts) as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise GenerationError(f"{args.prompts}:{n}: not valid JSON ({e})") from e
+            if not isinstance(row, dict) or not isinstance(row.get("prompt"), str):
+                raise GenerationError(f"{args.prompts}:{n}: needs a string field 'prompt'")
+            rows.append(row)
+            if args.limit and len(rows) == args.limit:
+                break
+    if not rows:
+        raise GenerationError(f"{args.prompts}: no prompts")
+    return rows
+
+
+class _Streamer:
+    """Prints one sequence's text as tokens arrive, holding back an incomplete UTF-8 tail."""
+
+    def __init__(self, tokenizer) -> None:
+        self.tokenizer, self.tokens, self.shown = tokenizer, [], 0
+
+    def __call__(self, new) -> None:
+        token = int(new[0])
+        if token < 0:
+            return
+        self.tokens.append(token)
+        text = self.tokenizer.decode(self.tokens)
+        stable = len(text.rstrip("\ufffd"))
+        if stable > self.shown:
+            sys.stdout.write(text[self.shown:stable])
+            sys.stdout.flush()
+            self.shown = stable
+
+
+def _cmd_generate(args: argparse.Namespace) -> int:
+    import os
+
+    import torch
+
+    from memtron.data.tokenizer import load_tokenizer
+    from memtron.infer.generate import SamplingConfig, generate
+    from memtron.infer.model import load_model
+
+    rows = _read_prompts(args)
+    device = args.device
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    token = args.token or os.environ.get("MEMTRON_MEMORY_TOKEN")
+    loaded = load_model(args.ckpt, values=args.values, cache_rows=args.cache_rows,
+                        device=device, token=token)
+    tokenizer = load_tokenizer(loaded.config.data.tokenizer)
+    sampling = SamplingConfig(max_new_tokens=args.max_new_tokens, greedy=args.greedy,
+                              temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                              seed=args.seed)
+    # Every prompt starts after a document boundary, as every training document did.
+    prompts = [[tokenizer.eos_id, *tokenizer.encode(r["prompt"])] for r in rows]
+    stream = args.prompt is not None and not args.json
+    if stream:
+        sys.stdout.write(rows[0]["prompt"])
+        sys.stdout.flush()
+    result = generate(loaded.model, prompts, sampling, tokenizer.eos_id, dtype=args.dtype,
+                      on_tokens=_Streamer(tokenizer) if stream else None)
+    for row, tokens, cut in zip(rows, result.tokens, result.truncated):
+        completion = tokenizer.decode(tokens)
+        if stream:
+            print()
+        elif args.json:
+            print(json.dumps({**row, "completion": completion, "n_tokens": len(tokens),
+                              "stopped_by_context": cut}))
+        else:
+            expected = f"   (expected: {row['answer']!r})" if "answer" in row else ""
+            print(f"{row['prompt']}\u2192{completion!r}{expected}")
+    prefill_rate = result.prompt_tokens / max(result.prefill_s, 1e-9)
+    print(f"generated {result.new_tokens} tokens for {len(prompts)} prompt(s): prefill "
+          f"{result.prompt_tokens} tokens at {prefill_rate:,.0f} tok/s, decode "
+          f"{result.decode_tokens_per_s:,.1f} tok/s on {device} ({args.dtype}); checkpoint "
+          f"{loaded.checkpoint} (step {loaded.step})", file=sys.stderr)
+    if any(result.truncated):
+        print("memtron: warning: generation stopped at the model's context length "
+              f"({loaded.config.model.max_seq_len} tokens) for {sum(result.truncated)} "
+              "prompt(s)", file=sys.stderr)
+    stats = loaded.fetch_stats()
+    if stats:
+        print(f"memory fetch ({args.values}): {stats['lookups']:,.0f} lookups, "
+              f"{stats['rows_requested']:,.0f} rows requested, {stats['rows_fetched']:,.0f} "
+              f"fetched ({stats['bytes_fetched'] / 2**20:,.1f} MiB), cache hit rate "
+              f"{stats['cache_hit_rate']:.1%}", file=sys.stderr)
+    return 0
+
+
+def _cmd_export_bank(args: argparse.Namespace) -> int:
+    import time
+
+    from memtron.export.bank import export_bank
+
+    start = time.perf_counter()
+    manifest = export_bank(args.ckpt, args.out, block_bytes=int(args.block_mib * 2**20),
+                           overwrite=args.overwrite)
+    seconds = time.perf_counter() - start
+    total = 0
+    for name, table in manifest["tables"].items():
+        size = sum(b["bytes"] for b in table["blocks"])
+        total += size
+        print(f"{name}: {table['n_rows']:,} x {table['dim']} {table['dtype']} in "
+              f"{len(table['blocks'])} block(s), {size / 2**20:,.1f} MiB")
+    print(f"wrote bank {args.out} from {manifest['source']['checkpoint']} (step "
+          f"{manifest['source']['step']}): {total / 1e9:.3f} GB in {seconds:.1f} s "
+          f"({total / max(seconds, 1e-9) / 1e9:.2f} GB/s)")
+    return 0
+
+
+def _cmd_serve_memory(args: argparse.Namespace) -> int:
+    import os
+
+    from memtron.infer.server import DEFAULT_PORT, serve
+
+    token = args.token or os.environ.get("MEMTRON_MEMORY_TOKEN")
+    if token is None and args.host not in ("127.0.0.1", "localhost", "::1"):
+        print(f"memtron: warning: serving on {args.host} without --token: anyone who reaches "
+              "this address can read the bank", file=sys.stderr)
+    limits = {k: v for k, v in (("port", args.port), ("max_ids", args.max_ids)) if v}
+    print(f"serving {args.bank} on http://{args.host}:{args.port or DEFAULT_PORT} "
+          f"({args.workers} worker(s), {'token required' if token else 'no token'}); "
+          "Ctrl-C stops", file=sys.stderr)
+    serve(args.bank, host=args.host, workers=args.workers, token=token, **limits)
+    return 0
+
+
+def _cmd_export_hf(args: argparse.Namespace) -> int:
+    from memtron.export.hf import export_hf
+
+    s = export_hf(args.ckpt, args.out, dtype=args.dtype, max_shard_size=args.max_shard_size,
+                  values=args.values, overwrite=args.overwrite)
+    print(f"wrote a {s['model_type']} model to {s['out']}: {s['files']} safetensors shard(s), "
+          f"{s['bytes'] / 1e9:.3f} GB in {s['seconds']:.1f} s "
+          f"({s['bytes'] / max(s['seconds'], 1e-9) / 1e9:.2f} GB/s)")
+    return 0
+
+
+def _cmd_import_hf(args: argparse.Namespace) -> int:
+    from memtron.export.hf import import_hf
+
+    path = import_hf(args.hf_dir, args.ckpt_dir, overrides=args.overrides,
+                     optimizer_from=args.optimizer_from, overwrite=args.overwrite)
+    print(f"wrote checkpoint {path}; continue with: memtron train ... --resume {path}")
+    return 0
+
+
+def _add_export_parsers(sub) -> None:
+    export = sub.add_parser("export", help="export a checkpoint").add_subparsers(
+        dest="export_command", required=True)
+    p = export.add_parser("bank", help="value tables -> on-disk row-block bank",
+                          description="Stream every value table of a checkpoint (any layout) "
+                          "into row-block safetensors files with a checksummed manifest, for "
+                          "`generate --values mmap:OUT` and `serve-memory`.")
+    p.add_argument("ckpt", help="run dir (latest checkpoint) or checkpoint dir")
+    p.add_argument("out")
+    p.add_argument("--block-mib", type=float, default=256, help="block file size (MiB)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing bank")
+    p.set_defaults(func=_cmd_export_bank)
+
+    p = export.add_parser("hf", help="checkpoint -> Hugging Face model directory",
+                          description="Llama (dense) or model_type memtron with remote code "
+                          "(memory layers); streams shards, never holds a whole table.")
+    p.add_argument("ckpt", help="run dir (latest checkpoint) or checkpoint dir")
+    p.add_argument("out")
+    p.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
+    p.add_argument("--max-shard-size", default="2GB", help="e.g. 2GB, 500MB, 1GiB")
+    p.add_argument("--values", choices=["weights", "bank"], default="weights",
+                   help="value tables as row-block weights, or a bank in OUT/values that the "
+                   "model memory-maps (config memory_bank)")
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty OUT")
+    p.set_defaults(func=_cmd_export_hf)
+
+    imp = sub.add_parser("import", help="bring models into memtron").add_subparsers(
+        dest="import_command", required=True)
+    p = imp.add_parser("hf", help="Hugging Face directory (memtron export or Llama) -> checkpoint")
+    p.add_argument("hf_dir")
+    p.add_argument("ckpt_dir", help="checkpoint directory to write (for --resume)")
+    p.add_argument("overrides", nargs="*", metavar="key=value",
+                   help="config overrides (data, optim, train...; not the architecture)")
+    p.add_argument("--optimizer-from", help="memtron checkpoint whose optimizer moments, step "
+                   "and data position to carry over (e.g. the one that was exported)")
+    p.add_argument("--overwrite", action="store_true")
+    p.set_defaults(func=_cmd_import_hf)
+
+    p = sub.add_parser("serve-memory", help="HTTP row-fetch server over an exported bank",
+                       description="Serve a bank's rows to `generate --values http://...` "
+                       "(FastAPI + uvicorn; binary bodies; bad requests get a 4xx).")
+    p.add_argument("bank", help="bank directory (memtron export bank)")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, help="default 8421")
+    p.add_argument("--workers", type=int, default=1, help="server processes sharing the port")
+    p.add_argument("--token", help="require 'Authorization: Bearer TOKEN' "
+                   "(default: $MEMTRON_MEMORY_TOKEN)")
+    p.add_argument("--max-ids", type=int,
+                   help="largest number of ids one request may ask for (default 262144)")
+    p.set_defaults(func=_cmd_serve_memory)
+
+
+def _add_infer_parsers(sub) -> None:
+    p = sub.add_parser("generate", help="generate text from a checkpoint (KV cache)",
+                       description="Load a checkpoint saved at any layout into this process "
+                       "and continue prompts. Value tables come from RAM, a memory-mapped "
+                       "bank (`memtron export bank`) or a `memtron serve-memory` server.")
+    p.add_argument("--ckpt", required=True, help="run dir (latest checkpoint) or checkpoint dir")
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--prompt", help="one prompt; its continuation streams to stdout")
+    source.add_argument("--prompts", help="JSONL file with a 'prompt' field per line "
+                        "(batched; an 'answer' field is shown beside the completion)")
+    p.add_argument("--limit", type=int, default=0, help="only the first N prompts of --prompts")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--greedy", action="store_true", help="argmax decoding")
+    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=0, help="0 = no top-k cut")
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--values", default="ram",
+                   help="ram | mmap:BANK_DIR | http://HOST:PORT (default: ram)")
+    p.add_argument("--token", help="bearer token of the memory server "
+                   "(default: $MEMTRON_MEMORY_TOKEN)")
+    p.add_argument("--cache-rows", type=int, default=65536,
+                   help="LRU cache of fetched rows per table (mmap/http values; 0 = off)")
+    p.add_argument("--device", default="auto", help="auto (cuda if present), cpu, cuda, cuda:N")
+    p.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32", help="autocast dtype")
+    p.add_argument("--json", action="store_true", help="one JSON line per prompt")
+    p.set_defaults(func=_cmd_generate)
+
+
 def _add_submit_parser(sub) -> None:
     p = sub.add_parser("submit", help="submit a training job to SLURM (sbatch)",
                        description="Render an sbatch script from a template in slurm/, write it "
@@ -208,20 +451,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_prepare)
 
     _add_submit_parser(sub)
+    _add_infer_parsers(sub)
+    _add_export_parsers(sub)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from memtron.data.loader import DataError
+    from memtron.infer.generate import GenerationError
+    from memtron.infer.store import BankError, RemoteStoreError
     from memtron.parallel.launch import LaunchError
     from memtron.slurm import SlurmError
     from memtron.train.checkpoint import CheckpointError
 
     try:
         return args.func(args)
-    except (ConfigError, DataError, CheckpointError, LaunchError, SlurmError,
-            FileNotFoundError) as e:
+    except (ConfigError, DataError, CheckpointError, LaunchError, SlurmError, GenerationError,
+            BankError, RemoteStoreError, FileNotFoundError) as e:
         print(f"memtron: error: {e}", file=sys.stderr)
         return 2
 

@@ -8,6 +8,8 @@ import torch
 import torch.distributed.checkpoint as dcp
 
 from memtron.config import load_config
+from memtron.infer.generate import SamplingConfig, generate
+from memtron.infer.model import load_model
 from memtron.model.transformer import build_model
 from memtron.train.trainer import train
 from tests.conftest import tiny_overrides
@@ -83,7 +85,8 @@ def test_parallel_training_equals_single_process(tiny_corpus, tmp_path, referenc
 
 
 def test_checkpoint_reshards_across_tp_dp_and_ep(tiny_corpus, tmp_path, reference):
-    """Saved at (tp=2, dp=2, ep=4); resumed at (tp=1, dp=2, ep=2) and in one process."""
+    """Saved at (tp=2, dp=2, ep=4); resumed at (tp=1, dp=2, ep=2) and in one process, and
+    generating in one process."""
     ref, _, _ = reference
     saved_run = tmp_path / "tp2dp2"
     (saved, *_) = run_ranks(4, _train_rank, _overrides(
@@ -99,6 +102,13 @@ def test_checkpoint_reshards_across_tp_dp_and_ep(tiny_corpus, tmp_path, referenc
         assert min(resumed["losses"]) == 4  # resumed after step 3
         assert resumed["losses"][4] == pytest.approx(uninterrupted, rel=1e-5)
         assert resumed["losses"][4] == pytest.approx(ref["losses"][4], rel=1e-5)
+    # The (tp=2, dp=2, ep=4) checkpoint generates in one process, without a process group,
+    # the same tokens as the same training run saved by a single process.
+    prompts = [[256, *b"Ada was born in"], [256, *b"The"]]
+    sampling = SamplingConfig(max_new_tokens=12, greedy=True, stop_at_eos=False)
+    tokens = [generate(load_model(ckpt).model, prompts, sampling, 256).tokens
+              for ckpt in (saved["checkpoint"], ref["checkpoint"])]
+    assert tokens[0] == tokens[1]
 
 
 @pytest.fixture(scope="module")

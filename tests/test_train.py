@@ -14,7 +14,7 @@ from memtron.cli import main
 from memtron.config import ConfigError, load_config
 from memtron.data.loader import DataError
 from memtron.data.prepare import prepare
-from memtron.data.synthetic import generate_corpus
+from memtron.data.synthetic import generate_corpus, load_questions
 from memtron.train.checkpoint import CheckpointError, list_checkpoints
 from memtron.train.trainer import Trainer, train
 from tests.conftest import save_word_level_tokenizer, tiny_overrides
@@ -173,7 +173,7 @@ def test_bf16_and_grad_accum_train(tiny_config):
 
 @pytest.mark.slow
 @pytest.mark.timeout(1800)  # ~4 min on 2 idle cores; a hang guard, not a speed assertion
-def test_default_demo_learns_facts(tmp_path, monkeypatch):
+def test_default_demo_learns_facts(tmp_path, monkeypatch, capsys):
     """The README's demo recipe, unchanged but for paths: loss falls, frequent facts are learned."""
     data = tmp_path / "data"
     generate_corpus(data)
@@ -190,3 +190,12 @@ def test_default_demo_learns_facts(tmp_path, monkeypatch):
     chance = final["fact_acc/chance"]
     assert final["fact_acc/head"] > 4 * chance, final
     assert final["fact_acc/head"] > final["fact_acc/tail"], final
+    # The demo's last step: the trained model answers head-bucket questions by generation.
+    head = [q for q in load_questions(data / "questions.jsonl") if q["bucket"] == "head"][:10]
+    (tmp_path / "head.jsonl").write_text("".join(json.dumps(q) + "\n" for q in head))
+    assert main(["generate", "--ckpt", str(tmp_path / "run"), "--prompts",
+                     str(tmp_path / "head.jsonl"), "--greedy", "--max-new-tokens", "12",
+                     "--json"]) == 0
+    answers = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    right = sum(a["completion"].startswith(a["answer"]) for a in answers)
+    assert len(answers) == 10 and right >= 3, answers

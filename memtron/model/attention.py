@@ -1,4 +1,9 @@
-"""Causal grouped-query self-attention with rotary position embeddings."""
+"""Causal grouped-query self-attention with rotary position embeddings.
+
+The attention itself goes through one backend call, ``backend(q, k, v, mask)``: the local
+backend is SDPA; context parallelism swaps in ring attention (``memtron.parallel.context``), so
+the math here stays single-process.
+"""
 
 from __future__ import annotations
 
@@ -6,13 +11,28 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from memtron.model.forward import KVCache
 
-def rope_tables(head_dim: int, positions: torch.Tensor, theta: float) -> tuple[torch.Tensor, ...]:
-    """cos/sin [L, head_dim/2] for integer positions [L] (explicit positions let a context-parallel
-    rank hold a non-contiguous slice of the sequence and still rotate by the true position)."""
-    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim))
-    angles = positions.to(torch.float64)[:, None] * inv_freq[None, :]
-    return angles.cos().float(), angles.sin().float()
+
+class RotaryEmbedding(nn.Module):
+    """cos/sin tables [max_len, head_dim/2], computed once in fp64 and kept as fp32 buffers.
+    Explicit positions let a context-parallel rank hold a non-contiguous slice of the sequence
+    and a generating model continue after its cache, and still rotate by the true position."""
+
+    def __init__(self, head_dim: int, max_len: int, theta: float) -> None:
+        super().__init__()
+        inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64)
+                                    / head_dim))
+        angles = torch.arange(max_len, dtype=torch.float64)[:, None] * inv_freq[None, :]
+        self.register_buffer("cos", angles.cos().float(), persistent=False)
+        self.register_buffer("sin", angles.sin().float(), persistent=False)
+
+    def forward(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """positions [L] -> cos, sin [L, D/2]; [B, L] -> [B, 1, L, D/2] (broadcast over heads)."""
+        cos, sin = self.cos[positions], self.sin[positions]
+        if positions.dim() == 2:
+            cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+        return cos, sin
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -22,20 +42,22 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return rotated.to(x.dtype)
 
 
-def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """q [B, H, L, D], k/v [B, KV, L, D] -> [B, H, L, D]; grouped-query when KV < H."""
-    return F.scaled_dot_product_attention(q, k, v, is_causal=True,
+def sdpa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                   mask: torch.Tensor | None) -> torch.Tensor:
+    """The local backend. q [B, H, Lq, D], k/v [B, KV, Lk, D] -> [B, H, Lq, D]; grouped-query
+    when KV < H. ``mask``: boolean allowed pairs [B|1, 1, Lq, Lk]; None = causal, Lq == Lk."""
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
                                           enable_gqa=q.shape[1] != k.shape[1])
 
 
 class CausalSelfAttention(nn.Module):
-    """``core`` computes attention from rotated q, k, v. It is the one place sequence-parallel
-    code plugs in (context parallelism swaps in ring attention), so the math here stays
-    single-process."""
+    """``backend`` computes attention from rotated q, k, v and a mask; it is the one place
+    sequence-parallel code plugs in."""
 
-    def __init__(self, d_model: int, n_heads: int, n_kv_heads: int) -> None:
+    def __init__(self, d_model: int, n_heads: int, n_kv_heads: int, layer_index: int) -> None:
         super().__init__()
-        self.core = causal_attention
+        self.backend = sdpa_attention
+        self.layer_index = layer_index  # its slot in a KV cache
         # The input shared by q, k and v; tensor parallelism swaps in one gradient all-reduce
         # here instead of one per projection.
         self.input_hook: nn.Module = nn.Identity()
@@ -46,12 +68,15 @@ class CausalSelfAttention(nn.Module):
         self.wv = nn.Linear(d_model, n_kv_heads * self.head_dim, bias=False)
         self.wo = nn.Linear(n_heads * self.head_dim, d_model, bias=False)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
+                mask: torch.Tensor | None = None, cache: KVCache | None = None) -> torch.Tensor:
         b, length, _ = x.shape
         x = self.input_hook(x)
         q = self.wq(x).view(b, length, -1, self.head_dim).transpose(1, 2)
         k = self.wk(x).view(b, length, -1, self.head_dim).transpose(1, 2)
         v = self.wv(x).view(b, length, -1, self.head_dim).transpose(1, 2)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        out = self.core(q, k, v)
+        q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        if cache is not None:
+            k, v = cache.update(self.layer_index, k, v)
+        out = self.backend(q, k, v, mask)
         return self.wo(out.transpose(1, 2).reshape(b, length, -1))

@@ -11,7 +11,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from memtron.config import Config, MemoryConfig, ModelConfig
-from memtron.model.attention import CausalSelfAttention, rope_tables
+from memtron.model.attention import CausalSelfAttention, RotaryEmbedding
+from memtron.model.forward import ForwardContext, KVCache
 from memtron.model.memory.product_key import ProductKeyMemory
 from memtron.model.memory.values import LocalValueTable, ValueTable
 
@@ -30,16 +31,18 @@ class SwiGLU(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, cfg: ModelConfig, ffn: bool, memory: ProductKeyMemory | None) -> None:
+    def __init__(self, cfg: ModelConfig, index: int, ffn: bool,
+                 memory: ProductKeyMemory | None) -> None:
         super().__init__()
         self.attn_norm = nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps)
-        self.attn = CausalSelfAttention(cfg.d_model, cfg.n_heads, cfg.n_kv_heads)
+        self.attn = CausalSelfAttention(cfg.d_model, cfg.n_heads, cfg.n_kv_heads, index)
         self.mlp_norm = nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps)
         self.ffn = SwiGLU(cfg.d_model, cfg.d_ff) if ffn else None
         self.memory = memory
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        x = x + self.attn(self.attn_norm(x), cos, sin)
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
+                mask: torch.Tensor | None, cache: KVCache | None) -> torch.Tensor:
+        x = x + self.attn(self.attn_norm(x), rope, mask, cache)
         h = self.mlp_norm(x)
         if self.ffn is not None:
             x = x + self.ffn(h)
@@ -82,8 +85,9 @@ class Transformer(nn.Module):
             if i in table_of:
                 memory = ProductKeyMemory(cfg.d_model, mem, table_of[i], cfg.init_std, out_std)
             ffn = memory is None or mem.placement == "beside"
-            blocks.append(Block(cfg, ffn, memory))
+            blocks.append(Block(cfg, i, ffn, memory))
         self.blocks = nn.ModuleList(blocks)
+        self.rope = RotaryEmbedding(cfg.d_model // cfg.n_heads, cfg.max_seq_len, cfg.rope_theta)
         self.norm = nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps)
         # The hidden state entering the output head; tensor parallelism swaps in a module
         # that sums its gradient over the tp ranks holding vocab shards of a tied head.
@@ -109,15 +113,21 @@ class Transformer(nn.Module):
     def memory_layers(self) -> list[ProductKeyMemory]:
         return [b.memory for b in self.blocks if b.memory is not None]
 
-    def forward(self, tokens: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
-        """tokens [B, L] -> logits [B, L, vocab]. ``positions`` [L] defaults to 0..L-1."""
-        if positions is None:
-            positions = torch.arange(tokens.shape[1], device=tokens.device)
-        cos, sin = rope_tables(self.cfg.d_model // self.cfg.n_heads, positions, self.cfg.rope_theta)
-        cos, sin = cos.to(tokens.device), sin.to(tokens.device)
+    def new_cache(self, batch: int, max_len: int | None = None) -> KVCache:
+        return KVCache(len(self.blocks), batch, max_len or self.cfg.max_seq_len)
+
+    def forward(self, tokens: torch.Tensor, ctx: ForwardContext | None = None) -> torch.Tensor:
+        """tokens [B, L] -> logits [B, L, vocab]; ``ctx`` defaults to a whole-sequence
+        training forward (positions 0..L-1, causal, no cache)."""
+        ctx = ctx or ForwardContext()
+        length = tokens.shape[1]
+        rope = self.rope(ctx.resolve_positions(length, tokens.device))
+        mask = ctx.attention_mask(length, tokens.device)
         x = self.embed(tokens)
         for block in self.blocks:
-            x = block(x, cos, sin)
+            x = block(x, rope, mask, ctx.cache)
+        if ctx.cache is not None:
+            ctx.cache.advance(length)
         x = self.head_input(self.norm(x))
         weight = self.embed.weight if self.head is None else self.head.weight
         return F.linear(x, weight)

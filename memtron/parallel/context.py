@@ -8,8 +8,9 @@ Ring attention: K/V blocks travel the cp ring with ``batch_isend_irecv`` (the ne
 in flight while the current one is used, forward and backward). For every (query chunk, key
 chunk) pair the global chunk order decides: an earlier key chunk is seen whole, the same chunk
 causally, a later one not at all (skipped, never computed). Each pair runs a local kernel that
-returns the output and its log-sum-exp, merged into the running result in fp32 with the stable
-LSE update.
+returns the output and its log-sum-exp (torch's memory-efficient SDPA kernel on CUDA, an exact
+blocked torch kernel elsewhere), merged into the running result in fp32 with the stable LSE
+update.
 Backward is a custom autograd function: probabilities are recomputed from the final LSE, and
 dK/dV accumulators ride a second ring with their block until they are back with its owner.
 """
@@ -23,7 +24,7 @@ from contextlib import contextmanager
 import torch
 import torch.distributed as dist
 
-from memtron.model.attention import CausalSelfAttention, causal_attention
+from memtron.model.attention import CausalSelfAttention, sdpa_attention
 from memtron.parallel.state import ParallelState
 
 KEY_BLOCK = 512  # query and key block of the local kernel: memory ~ KEY_BLOCK^2 per head
@@ -86,9 +87,88 @@ def merge_partial(out: torch.Tensor, lse: torch.Tensor, block_out: torch.Tensor,
 
 def attention_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool,
                   block: int = KEY_BLOCK) -> tuple[torch.Tensor, torch.Tensor]:
-    """Exact attention of q [B, H, Lq, D] over k, v [B, KV, Lk, D] -> (out [B, H, Lq, D] fp32,
-    lse [B, H, Lq] fp32), in query x key blocks with an online softmax (memory ~ block^2).
-    ``causal``: q and k cover the same positions and query i sees keys j <= i."""
+    """Exact attention of q [B, H, Lq, D] over k, v [B, KV, Lk, D] (GQA: H a multiple of KV)
+    -> (out [B, H, Lq, D] fp32, lse [B, H, Lq] fp32). ``causal``: q and k cover the same
+    positions and query i sees keys j <= i. On CUDA: torch's memory-efficient SDPA kernel;
+    elsewhere :func:`blocked_attention_lse` (``block`` is its block size)."""
+    if q.is_cuda:
+        return efficient_attention_lse(q, k, v, causal)
+    return blocked_attention_lse(q, k, v, causal, block)
+
+
+def attention_lse_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
+                           lse: torch.Tensor, grad_out: torch.Tensor, causal: bool,
+                           block: int = KEY_BLOCK,
+                           ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Gradients (dq, dk, dv, fp32) of one (query, key) block pair given the *final* out and
+    lse of the queries, so that the contributions of all pairs add up. On CUDA: the
+    memory-efficient SDPA backward; elsewhere :func:`blocked_attention_lse_backward`."""
+    if q.is_cuda:
+        return efficient_attention_lse_backward(q, k, v, out, lse, grad_out, causal)
+    return blocked_attention_lse_backward(q, k, v, out, lse, grad_out, causal, block)
+
+
+def _repeat_kv(t: torch.Tensor, heads: int) -> torch.Tensor:
+    """[B, KV, L, D] -> [B, H, L, D], kv head j serving query heads j*H/KV ... (j+1)*H/KV - 1
+    (the grouping of :func:`_grouped`): the SDPA kernels take as many kv heads as query heads."""
+    return t if t.shape[1] == heads else t.repeat_interleave(heads // t.shape[1], dim=1)
+
+
+def efficient_attention_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                            causal: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`attention_lse` on CUDA: ``aten._scaled_dot_product_efficient_attention`` with
+    ``compute_log_sumexp`` (fp32 and bf16 inputs; no dropout). Its causal mask is top-left
+    aligned, which for the square diagonal blocks of the ring is the same as bottom-right. Its
+    lse comes padded to a multiple of 32 queries; the padding is cut off."""
+    heads, n_q, d = q.shape[1], q.shape[2], q.shape[3]
+    with torch.autocast(q.device.type, enabled=False):  # dtypes are the inputs'
+        out, lse, _, _ = torch.ops.aten._scaled_dot_product_efficient_attention(
+            q, _repeat_kv(k, heads), _repeat_kv(v, heads), None, True, 0.0, causal,
+            scale=1.0 / math.sqrt(d))
+    return out.float(), lse[..., :n_q].float()
+
+
+LSE_ALIGN = 32  # the efficient-attention forward pads its lse to a multiple of 32 queries
+
+
+def _padded_lse(lse: torch.Tensor) -> torch.Tensor:
+    """lse [B, H, Lq] -> a fresh fp32 [B, H, ceil32(Lq)] buffer holding it in [..., :Lq], the
+    layout the efficient-attention forward produces. Its backward (cutlass ``check_supported``)
+    wants lse.stride(1) and lse.stride(0) multiples of 8 (for H > 1, B > 1) and reads rows
+    below Lq only; the padding is +inf, so a padded row would get probability exp(-inf) = 0."""
+    b, h, n_q = lse.shape
+    padded = torch.full((b, h, -(-n_q // LSE_ALIGN) * LSE_ALIGN), float("inf"),
+                        dtype=torch.float32, device=lse.device)
+    padded[..., :n_q] = lse
+    return padded
+
+
+def efficient_attention_lse_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                                     out: torch.Tensor, lse: torch.Tensor,
+                                     grad_out: torch.Tensor, causal: bool,
+                                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """:func:`attention_lse_backward` on CUDA: the memory-efficient SDPA backward, recomputing
+    the probabilities from the given (final) lse, as ring flash attention does. The kernel
+    takes out in q's dtype and in the [B, L, H, D] memory layout its forward produces (it
+    derives that stride rather than reading it); dk and dv of a kv group are summed (GQA)."""
+    heads, d, kv_heads = q.shape[1], q.shape[3], k.shape[1]
+    out_blhd = out.to(q.dtype).transpose(1, 2).contiguous().transpose(1, 2)
+    no_rng = torch.zeros((), dtype=torch.int64, device=q.device)  # dropout off: never read
+    with torch.autocast(q.device.type, enabled=False):
+        dq, dk, dv, _ = torch.ops.aten._scaled_dot_product_efficient_attention_backward(
+            grad_out.to(q.dtype), q, _repeat_kv(k, heads), _repeat_kv(v, heads), None,
+            out_blhd, _padded_lse(lse), no_rng, no_rng, 0.0, [True, True, True, False],
+            causal, scale=1.0 / math.sqrt(d))
+    group = heads // kv_heads
+    dk = dk.float().unflatten(1, (kv_heads, group)).sum(2)
+    dv = dv.float().unflatten(1, (kv_heads, group)).sum(2)
+    return dq.float(), dk, dv
+
+
+def blocked_attention_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool,
+                          block: int = KEY_BLOCK) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`attention_lse` in torch ops, in query x key blocks with an online softmax (memory
+    ~ block^2): exact in fp32, on any device (the CPU kernel, and the reference)."""
     b, h, n_q, d = q.shape
     kv_heads = k.shape[1]
     qg = _grouped(q.float(), kv_heads) * (1.0 / math.sqrt(d))
@@ -107,10 +187,12 @@ def attention_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: boo
     return out.reshape(b, h, n_q, d), lse.reshape(b, h, n_q)
 
 
-def attention_lse_backward(q, k, v, out, lse, grad_out, causal: bool, block: int = KEY_BLOCK):
-    """Gradients of one (query, key) block pair given the *final* out and lse of the queries
-    (so contributions of all pairs add up): returns (dq, dk, dv) in fp32. Probabilities are
-    recomputed block by block, never stored."""
+def blocked_attention_lse_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                                   out: torch.Tensor, lse: torch.Tensor, grad_out: torch.Tensor,
+                                   causal: bool, block: int = KEY_BLOCK,
+                                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """:func:`attention_lse_backward` in torch ops: probabilities recomputed block by block
+    from the final lse, never stored."""
     b, h, n_q, d = q.shape
     kv_heads = k.shape[1]
     scale = 1.0 / math.sqrt(d)
@@ -236,35 +318,40 @@ def ring_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
 # --------------------------------------------------------------------------- wiring
 
 
-class RingCore:
-    """The attention core of every layer under cp > 1 (replaces ``causal_attention``)."""
+class RingBackend:
+    """The attention backend of every layer under cp > 1 (replaces ``sdpa_attention``):
+    causal training attention over the zigzag layout; no cache, padding or prefix."""
 
     def __init__(self, state: ParallelState) -> None:
         self.group, self.cp, self.rank = state.cp_group, state.cp, state.cp_rank
 
-    def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                 mask: torch.Tensor | None) -> torch.Tensor:
+        if mask is not None:
+            raise ValueError("ring attention computes causal attention over whole training "
+                             "sequences; masks and KV caches need the local backend")
         return ring_attention(q, k, v, self.group, self.cp, self.rank)
 
 
 def parallelize_context(model: torch.nn.Module, state: ParallelState) -> torch.nn.Module:
     if state.cp > 1:
-        core = RingCore(state)
+        backend = RingBackend(state)
         for module in model.modules():
             if isinstance(module, CausalSelfAttention):
-                module.core = core
+                module.backend = backend
     return model
 
 
 @contextmanager
 def local_attention(model: torch.nn.Module):
     """Whole sequences on every rank (e.g. evaluating fact questions, whose lengths do not
-    follow the zigzag layout): attention cores back to the local kernel for the duration."""
+    follow the zigzag layout): attention backends back to the local one for the duration."""
     layers = [m for m in model.modules() if isinstance(m, CausalSelfAttention)]
-    saved = [m.core for m in layers]
+    saved = [m.backend for m in layers]
     for m in layers:
-        m.core = causal_attention
+        m.backend = sdpa_attention
     try:
         yield
     finally:
-        for m, core in zip(layers, saved):
-            m.core = core
+        for m, backend in zip(layers, saved):
+            m.backend = backend

@@ -16,6 +16,7 @@ import torch
 import torch.distributed as dist
 
 from memtron.model.memory.values import ValueTable, sum_rows_by_id
+from memtron.parallel.launch import collective_device, to_backend
 
 BUCKET_BYTES = 25 * 1024 * 1024
 
@@ -37,7 +38,7 @@ def average_dense_grads(params: Iterable[torch.Tensor], group: dist.ProcessGroup
 
     def flush() -> None:
         nonlocal bucket, filled, sent
-        flat = torch.cat([g.reshape(-1) for g in bucket])
+        flat = to_backend(torch.cat([g.reshape(-1) for g in bucket]), group)
         dist.all_reduce(flat, group=group)
         flat.div_(size)
         offset = 0
@@ -68,25 +69,26 @@ def sum_table_grads(tables: Iterable[ValueTable], group: dist.ProcessGroup | Non
     sent = 0
     for table in tables:
         grad = table.sparse_grad()
-        ids = grad[0] if grad is not None else torch.zeros(0, dtype=torch.int64)
+        device = table.weight.device
+        ids = grad[0] if grad is not None else torch.zeros(0, dtype=torch.int64, device=device)
         width = table.weight.shape[1]
-        rows = grad[1] if grad is not None else torch.zeros(0, width)
-        count = torch.tensor([ids.numel()])
+        rows = grad[1] if grad is not None else torch.zeros(0, width, device=device)
+        count = to_backend(torch.tensor([ids.numel()]), group)
         counts = [torch.zeros_like(count) for _ in range(size)]
         dist.all_gather(counts, count, group=group)
         longest = int(max(c.item() for c in counts))
         if longest == 0:
             continue
-        padded_ids = torch.zeros(longest, dtype=torch.int64)
-        padded_rows = torch.zeros(longest, width)
+        padded_ids = to_backend(ids.new_zeros(longest), group)
+        padded_rows = to_backend(rows.new_zeros(longest, width), group)
         padded_ids[: ids.numel()] = ids
         padded_rows[: ids.numel()] = rows
         all_ids = [torch.empty_like(padded_ids) for _ in range(size)]
         all_rows = [torch.empty_like(padded_rows) for _ in range(size)]
         dist.all_gather(all_ids, padded_ids, group=group)
         dist.all_gather(all_rows, padded_rows, group=group)
-        keep_ids = torch.cat([i[: int(c)] for i, c in zip(all_ids, counts)])
-        keep_rows = torch.cat([r[: int(c)] for r, c in zip(all_rows, counts)])
+        keep_ids = torch.cat([i[: int(c)] for i, c in zip(all_ids, counts)]).to(device)
+        keep_rows = torch.cat([r[: int(c)] for r, c in zip(all_rows, counts)]).to(device)
         unique_ids, summed = sum_rows_by_id(keep_ids, keep_rows)
         table.zero_grad_rows()
         table.accumulate_grad(unique_ids, summed)
@@ -99,7 +101,7 @@ def average_scalar(value: float, group: dist.ProcessGroup | None) -> float:
     size = _group_size(group)
     if size == 1:
         return value
-    t = torch.tensor([value], dtype=torch.float64)
+    t = torch.tensor([value], dtype=torch.float64, device=collective_device(group))
     dist.all_reduce(t, group=group)
     return float(t.item()) / size
 

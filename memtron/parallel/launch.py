@@ -386,6 +386,28 @@ def init_distributed(timeout_s: float = 600.0, backend: str = "auto") -> DistEnv
     return env
 
 
+def training_device() -> torch.device:
+    """Where this process trains: its local GPU (``cuda:LOCAL_RANK``, set current by
+    :func:`init_distributed`) when CUDA is present, else the CPU."""
+    if torch.cuda.is_available():
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def collective_device(group: dist.ProcessGroup | None = None) -> torch.device:
+    """Where a tensor handed to a collective of ``group`` must live: NCCL takes GPU tensors
+    only, gloo CPU tensors."""
+    if dist.is_initialized() and dist.get_backend(group) == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def to_backend(x: torch.Tensor, group: dist.ProcessGroup | None = None) -> torch.Tensor:
+    """``x`` where collectives of ``group`` take it (a no-op when it is there already, e.g.
+    CUDA tensors under NCCL; a staging copy for CUDA tensors under gloo)."""
+    return x.to(collective_device(group))
+
+
 def shutdown_distributed() -> None:
     """Leave the process group (if any); safe to call more than once."""
     global _ENV

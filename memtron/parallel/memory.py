@@ -33,6 +33,7 @@ import torch.nn.functional as F
 
 from memtron.config import Config
 from memtron.model.memory.values import LocalValueTable, ValueTable, init_rows
+from memtron.parallel.launch import to_backend
 from memtron.parallel.state import ParallelState
 
 PARTIAL, ROWS = 0, 1
@@ -58,12 +59,13 @@ class Traffic:
 
 
 def _exchange(x: torch.Tensor, send: list[int], recv: list[int], group) -> torch.Tensor:
-    out = x.new_empty((sum(recv), *x.shape[1:]))
-    dist.all_to_all_single(out, x.contiguous(), recv, send, group=group)
+    wire = to_backend(x, group).contiguous()
+    out = wire.new_empty((sum(recv), *x.shape[1:]))
+    dist.all_to_all_single(out, wire, recv, send, group=group)
     me = dist.get_rank(group)
     row = math.prod(x.shape[1:]) * x.element_size()
     Traffic.add((sum(send) - send[me]) * row, (sum(recv) - recv[me]) * row)
-    return out
+    return out.to(x.device)
 
 
 # --------------------------------------------------------------------------- all-to-all
@@ -103,7 +105,7 @@ class Dispatch:
         self.order = torch.argsort(dest, stable=True)
         self.send_counts = torch.bincount(dest, minlength=size).tolist()
         if recv_counts is None:  # exchange the counts (skipped when the caller knows them)
-            counts = torch.tensor(self.send_counts, dtype=torch.int64)
+            counts = to_backend(torch.tensor(self.send_counts, dtype=torch.int64), group)
             received = torch.empty_like(counts)
             dist.all_to_all_single(received, counts, group=group)
             recv_counts = received.tolist()
@@ -150,9 +152,10 @@ class ShardedValueTable(LocalValueTable):
     def _modes(self, counts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Every pair's counts [src, dst, (hits, distinct tokens, distinct rows)] and its
         exchange [src, dst]: partial sums or rows, whichever moves fewer bytes."""
-        gathered = [torch.empty_like(counts) for _ in range(self.ep_size)]
-        dist.all_gather(gathered, counts, group=self.group)
-        all_counts = torch.stack(gathered)
+        wire = to_backend(counts, self.group)
+        gathered = [torch.empty_like(wire) for _ in range(self.ep_size)]
+        dist.all_gather(gathered, wire, group=self.group)
+        all_counts = torch.stack(gathered).to(counts.device)
         hits, tokens, rows = all_counts.unbind(-1)
         index_bytes = torch.empty(0, dtype=self.index_dtype).element_size()
         row_bytes = 4 * self.dim
@@ -163,16 +166,18 @@ class ShardedValueTable(LocalValueTable):
     def lookup(self, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         n_tokens, hits_per_token = ids.shape
         n = self.global_rows
-        token = torch.arange(n_tokens).repeat_interleave(hits_per_token)
+        device = ids.device
+        bounds = torch.tensor(self.bounds, device=device)
+        token = torch.arange(n_tokens, device=device).repeat_interleave(hits_per_token)
         # Merge repeated (token, slot) hits (heads that found the same slot) into one weight.
         pair, inverse = torch.unique(token * n + ids.reshape(-1), return_inverse=True)
         merged = weights.new_zeros(pair.numel()).index_add(0, inverse, weights.reshape(-1))
         token, slot = pair // n, pair % n
-        owner = torch.searchsorted(torch.tensor(self.bounds), slot, right=True) - 1
+        owner = torch.searchsorted(bounds, slot, right=True) - 1
         # Owner-major, then token, then slot: the order hits travel in and owners read bags in.
         order = torch.argsort(owner, stable=True)
         token, slot, owner, merged = token[order], slot[order], owner[order], merged[order]
-        local = slot - torch.tensor(self.bounds)[owner]
+        local = slot - bounds[owner]
 
         counts = torch.stack([
             torch.bincount(owner, minlength=self.ep_size),
@@ -222,7 +227,8 @@ class ShardedValueTable(LocalValueTable):
         rows = Dispatch(wanted // self.global_rows, self.group, self.ep_size,
                         self._received(chosen, all_counts, 2))
         asked = rows.forward((wanted % self.global_rows).to(self.index_dtype)).long()
-        served = self.lookup_bags(asked, torch.ones(asked.numel()), torch.arange(asked.numel()))
+        served = self.lookup_bags(asked, torch.ones(asked.numel(), device=asked.device),
+                                  torch.arange(asked.numel(), device=asked.device))
         got = rows.backward(served)  # [distinct rows wanted, d], in `wanted` order
         by_token = torch.argsort(token, stable=True)
         token = token[by_token]
@@ -243,17 +249,19 @@ class _AllGatherRows(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, group, size: int, rank: int) -> torch.Tensor:
         ctx.group, ctx.size, ctx.rank = group, size, rank
-        parts = [torch.empty_like(x) for _ in range(size)]
-        dist.all_gather(parts, x.contiguous(), group=group)
-        return torch.cat(parts)
+        wire = to_backend(x, group).contiguous()
+        parts = [torch.empty_like(wire) for _ in range(size)]
+        dist.all_gather(parts, wire, group=group)
+        return torch.cat(parts).to(x.device)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
-        out = torch.empty_like(grad.chunk(ctx.size)[0])
-        dist.reduce_scatter_tensor(out, grad.contiguous(), group=ctx.group)
+        wire = to_backend(grad, ctx.group).contiguous()
+        out = torch.empty_like(wire.chunk(ctx.size)[0])
+        dist.reduce_scatter_tensor(out, wire, group=ctx.group)
         moved = (ctx.size - 1) * out.numel() * out.element_size()
         Traffic.add(moved, moved)
-        return out, None, None, None
+        return out.to(grad.device), None, None, None
 
 
 class ColumnShardedValueTable(LocalValueTable):
@@ -276,15 +284,17 @@ class ColumnShardedValueTable(LocalValueTable):
     def lookup(self, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         n_tokens, hits = ids.shape
         p, me = self.ep_size, self.ep_rank
-        counts = torch.tensor([n_tokens])
+        counts = to_backend(torch.tensor([n_tokens]), self.group)
         all_counts = [torch.empty_like(counts) for _ in range(p)]
         dist.all_gather(all_counts, counts, group=self.group)
         longest = int(max(c.item() for c in all_counts))
         pad = longest - n_tokens
         ids_p = F.pad(ids, (0, 0, 0, pad))
         weights_p = F.pad(weights, (0, 0, 0, pad))  # padded hits weigh 0
-        all_ids = torch.empty(p * longest, hits, dtype=ids.dtype)
-        dist.all_gather_into_tensor(all_ids, ids_p.contiguous(), group=self.group)
+        wire = to_backend(ids_p, self.group).contiguous()
+        all_ids = wire.new_empty(p * longest, hits)
+        dist.all_gather_into_tensor(all_ids, wire, group=self.group)
+        all_ids = all_ids.to(ids.device)
         all_weights = _AllGatherRows.apply(weights_p, self.group, p, me)
         cols = LocalValueTable.lookup(self, all_ids, all_weights)  # [p * longest, d/p]
         mine = all_to_all(cols, [longest] * p, [longest] * p, self.group)  # [p*longest, d/p]
@@ -365,7 +375,9 @@ def dense_table_all_reduce(tables: list[ValueTable], group: dist.ProcessGroup) -
         grad = table.sparse_grad()
         if grad is not None:
             dense[grad[0]] = grad[1]
-        dist.all_reduce(dense, group=group)
+        wire = to_backend(dense, group)
+        dist.all_reduce(wire, group=group)
+        dense = wire.to(dense.device)
         touched = torch.nonzero(dense.abs().sum(1)).reshape(-1)
         table.zero_grad_rows()
         table.accumulate_grad(touched, dense[touched])

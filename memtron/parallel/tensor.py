@@ -23,6 +23,7 @@ from torch import nn
 
 from memtron.model.attention import CausalSelfAttention
 from memtron.model.transformer import SwiGLU, Transformer, lm_loss
+from memtron.parallel.launch import to_backend
 from memtron.parallel.state import ParallelState
 
 
@@ -164,10 +165,11 @@ def clip_grad_norm(params: list[torch.Tensor], max_norm: float, state: ParallelS
     if state.tp == 1:
         total = torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm > 0 else math.inf)
         return float(total)
-    sq = torch.zeros((), dtype=torch.float64)
+    sq = torch.zeros((), dtype=torch.float64, device=params[0].device)
     for p in params:
         if p.grad is not None and (is_tp_sharded(p) or state.tp_rank == 0):
             sq += p.grad.double().pow(2).sum()
+    sq = to_backend(sq, state.tp_group)
     torch.distributed.all_reduce(sq, group=state.tp_group)
     total = float(sq.sqrt())
     if max_norm > 0 and total > max_norm:

@@ -6,7 +6,8 @@ counts optimizer steps (the same on every rank holding a shard of the table, whe
 its rows were touched, so a sharded table behaves as the whole one and checkpoints it once);
 ``row -= lr * sqrt(1 - b2^t) / (1 - b1^t) * m / (sqrt(v) + eps)``. Decoupled weight decay
 (``row *= 1 - lr * wd``) applies to touched rows only, so an untouched row never changes.
-Moments are fp32 whatever the table's dtype.
+Moments are fp32 whatever the table's dtype. On CUDA the row update is one fused Triton
+kernel (``model.memory.kernels.sparse_adam_``) with the same arithmetic, op for op.
 """
 
 from __future__ import annotations
@@ -19,7 +20,9 @@ import torch.distributed as dist
 from torch import nn
 
 from memtron.config import OptimConfig
+from memtron.model.memory import kernels
 from memtron.model.memory.values import ValueTable
+from memtron.parallel.launch import collective_device
 
 
 class SparseRowAdam:
@@ -50,12 +53,18 @@ class SparseRowAdam:
                 continue
             ids, rows = grad
             t = int(state["step"])
+            step_size = self.lr * math.sqrt(1 - beta2**t) / (1 - beta1**t)
+            if kernels.use_triton(table.weight):  # one fused pass over rows and moments
+                kernels.sparse_adam_(table.weight.detach(), state["exp_avg"],
+                                     state["exp_avg_sq"], ids, rows, betas=self.betas,
+                                     eps=self.eps, step_size=step_size,
+                                     decay=1 - self.lr * self.weight_decay)
+                continue
             exp_avg = state["exp_avg"].index_select(0, ids).lerp_(rows, 1 - beta1)
             exp_avg_sq = state["exp_avg_sq"].index_select(0, ids).mul_(beta2)
             exp_avg_sq.addcmul_(rows, rows, value=1 - beta2)
             state["exp_avg"].index_copy_(0, ids, exp_avg)
             state["exp_avg_sq"].index_copy_(0, ids, exp_avg_sq)
-            step_size = self.lr * math.sqrt(1 - beta2**t) / (1 - beta1**t)
             weight = table.weight
             new_rows = weight.index_select(0, ids).float()
             if self.weight_decay:
@@ -77,7 +86,8 @@ def clip_sparse_grad_norm(tables: Iterable[ValueTable], max_norm: float,
     ``group``: the ranks holding other shards of the tables, whose squares add up."""
     grads = [g for g in (t.sparse_grad() for t in tables) if g is not None]
     squares = torch.tensor(sum(float(torch.linalg.vector_norm(rows)) ** 2 for _, rows in grads),
-                           dtype=torch.float64)  # no fp64 copy of the rows
+                           dtype=torch.float64,  # no fp64 copy of the rows
+                           device=collective_device(group))
     if group is not None:
         dist.all_reduce(squares, group=group)
     total = math.sqrt(float(squares))

@@ -24,10 +24,16 @@ from memtron.data.loader import ShardLoader, eval_batches
 from memtron.data.prepare import INDEX_NAME
 from memtron.data.synthetic import load_questions
 from memtron.data.tokenizer import load_tokenizer
+from memtron.model.forward import ForwardContext, autocast
 from memtron.model.transformer import Transformer, build_model
 from memtron.parallel.context import local_attention, parallelize_context, zigzag_indices
 from memtron.parallel.data_parallel import DeepSpeedZero, average_dense_grads, average_scalar
-from memtron.parallel.launch import init_distributed, shutdown_distributed
+from memtron.parallel.launch import (
+    init_distributed,
+    shutdown_distributed,
+    to_backend,
+    training_device,
+)
 from memtron.parallel.memory import (
     Traffic,
     norm_group,
@@ -122,12 +128,14 @@ class Trainer:
         self.run_dir = Path(cfg.train.run_dir)
         self.ckpt_root = self.run_dir / "checkpoints"
         self.tokenizer = load_tokenizer(cfg.data.tokenizer)
+        self.device = training_device()
         model = build_model(cfg, table_factory(cfg, self.state))
         self.model: Transformer = parallelize_context(parallelize_tensor(model, self.state),
-                                                      self.state)
+                                                      self.state).to(self.device)
         self.positions = None  # this rank's token positions under context parallelism
         if self.state.cp > 1:
-            self.positions = zigzag_indices(cfg.data.seq_len, self.state.cp, self.state.cp_rank)
+            self.positions = zigzag_indices(cfg.data.seq_len, self.state.cp,
+                                            self.state.cp_rank).to(self.device)
         self.layout = CheckpointLayout(self.state)
         self.tables = dict(self.model.value_tables.items())
         self.dense_opt, self.sparse_opt = build_optimizers(self.model, self.tables, cfg.optim)
@@ -210,17 +218,17 @@ class Trainer:
 
     # ----------------------------------------------------------------------- steps
     def _autocast(self) -> contextlib.AbstractContextManager:
-        enabled = self.cfg.train.dtype == "bf16"
-        return torch.autocast("cpu", dtype=torch.bfloat16, enabled=enabled)
+        return autocast(self.device, self.cfg.train.dtype)
 
     def _loss(self, tokens: torch.Tensor) -> torch.Tensor:
         """Mean next-token loss over this rank's tokens of a [B, L + 1] batch (its zigzag
         chunks under context parallelism; the vocab shard under tensor parallelism)."""
+        tokens = tokens.to(self.device, non_blocking=True)
         inputs, targets = tokens[:, :-1], tokens[:, 1:]
         if self.positions is not None:
             inputs, targets = inputs[:, self.positions], targets[:, self.positions]
         with self._autocast():
-            logits = self.model(inputs, self.positions)
+            logits = self.model(inputs, ForwardContext(positions=self.positions))
         return parallel_lm_loss(logits, targets, self.state)
 
     def train_step(self, batches) -> dict[str, float]:
@@ -263,7 +271,7 @@ class Trainer:
         served = sum(t.take_served() for t in self.tables.values())
         if not self.tables or not tables_sharded(self.cfg, self.state):
             return {}
-        per_rank = torch.tensor([float(served)])
+        per_rank = to_backend(torch.tensor([float(served)]))
         gathered = [torch.empty_like(per_rank) for _ in range(self.state.world_size)]
         dist.all_gather(gathered, per_rank)
         loads = torch.cat(gathered)
@@ -290,7 +298,7 @@ class Trainer:
         if self.questions:
             def logits_fn(tokens: torch.Tensor) -> torch.Tensor:
                 with self._autocast():
-                    return gather_logits(self.model(tokens), self.state).float()
+                    return gather_logits(self.model(tokens.to(self.device)), self.state).float()
 
             with local_attention(self.model):  # questions are whole sequences on every rank
                 accuracy = fact_accuracy(logits_fn, self.tokenizer, self.questions,
@@ -307,7 +315,7 @@ class Trainer:
         """Ranks may see a signal at different steps; all stop at the first step any saw it."""
         if self.state.world_size == 1:
             return self._stop_signal
-        flag = torch.tensor([self._stop_signal or 0])
+        flag = to_backend(torch.tensor([self._stop_signal or 0]))
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         return int(flag.item()) or None
 

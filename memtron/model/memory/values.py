@@ -13,6 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from memtron.model.memory import kernels
+
 # Rows per initialisation block: each block has its own generator and is always drawn whole
 # (torch's randn values depend on the size drawn), so any row range (a shard) initialises
 # alone to the same values as those rows of the whole table.
@@ -144,8 +146,35 @@ class ValueTable(nn.Module):
         return stats
 
 
+# Elements of the fp32 [hits, dim] temporaries of one chunk of _weight_grad_by_chunks (64 MiB).
+WEIGHT_GRAD_CHUNK = 1 << 24
+
+
+def _bag_weight_grad_supported(weight: torch.Tensor) -> bool:
+    """Whether embedding_bag's per-sample-weight backward takes this table: its CUDA kernel
+    (``_embedding_bag_per_sample_weights_backward_cuda``) has no bf16 version."""
+    return weight.device.type == "cpu" or weight.dtype != torch.bfloat16
+
+
+def _weight_grad_by_chunks(grad_out: torch.Tensor, table: torch.Tensor, ids: torch.Tensor,
+                           bags: torch.Tensor) -> torch.Tensor:
+    """grad_w[i] = <grad_out[bags[i]], table[ids[i]]> in fp32, in chunks of hits whose
+    gathered rows stay within WEIGHT_GRAD_CHUNK elements (never a whole [hits, dim] copy): the
+    torch path's weight gradient where embedding_bag's own backward lacks the table dtype."""
+    n = ids.numel()
+    grad_w = torch.empty(n, dtype=torch.float32, device=grad_out.device)
+    step = max(1, WEIGHT_GRAD_CHUNK // max(1, table.shape[1]))
+    for start in range(0, n, step):
+        end = min(start + step, n)
+        rows = table[ids[start:end]].float()
+        grad_w[start:end] = rows.mul_(grad_out[bags[start:end]]).sum(1)
+    return grad_w
+
+
 class _BagLookup(torch.autograd.Function):
-    """``out[b] = sum over hits i of bag b: weights[i] * table[ids[i]]``, sparse backward."""
+    """``out[b] = sum over hits i of bag b: weights[i] * table[ids[i]]``, sparse backward.
+    On CUDA both passes run as Triton kernels (``kernels.py``: fp32 sums, a backward that
+    reads each touched row once); the torch ops below are the reference and the CPU path."""
 
     @staticmethod
     def forward(ctx, weights: torch.Tensor, rows: torch.Tensor, ids: torch.Tensor,
@@ -154,6 +183,8 @@ class _BagLookup(torch.autograd.Function):
         # need no gradient; its gradient goes to the table, never to ``rows.grad``.
         ctx.save_for_backward(weights, ids, offsets)
         ctx.table = table
+        if kernels.use_triton(rows):
+            return kernels.bag_gather(rows, ids, weights, offsets).to(weights.dtype)
         out = F.embedding_bag(ids, rows, offsets, per_sample_weights=weights.to(rows.dtype),
                               mode="sum")
         return out.to(weights.dtype)
@@ -164,8 +195,19 @@ class _BagLookup(torch.autograd.Function):
         table: LocalValueTable = ctx.table
         grad_out = grad_out.contiguous()
         bags = bag_index(offsets, ids.numel())
+        if kernels.use_triton(grad_out):
+            unique_ids, rows, grad_weights = kernels.bag_backward(
+                grad_out, table.weight.detach(), ids, weights, bags, ctx.needs_input_grad[0])
+            if ids.numel():
+                table.accumulate_grad(unique_ids, rows)
+            if grad_weights is not None:
+                grad_weights = grad_weights.to(weights.dtype)
+            return grad_weights, None, None, None, None
         grad_weights = None
-        if ctx.needs_input_grad[0]:
+        if ctx.needs_input_grad[0] and not _bag_weight_grad_supported(table.weight):
+            grad_weights = _weight_grad_by_chunks(grad_out, table.weight.detach(), ids, bags)
+            grad_weights = grad_weights.to(weights.dtype)
+        elif ctx.needs_input_grad[0]:
             # d out[b] / d w[i] = table[ids[i]]: embedding_bag's own per-sample-weight backward
             # (a fused gather + dot, ~6x faster than gathering rows here), with the table
             # detached so autograd never forms its dense gradient.
@@ -194,6 +236,19 @@ class LocalValueTable(ValueTable):
 
     def reset_parameters(self) -> None:
         init_rows(self.weight, self.row_start, self.seed)
+
+    @classmethod
+    def drawn_on_device(cls, n_rows: int, dim: int, device: torch.device | str,
+                        dtype: torch.dtype = torch.float32) -> LocalValueTable:
+        """A table whose rows are drawn N(0, 1/dim) on ``device`` by its own generator, not by
+        the seeded host init (whose rows do not depend on the sharding): for benchmarks of
+        large tables on a GPU, where the host init would draw billions of values on the CPU."""
+        table = cls(0, dim, dtype=dtype)
+        table.n_rows = n_rows
+        weight = torch.empty(n_rows, dim, dtype=dtype, device=device)
+        table.weight = nn.Parameter(weight.normal_(0.0, dim**-0.5))
+        table.hits = torch.zeros(n_rows, dtype=torch.int32, device=device)
+        return table
 
     def lookup(self, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         n_tokens, hits = ids.shape

@@ -1,0 +1,98 @@
+"""What one forward pass needs besides the tokens (DESIGN §2).
+
+One ``Transformer.forward(tokens, ctx)`` serves training, evaluation and generation: the
+``ForwardContext`` says where the tokens sit in their sequences (positions), which earlier
+keys and values they may attend to (the KV cache) and which keys are padding.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+
+import torch
+
+
+def autocast(device: torch.device, dtype: str) -> contextlib.AbstractContextManager:
+    """bf16 autocast on the model's device type (params and optimizer state stay fp32)."""
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=dtype == "bf16")
+
+
+class KVCache:
+    """Keys and values of every attention layer for ``batch`` sequences of up to ``max_len``
+    tokens, preallocated on first use (device and dtype follow the first keys written).
+
+    A forward over L new tokens writes them after the ``length`` cached ones in every layer;
+    :meth:`advance` then moves ``length`` on, once per forward, after all layers wrote.
+    """
+
+    def __init__(self, n_layers: int, batch: int, max_len: int) -> None:
+        self.batch, self.max_len = batch, max_len
+        self.length = 0
+        self.keys: list[torch.Tensor | None] = [None] * n_layers
+        self.values: list[torch.Tensor | None] = [None] * n_layers
+
+    def update(self, layer: int, k: torch.Tensor,
+               v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store k, v [B, KV, L, D] for ``layer``; returns all keys and values so far,
+        [B, KV, length + L, D]."""
+        end = self.length + k.shape[2]
+        if end > self.max_len:
+            raise ValueError(f"KV cache holds {self.max_len} tokens; {end} requested")
+        if self.keys[layer] is None:
+            shape = (self.batch, k.shape[1], self.max_len, k.shape[3])
+            self.keys[layer] = k.new_empty(shape)
+            self.values[layer] = v.new_empty(shape)
+        keys, values = self.keys[layer], self.values[layer]
+        keys[:, :, self.length:end] = k
+        values[:, :, self.length:end] = v
+        return keys[:, :, :end], values[:, :, :end]
+
+    def advance(self, n_tokens: int) -> None:
+        self.length += n_tokens
+
+    def select(self, rows: torch.Tensor) -> None:
+        """Keep only the sequences ``rows`` (e.g. drop finished ones from a batch)."""
+        self.keys = [None if k is None else k[rows] for k in self.keys]
+        self.values = [None if v is None else v[rows] for v in self.values]
+        self.batch = int(rows.numel())
+
+
+@dataclass
+class ForwardContext:
+    """``positions``: [L] (every row) or [B, L] RoPE positions of the new tokens; default
+    ``cache.length + 0..L-1``. ``key_valid``: [B, S] bool over all keys the new tokens may see
+    (cached ones first), False for padding; None = no padding. ``cache``: keys and values of
+    earlier tokens, extended by this forward."""
+
+    positions: torch.Tensor | None = None
+    cache: KVCache | None = None
+    key_valid: torch.Tensor | None = None
+
+    def resolve_positions(self, length: int, device: torch.device) -> torch.Tensor:
+        if self.positions is not None:
+            return self.positions.to(device)
+        start = self.cache.length if self.cache is not None else 0
+        return torch.arange(start, start + length, device=device)
+
+    def attention_mask(self, length: int, device: torch.device) -> torch.Tensor | None:
+        """Boolean [B or 1, 1, L, S] mask of allowed (query, key) pairs, or None when plain
+        causal attention over the L new tokens alone is right (training).
+
+        The causal diagonal is aligned bottom-right: new token i sits at cache position
+        ``past + i`` and sees keys ``<= past + i`` (SDPA's ``is_causal`` aligns top-left,
+        which is wrong as soon as a cache holds earlier tokens).
+        """
+        past = self.cache.length if self.cache is not None else 0
+        if past == 0 and self.key_valid is None:
+            return None
+        total = past + length
+        query_at = torch.arange(past, total, device=device)[:, None]
+        allowed = (torch.arange(total, device=device)[None, :] <= query_at)[None, None]
+        if self.key_valid is not None:
+            allowed = allowed & self.key_valid[:, None, None, :total].to(device)
+            # A padding query may see no key at all; let it see the causal keys so softmax
+            # stays finite (its output is never read by a real token, whose keys exclude it).
+            allowed = allowed | (~allowed.any(-1, keepdim=True)
+                                 & (torch.arange(total, device=device) <= query_at))
+        return allowed
