@@ -17,10 +17,15 @@ Goals: (b) >= 0.85 of (a), (c) >= 0.4 of (a). Timings: CUDA events, warmup, medi
 
     python bench/gpu_kernels.py --quick --out gpu_kernels.json   # 1M rows, d=1024 (< 1 min)
     python bench/gpu_kernels.py --out gpu_kernels.json           # 1M/16M rows x d 768/1024 x
-                                                                 # fp32/bf16 (~2 min on an H100)
+                                                                 # fp32/bf16 (< 1 min)
 
-A case that fails (out of memory, a kernel error) prints its error and the run goes on; cases
-that cannot fit in the free GPU memory are skipped with the memory they need.
+The forward is also timed with the gather's other settings (``GATHER_SWEEP``, passed to
+``bag_gather`` as its ``config`` argument in place of ``kernels.GATHER_CONFIG``), for the
+record. A case that fails (out of memory, a kernel error) prints its error and the run goes
+on, as does a failing part of a case (another gather setting, one side of backward + update),
+whose error is kept next to the parts that ran; cases that cannot fit in the free GPU memory
+are skipped with the memory they need, and cases not started within ``--budget`` seconds (50)
+are skipped.
 """
 
 from __future__ import annotations
@@ -51,6 +56,8 @@ GiB = 1 << 30
 DEVICE = "cuda"  # every tensor of the run
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 GOALS = {"forward": 0.85, "backward+update": 0.4}
+# (elements a program loads per step, warps) of the gather, timed besides the default
+GATHER_SWEEP = [(4096, 4), (4096, 8), (2048, 4), (2048, 8), (1024, 4)]
 
 
 @contextmanager
@@ -131,6 +138,23 @@ def run_case(rows: int, dim: int, dtype_name: str, a: argparse.Namespace, peak: 
         "torch": {"ms": 1e3 * t_torch, "GBps": fwd_bytes / t_torch / 1e9,
                   "of_peak": fwd_bytes / t_torch / peak},
     }
+    # the gather's other settings (kernels.GATHER_CONFIG for this element size), for the
+    # record only: the goal is judged on the default above
+    default = kernels.GATHER_CONFIG
+    case["forward"]["triton"]["config"] = list(default)
+    others = []
+    for config in GATHER_SWEEP:
+        if config == default:
+            continue
+        entry: dict = {"config": list(config)}
+        try:
+            t_alt = cuda_time(lambda config=config: kernels.bag_gather(
+                weight, flat_ids, flat_w, offsets, config), a.warmup, a.repeats)
+            entry.update(ms=1e3 * t_alt, of_peak=fwd_bytes / t_alt / peak)
+        except Exception as exc:  # fail soft
+            entry["error"] = _error(exc)
+        others.append(entry)
+    case["forward"]["triton_other_configs"] = others
 
     # (c) backward + update
     unique = int(torch.unique(flat_ids).numel())
@@ -145,23 +169,12 @@ def run_case(rows: int, dim: int, dtype_name: str, a: argparse.Namespace, peak: 
     opt = SparseRowAdam({"t": table}, lr=1e-3, betas=(0.9, 0.999))
     result = {"unique_rows": unique, "backward_bytes": bwd_bytes, "update_bytes": upd_bytes}
     for side, enabled in (("triton", True), ("torch", False)):
-        with triton_enabled(enabled):
-            graph: list[torch.Tensor] = []
-
-            def forward(graph=graph) -> None:
-                table.zero_grad_rows()
-                w = weights.clone().requires_grad_(True)
-                graph[:] = [table.lookup(ids, w)]
-
-            t_bwd = cuda_time(lambda graph=graph: graph[0].backward(grad), a.warmup, a.repeats,
-                              setup=forward)
-            grad_ids, grad_rows = table.sparse_grad()
-
-            def one_backward(grad_ids=grad_ids, grad_rows=grad_rows) -> None:
-                table.zero_grad_rows()
-                table.accumulate_grad(grad_ids, grad_rows)
-
-            t_upd = cuda_time(opt.step, a.warmup, a.repeats, setup=one_backward)
+        try:
+            t_bwd, t_upd = backward_update(table, opt, ids, weights, grad, enabled, a)
+        except Exception as exc:  # fail soft: keep the forward and the other side
+            traceback.print_exc()
+            result[side] = {"error": _error(exc)}
+            continue
         total = t_bwd + t_upd
         result[side] = {
             "backward_ms": 1e3 * t_bwd, "update_ms": 1e3 * t_upd, "ms": 1e3 * total,
@@ -174,10 +187,44 @@ def run_case(rows: int, dim: int, dtype_name: str, a: argparse.Namespace, peak: 
     return case
 
 
+def _error(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {(str(exc).splitlines() or [''])[0][:200]}"
+
+
+def backward_update(table: LocalValueTable, opt: SparseRowAdam, ids: torch.Tensor,
+                    weights: torch.Tensor, grad: torch.Tensor, enabled: bool,
+                    a: argparse.Namespace) -> tuple[float, float]:
+    """Seconds of one lookup backward and of one SparseRowAdam step, Triton on or off."""
+    graph: list[torch.Tensor] = []
+
+    def forward() -> None:
+        table.zero_grad_rows()
+        w = weights.clone().requires_grad_(True)
+        graph[:] = [table.lookup(ids, w)]
+
+    try:
+        with triton_enabled(enabled):
+            t_bwd = cuda_time(lambda: graph[0].backward(grad), a.warmup, a.repeats,
+                              setup=forward)
+            grad_ids, grad_rows = table.sparse_grad()
+
+            def one_backward() -> None:
+                table.zero_grad_rows()
+                table.accumulate_grad(grad_ids, grad_rows)
+
+            t_upd = cuda_time(opt.step, a.warmup, a.repeats, setup=one_backward)
+    finally:
+        graph.clear()
+        table.zero_grad_rows()
+    return t_bwd, t_upd
+
+
 def cell(entry: dict | None, side: str) -> str:
     if not entry or side not in entry:
         return f"{'-':>22}"
     e = entry[side]
+    if "error" in e:
+        return f"{'error (see below)':>22}"
     return f"{e['ms']:8.2f} {e['GBps']:7.0f} {e['of_peak']:5.0%}"
 
 
@@ -197,11 +244,23 @@ def print_row(c: dict) -> None:
     if bu and "skipped" in bu:
         line += f"  (bwd+upd skipped: {bu['skipped']})"
     print(line, flush=True)
-    if bu and "triton" in bu:
+    pad = f"{'':>19}  "
+    others = c["forward"].get("triton_other_configs")
+    if others:
+        default = c["forward"]["triton"].get("config")
+        print(f"{pad} triton forward (elements a step, warps): {default} (default) "
+              f"{c['forward']['triton']['of_peak']:.0%}; "
+              + ", ".join(f"{o['config']} " + (o["error"] if "error" in o
+                                                 else f"{o['of_peak']:.0%}") for o in others),
+              flush=True)
+    if bu and "triton" in bu and "error" not in bu["triton"]:
         t = bu["triton"]
-        print(f"{'':>19}   triton backward {t['backward_ms']:.2f} ms "
+        print(f"{pad} triton backward {t['backward_ms']:.2f} ms "
               f"({t['backward_of_peak']:.0%} of peak), update {t['update_ms']:.2f} ms "
               f"({t['update_of_peak']:.0%}); {bu['unique_rows']} distinct rows", flush=True)
+    for side in ("triton", "torch"):
+        if bu and "error" in bu.get(side, {}):
+            print(f"{pad} {side} backward+update: {bu[side]['error']}", flush=True)
 
 
 def print_summary(cases: list[dict], peak: float) -> None:
@@ -209,7 +268,7 @@ def print_summary(cases: list[dict], peak: float) -> None:
           f">= {GOALS['forward']:.0%}, backward+update >= {GOALS['backward+update']:.0%} of peak.")
     for goal, need in GOALS.items():
         got = [c[goal]["triton"]["of_peak"] for c in cases
-               if isinstance(c.get(goal), dict) and "triton" in c[goal]]
+               if isinstance(c.get(goal), dict) and "of_peak" in c[goal].get("triton", {})]
         if got:
             verdict = "met" if min(got) >= need else "NOT met"
             print(f"  {goal}: Triton {min(got):.0%} .. {max(got):.0%} of peak: goal {verdict}")
@@ -230,6 +289,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--repeats", type=int, default=None, help="timed calls, median (10; 5 quick)")
     p.add_argument("--quick", action="store_true", help="1M rows, d=1024: a smoke run")
     p.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
+    p.add_argument("--budget", type=float, default=50.0,
+                   help="seconds: cases not started by then are skipped (default 50)")
     a = p.parse_args(argv)
     if not torch.cuda.is_available():
         print("gpu_kernels: needs a CUDA GPU")
@@ -260,11 +321,17 @@ def main(argv: list[str] | None = None) -> int:
     for rows in a.rows:
         for dim in a.dims:
             for dtype_name in a.dtypes:
+                spent = time.perf_counter() - t0
+                if spent > a.budget:
+                    case = {"rows": rows, "dim": dim, "dtype": dtype_name,
+                            "skipped": f"time budget: {spent:.0f} s of {a.budget:.0f} spent"}
+                    cases.append(case)
+                    print_row(case)
+                    continue
                 try:
                     case = run_case(rows, dim, dtype_name, a, peak)
                 except Exception as exc:  # fail soft: report, free, go on
-                    case = {"rows": rows, "dim": dim, "dtype": dtype_name,
-                            "error": f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"}
+                    case = {"rows": rows, "dim": dim, "dtype": dtype_name, "error": _error(exc)}
                     traceback.print_exc()
                 torch.cuda.empty_cache()
                 cases.append(case)

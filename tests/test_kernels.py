@@ -33,9 +33,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from memtron.model.memory import kernels
+from memtron.model.memory import kernels, values
 from memtron.model.memory.values import LocalValueTable, bag_index, sum_rows_by_id
 from memtron.parallel.context import (
+    _padded_lse,
     attention_lse,
     attention_lse_backward,
     blocked_attention_lse,
@@ -253,6 +254,35 @@ def test_kernels_stay_off_the_cpu_path():
 def test_triton_kernels_on_gpu(check):
     with triton_enabled(True):
         CHECKS[check](torch.device("cuda"))
+
+
+# -- the torch path's weight gradient where embedding_bag's backward lacks the dtype ---------------
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_chunked_weight_grad_matches_embedding_bag_backward(monkeypatch, dtype):
+    """The fp32 gather-and-dot weight gradient (bf16 tables on CUDA), run here on the CPU in
+    chunks of a few hits, against embedding_bag's own per-sample-weight backward."""
+    ids, weights, offsets = _bags(torch.Generator().manual_seed(6), 64)
+    grad_out = torch.randn(offsets.numel(), 40, generator=torch.Generator().manual_seed(7))
+    grads = []
+    for supported in (True, False):
+        monkeypatch.setattr(values, "_bag_weight_grad_supported", lambda weight, s=supported: s)
+        monkeypatch.setattr(values, "WEIGHT_GRAD_CHUNK", 40 * 7)  # 7 hits a chunk
+        table = LocalValueTable(64, 40, seed=8, dtype=dtype)
+        w = weights.clone().requires_grad_(True)
+        with triton_enabled(False):
+            table.lookup_bags(ids, w, offsets).backward(grad_out)
+        grads.append(w.grad)
+    assert_close(grads[1], grads[0], 1e-6 if dtype == torch.float32 else 2e-2,
+                 f"{dtype} chunked weight grads")
+
+
+def test_padded_lse_has_the_forward_layout():
+    """The efficient-attention backward checks lse.stride(0) and stride(1) % 8 == 0."""
+    lse = torch.randn(2, 3, 45)[..., 5:42]  # an unaligned view, as the ring's chunks are
+    padded = _padded_lse(lse)
+    assert padded.shape == (2, 3, 64) and padded.dtype == torch.float32
+    assert padded.stride(0) % 8 == 0 and padded.stride(1) % 8 == 0
+    assert torch.equal(padded[..., :37], lse) and torch.isposinf(padded[..., 37:]).all()
 
 
 # -- ring attention's local kernel on CUDA --------------------------------------------------------
