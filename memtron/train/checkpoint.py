@@ -38,6 +38,7 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.staging import BlockingAsyncStager
+from torch.distributed.tensor import DTensor
 from torch.utils._pytree import tree_map_only
 
 MANIFEST = "manifest.json"
@@ -160,16 +161,12 @@ def _leaves(tree: Any, prefix: str = "") -> Iterator[tuple[str, torch.Tensor]]:
         yield prefix.rstrip("."), tree
 
 
-def _local(t: torch.Tensor) -> torch.Tensor:
-    return t.to_local() if hasattr(t, "to_local") else t
-
-
 def _nonfinite(tensors: dict[str, Any]) -> list[str]:
     """Names of the floating-point tensors holding a NaN or an infinity (this rank's shards),
     checked in slices so that no full-size temporary is made."""
     bad = []
     for name, t in _leaves(tensors):
-        flat = _local(t).detach().reshape(-1)
+        flat = (t.to_local() if isinstance(t, DTensor) else t).detach().reshape(-1)
         if flat.is_floating_point() and not all(bool(torch.isfinite(part).all())
                                                 for part in flat.split(1 << 24)):
             bad.append(name)
@@ -195,6 +192,13 @@ def _errno_of(error: BaseException) -> int:
             todo.extend(exc for exc, _ in e.failures.values())
         todo.extend([e.__cause__, e.__context__])
     return 0
+
+
+def _free_bytes(path: Path) -> int:
+    """Free space on the file system that holds (or will hold) ``path``."""
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return shutil.disk_usage(path).free
 
 
 def _fsync_dir(path: Path) -> None:
@@ -230,10 +234,11 @@ class CheckpointWriter:
         self.group = None
         if dist.is_initialized() and dist.get_world_size() > 1:
             self.group = dist.new_group(backend="gloo", timeout=timedelta(seconds=timeout_s))
-        self._pool = ThreadPoolExecutor(1, thread_name_prefix="memtron-checkpoint") \
-            if async_save else None
-        # torch keeps one staging copy for all saves only in pinned memory (an accelerator).
-        self._stager = BlockingAsyncStager(cache_staged_state_dict=torch.cuda.is_available())
+        self._pool, self._stager = None, None
+        if async_save:
+            self._pool = ThreadPoolExecutor(1, thread_name_prefix="memtron-checkpoint")
+            # torch reuses one staging copy only in pinned memory, which needs an accelerator.
+            self._stager = BlockingAsyncStager(cache_staged_state_dict=torch.cuda.is_available())
         self._pending: Future | None = None
         self._last_bytes: int | None = None  # size of the newest checkpoint (rank 0)
 
@@ -250,7 +255,7 @@ class CheckpointWriter:
         self.wait()
         files = {**(files or {}), f"rng-rank{_rank():05d}.pt": rng_state()}
         needed = self._check_space(step, tensors)
-        if self._pool is None:
+        if self._pool is None or self._stager is None:
             return self._write(step, tensors, meta, files, needed)
         tensors = self._stager.stage(tensors)
         files = tree_map_only(torch.Tensor, lambda t: t.detach().to("cpu", copy=True), files)
@@ -278,8 +283,7 @@ class CheckpointWriter:
             previous = list_checkpoints(self.root)
             self._last_bytes = checkpoint_bytes(previous[-1]) if previous else None
         needed = self._last_bytes or _global_bytes(tensors)
-        self.root.mkdir(parents=True, exist_ok=True)
-        free = shutil.disk_usage(self.root).free
+        free = _free_bytes(self.root)
         if free < needed:
             self.log(f"warning: checkpoint step {step} needs about {_human(needed)} but only "
                      f"{_human(free)} is free under {self.root}; the save will probably fail "
@@ -291,7 +295,7 @@ class CheckpointWriter:
         code = 0
         if error is not None:
             code = _errno_of(error)
-            if not code and shutil.disk_usage(self.root).free < NEARLY_FULL:
+            if not code and _free_bytes(self.root) < NEARLY_FULL:
                 code = errno.ENOSPC
         failed, code, bad = _all_max([int(error is not None), code, int(nonfinite)], self.group)
         return failed, code, bad
@@ -316,7 +320,7 @@ class CheckpointWriter:
                 break
         leader = _rank() == 0
         if failed or bad:
-            free = shutil.disk_usage(self.root).free
+            free = _free_bytes(self.root)
             if leader:
                 shutil.rmtree(tmp, ignore_errors=True)
             if bad:
@@ -337,7 +341,7 @@ class CheckpointWriter:
             how = " in the background" if self.asynchronous else ""
             self.log(f"checkpoint {final.name}: {_human(self._last_bytes)} written{how} in "
                      f"{time.perf_counter() - start:.2f} s")
-            free = shutil.disk_usage(self.root).free
+            free = _free_bytes(self.root)
             if free < self._last_bytes:
                 self.log(f"warning: {_human(free)} free under {self.root}, less than one more "
                          f"checkpoint ({_human(self._last_bytes)}): the next save will fail "
