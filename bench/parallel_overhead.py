@@ -469,6 +469,7 @@ def analytic_dp(cfg: Any, longest_rows: float) -> list[tuple[str, Any, str, floa
       the largest rank's count R (measured):    8 + R * (8 + 4 * d_v)
     * the mean loss, one float64 all-reduce:   8
     * the loop's stop flag (Trainer._agreed_stop), one int64 all-reduce:  8
+    * the non-finite flags of loss and both gradient norms, one int32 all-reduce:  12
     """
     n_dense = dense_param_count(cfg)
     return [
@@ -477,6 +478,7 @@ def analytic_dp(cfg: Any, longest_rows: float) -> list[tuple[str, Any, str, floa
         _row_term(cfg, longest_rows),
         ("loss scalar", "average_scalar", "8 (fp64)", 8.0),
         ("stop flag (loop)", "_agreed_stop", "8 (int64)", 8.0),
+        ("non-finite flags", "_agreed_nonfinite", "12 (3 x int32)", 12.0),
     ]
 
 
@@ -499,9 +501,10 @@ def analytic_tp(cfg: Any, batch: int) -> list[tuple[str, Any, str, float]]:
       (copy-to-region; one for q/k/v, one for gate/up):    (1 + ffn) * A
     plus the vocab-parallel embedding's forward all-reduce (A), the tied head's copy-to-region
     backward all-reduce (A), vocab-parallel cross entropy's three [B, L] fp32 all-reduces
-    (max, target logit, sum of exps: 3 * B * L * 4), the gradient-norm float64 scalar (8) and
-    the loop's int64 stop flag (8). Memory layers are replicated over tp and both ranks compute
-    the same row gradients from the same tokens, so tables need no traffic (ep = 1).
+    (max, target logit, sum of exps: 3 * B * L * 4), the gradient-norm float64 scalar (8), the
+    loop's int64 stop flag (8) and its int32 non-finite flags (12). Memory layers are replicated
+    over tp and both ranks compute the same row gradients from the same tokens, so tables need
+    no traffic (ep = 1).
     """
     m = cfg.model
     act = batch * SEQ_LEN * m.d_model * 4
@@ -516,6 +519,7 @@ def analytic_tp(cfg: Any, batch: int) -> list[tuple[str, Any, str, float]]:
          3.0 * batch * SEQ_LEN * 4),
         ("grad-norm scalar", "clip_grad_norm", "8 (fp64)", 8.0),
         ("stop flag (loop)", "_agreed_stop", "8 (int64)", 8.0),
+        ("non-finite flags", "_agreed_nonfinite", "12 (3 x int32)", 12.0),
         ("value-row all-gathers", ROW_EXCHANGE, "none (tp peers hold the same rows)", 0.0),
     ]
 

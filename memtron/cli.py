@@ -19,11 +19,27 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import warnings
 from pathlib import Path
 
 import yaml
 
 from memtron.config import ConfigError, load_config
+
+EXIT_DIVERGED = 3  # training stopped on train.max_bad_steps non-finite steps in a row
+
+# (module, message) of third-party warnings that tell a memtron user nothing they could act on.
+# Only these are silenced, and only from the CLI: memtron's own warnings always show.
+THIRD_PARTY_NOISE = [
+    ("megatron", "Transformer Engine and Apex are not installed"),  # torch fallbacks are used
+    ("torch", "Mismatch dtype between input and weight"),  # layer_norm under bf16 autocast
+    ("torch", "torch.distributed is disabled, unavailable or uninitialized"),  # one-process DCP
+]
+
+
+def silence_third_party_warnings() -> None:
+    for module, message in THIRD_PARTY_NOISE:
+        warnings.filterwarnings("ignore", message=f".*{message}", module=module)
 
 
 def _add_config_args(p: argparse.ArgumentParser) -> None:
@@ -51,6 +67,10 @@ def _cmd_train(args: argparse.Namespace) -> int:
         result = train(cfg)
     if env.rank == 0:
         _print_summary(result)
+        if result.diverged:
+            print(f"memtron: error: {result.diverged}", file=sys.stderr)
+    if result.diverged:
+        return EXIT_DIVERGED
     return 128 + result.stopped_by if result.stopped_by else 0
 
 
@@ -75,7 +95,7 @@ def _print_summary(result) -> None:
     print(f"run dir {result.run_dir}  metrics {result.run_dir / 'metrics.jsonl'}  "
           f"tensorboard {result.run_dir / 'tensorboard'}", file=out)
     if result.checkpoint is not None:
-        print(f"checkpoint {result.checkpoint} (step {result.step})", file=out)
+        print(f"checkpoint {result.checkpoint}", file=out)
 
 
 def _cmd_synth(args: argparse.Namespace) -> int:
@@ -457,6 +477,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    silence_third_party_warnings()
     args = build_parser().parse_args(argv)
     from memtron.data.loader import DataError
     from memtron.infer.generate import GenerationError

@@ -115,13 +115,21 @@ class TrainConfig:
     threads: int = 0  # torch intra-op threads; 0 leaves torch's default
     engine: Literal["native", "deepspeed"] = "native"  # dense-param data parallel engine
     zero_stage: int = 1  # DeepSpeed ZeRO stage (1 or 2) when engine=deepspeed
+    # A step whose loss or gradient norm is not finite is skipped on every rank; after this many
+    # in a row the run stops with a diagnostic (and no checkpoint of the diverged state).
+    max_bad_steps: int = 5
+    loss_spike_window: int = 100  # steps of the running loss z-score (metric loss_z); 0 = off
+    loss_spike_z: float = 6.0  # a loss this many standard deviations above the window is reported
 
 
 @dataclass
 class CheckpointConfig:
     every: int = 200  # steps; 0 saves only at the end and on signals
     keep_last: int = 2
-    resume: str = "auto"  # "auto" (latest in run_dir if any), "none", or a checkpoint path
+    resume: str = "auto"  # "auto" (newest valid in run_dir, if any), "none", or a checkpoint path
+    # Write from a CPU copy in a background thread: training waits for the copy only (costs
+    # one copy of the model and optimizer state in host memory).
+    async_save: bool = False
 
 
 @dataclass
@@ -373,5 +381,8 @@ def validate(cfg: Config) -> None:
 
     _require(t.eval_every >= 0, "train.eval_every", "must be >= 0 (0 disables)")
     _require(t.threads >= 0, "train.threads", "must be >= 0")
+    _require(t.max_bad_steps >= 1, "train.max_bad_steps", f"must be >= 1, got {t.max_bad_steps}")
+    _require(t.loss_spike_window >= 0, "train.loss_spike_window", "must be >= 0 (0 disables)")
+    _require(t.loss_spike_z > 0, "train.loss_spike_z", f"must be positive, got {t.loss_spike_z}")
     _require(c.every >= 0, "checkpoint.every", "must be >= 0")
     _require(c.keep_last >= 1, "checkpoint.keep_last", "must keep at least 1")

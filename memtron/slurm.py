@@ -389,8 +389,8 @@ def _last_train_record(run_dir: Path) -> dict[str, Any] | None:
 
 
 def _latest_checkpoint(run_dir: Path) -> Path | None:
-    """As memtron.train.checkpoint.latest_checkpoint (complete = has manifest.json), without
-    importing torch."""
+    """The newest of memtron.train.checkpoint.list_checkpoints (complete = has manifest.json),
+    without importing torch."""
     root = run_dir / "checkpoints"
     done = sorted(p for p in root.glob("step-*") if (p / "manifest.json").is_file()) \
         if root.is_dir() else []

@@ -23,6 +23,10 @@ from memtron.config import ConfigError, load_config
      "memory.value_dim"),
     (["data.seq_len=1024"], "data.seq_len"),
     (["checkpoint.keep_last=0"], "checkpoint.keep_last"),
+    (["checkpoint.async_save=maybe"], "checkpoint.async_save"),
+    (["train.max_bad_steps=0"], "train.max_bad_steps"),
+    (["train.loss_spike_window=-1"], "train.loss_spike_window"),
+    (["train.loss_spike_z=0"], "train.loss_spike_z"),
     (["model=3"], "model"),
 ])
 def test_bad_values_name_the_key(overrides, key):

@@ -1,6 +1,8 @@
 """The training job: exact resume after SIGTERM and SIGKILL, checkpoint errors, the demo learns."""
 
+import errno
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -15,7 +17,12 @@ from memtron.config import ConfigError, load_config
 from memtron.data.loader import DataError
 from memtron.data.prepare import prepare
 from memtron.data.synthetic import generate_corpus, load_questions
-from memtron.train.checkpoint import CheckpointError, list_checkpoints
+from memtron.train.checkpoint import (
+    CheckpointError,
+    list_checkpoints,
+    read_manifest,
+    verify_checkpoint,
+)
 from memtron.train.trainer import Trainer, train
 from tests.conftest import save_word_level_tokenizer, tiny_overrides
 
@@ -146,23 +153,27 @@ def test_resume_refuses_other_architecture(tiny_config, saved_checkpoint):
         trainer.load(saved_checkpoint)
 
 
-def test_interrupted_save_leaves_no_checkpoint(tiny_config, monkeypatch):
+@pytest.mark.parametrize("code", [errno.EIO, errno.EACCES])
+def test_failed_save_cleans_up_and_names_the_errno(tiny_config, monkeypatch, code):
     cfg = tiny_config(**{"train.steps": 2})
     trainer = Trainer(cfg)
     trainer.run()
     root = Path(cfg.train.run_dir) / "checkpoints"
     before = list_checkpoints(root)
 
-    def crash():
-        raise OSError("disk full")
+    def fail(obj, path):
+        raise OSError(code, os.strerror(code), str(path))
 
-    # The RNG file is written after the tensors, before the manifest and the rename.
-    monkeypatch.setattr("memtron.train.checkpoint.rng_state", crash)
+    # The per-rank files are written after the tensors, before the manifest and the rename.
+    monkeypatch.setattr("memtron.train.checkpoint._save_file", fail)
     trainer.step = 5
-    with pytest.raises(OSError, match="disk full"):
+    with pytest.raises(CheckpointError) as err:
         trainer.save()
-    assert (root / ".tmp-step-00000005").is_dir()
-    assert list_checkpoints(root) == before  # the half-written step-5 is not a checkpoint
+    message = str(err.value)
+    assert errno.errorcode[code] in message and str(root) in message and "needs about" in message
+    assert not list(root.glob(".tmp-*"))  # the half-written step-5 is gone
+    assert list_checkpoints(root) == before  # and the previous checkpoint untouched
+    verify_checkpoint(before[-1], read_manifest(before[-1]))
 
 
 def test_bf16_and_grad_accum_train(tiny_config):

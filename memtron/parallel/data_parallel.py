@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -159,10 +160,9 @@ class DeepSpeedZero:
         norm = self.engine.get_global_grad_norm()
         return float(norm) if norm is not None else 0.0
 
-    def save(self, directory: Path) -> None:
-        """Each dp rank's partition of the optimizer state, next to the DCP tensors."""
-        rank = dist.get_rank()
-        torch.save(self.optimizer.state_dict(), directory / f"zero-rank{rank:05d}.pt")
+    def checkpoint_files(self) -> dict[str, Any]:
+        """Each dp rank's partition of the optimizer state, saved next to the DCP tensors."""
+        return {f"zero-rank{dist.get_rank():05d}.pt": self.optimizer.state_dict()}
 
     def load(self, directory: Path) -> None:
         files = sorted(directory.glob("zero-rank*.pt"))

@@ -160,18 +160,20 @@ def is_tp_sharded(param: torch.Tensor) -> bool:
 
 def clip_grad_norm(params: list[torch.Tensor], max_norm: float, state: ParallelState) -> float:
     """Global L2 norm of the model's gradient, each weight counted once: tp shards add up over
-    the tp group, replicated weights count on one rank. Scales grads when over ``max_norm``."""
+    the tp group, replicated weights count on one rank. Scales grads when over ``max_norm``;
+    a non-finite norm leaves them as they are, for the caller to report and skip."""
     grads = [p.grad for p in params if p.grad is not None]
     if state.tp == 1:
-        total = torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm > 0 else math.inf)
-        return float(total)
-    sq = torch.zeros((), dtype=torch.float64, device=params[0].device)
-    for p in params:
-        if p.grad is not None and (is_tp_sharded(p) or state.tp_rank == 0):
-            sq += p.grad.double().pow(2).sum()
-    sq = to_backend(sq, state.tp_group)
-    torch.distributed.all_reduce(sq, group=state.tp_group)
-    total = float(sq.sqrt())
-    if max_norm > 0 and total > max_norm:
+        total = float(torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))) \
+            if grads else 0.0
+    else:
+        sq = torch.zeros((), dtype=torch.float64, device=params[0].device)
+        for p in params:
+            if p.grad is not None and (is_tp_sharded(p) or state.tp_rank == 0):
+                sq += p.grad.double().pow(2).sum()
+        sq = to_backend(sq, state.tp_group)
+        torch.distributed.all_reduce(sq, group=state.tp_group)
+        total = float(sq.sqrt())
+    if max_norm > 0 and math.isfinite(total) and total > max_norm:
         torch._foreach_mul_(grads, max_norm / (total + 1e-6))
     return total

@@ -83,7 +83,8 @@ class SparseRowAdam:
 def clip_sparse_grad_norm(tables: Iterable[ValueTable], max_norm: float,
                           group: dist.ProcessGroup | None = None) -> float:
     """Clip the global norm of the tables' row gradients (as if they were dense); returns it.
-    ``group``: the ranks holding other shards of the tables, whose squares add up."""
+    ``group``: the ranks holding other shards of the tables, whose squares add up. A non-finite
+    norm leaves the rows as they are, for the caller to report and skip."""
     grads = [g for g in (t.sparse_grad() for t in tables) if g is not None]
     squares = torch.tensor(sum(float(torch.linalg.vector_norm(rows)) ** 2 for _, rows in grads),
                            dtype=torch.float64,  # no fp64 copy of the rows
@@ -91,7 +92,7 @@ def clip_sparse_grad_norm(tables: Iterable[ValueTable], max_norm: float,
     if group is not None:
         dist.all_reduce(squares, group=group)
     total = math.sqrt(float(squares))
-    if max_norm > 0 and total > max_norm:
+    if max_norm > 0 and math.isfinite(total) and total > max_norm:
         scale = max_norm / (total + 1e-6)
         for _, rows in grads:
             rows.mul_(scale)

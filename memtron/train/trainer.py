@@ -1,8 +1,10 @@
 """The training loop: step, eval, log, checkpoint, signals.
 
 One step = ``grad_accum`` micro-batches; dense gradients are clipped and applied by AdamW, the
-value tables' row gradients by the sparse row-wise Adam. Checkpoints are taken between steps,
-so a resumed run replays exactly the losses of an uninterrupted one.
+value tables' row gradients by the sparse row-wise Adam. A step whose loss or gradient norms are
+not finite on any rank is skipped on every rank, and ``train.max_bad_steps`` of them in a row
+stop the run without checkpointing the diverged state. Checkpoints are taken between steps, so a
+resumed run replays exactly the losses of an uninterrupted one.
 """
 
 from __future__ import annotations
@@ -11,7 +13,9 @@ import contextlib
 import json
 import math
 import signal
+import statistics
 import time
+from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -52,10 +56,12 @@ from memtron.parallel.tensor import (
 )
 from memtron.train.checkpoint import (
     CheckpointError,
-    latest_checkpoint,
+    CheckpointWriter,
+    list_checkpoints,
     load_checkpoint,
+    newest_valid_checkpoint,
     read_manifest,
-    save_checkpoint,
+    remove_stale_temp,
 )
 from memtron.train.evaluate import fact_accuracy
 from memtron.train.metrics import MetricsLogger, flops_per_token
@@ -68,6 +74,9 @@ from memtron.train.optim import (
 
 # SIGUSR1 is SLURM's pre-emption warning (sbatch --signal=USR1@secs): checkpoint, requeue.
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)
+# The per-step stop flag's value when a background checkpoint write failed: above any signal.
+WRITE_FAILED = 1 << 16
+SPIKE_MIN_WINDOW = 10  # losses in the window before a z-score means anything
 
 
 @dataclass
@@ -78,6 +87,8 @@ class TrainResult:
     evals: dict[int, dict[str, Any]] = field(default_factory=dict)
     checkpoint: Path | None = None
     stopped_by: int | None = None  # the signal that interrupted the run, if any
+    skipped: list[int] = field(default_factory=list)  # steps whose update was non-finite
+    diverged: str | None = None  # why the run stopped early on non-finite steps
 
 
 def check_inputs(cfg: Config) -> None:
@@ -151,6 +162,9 @@ class Trainer:
         self.questions = load_questions(cfg.data.questions) if cfg.data.questions else []
         self.step = 0
         self._stop_signal: int | None = None
+        self.checkpoints = CheckpointWriter(self.ckpt_root, cfg.checkpoint.keep_last,
+                                            cfg.checkpoint.async_save, cfg.parallel.timeout_s)
+        self.loss_window: deque[float] = deque(maxlen=cfg.train.loss_spike_window)
         n_dense = sum(p.numel() * (self.state.tp if is_tp_sharded(p) else 1)
                       for p in self.dense_params)  # the whole model's dense weights
         self.flops_per_token = flops_per_token(cfg.model, cfg.data.seq_len, n_dense)
@@ -186,34 +200,45 @@ class Trainer:
                 for name, moments in state.items()}
 
     def save(self) -> Path:
+        """Checkpoint this step (collective). With ``checkpoint.async_save`` it returns once the
+        state is staged, and the write goes on in the background."""
         s = self.state
         meta = {"config": self.cfg.to_dict(), "data_state": self.loader.state_dict(),
                 "layout": {"world_size": s.world_size, "tp": s.tp, "cp": s.cp, "dp": s.dp,
-                           "ep": s.ep}}
+                           "ep": s.ep},
+                "loss_window": list(self.loss_window)}
+        files = None
         if self.zero is not None:  # ZeRO keeps its own (partitioned) AdamW state
             meta["engine"] = "deepspeed"
-        return save_checkpoint(self.ckpt_root, self.step, self._tensor_state(), meta,
-                               self.cfg.checkpoint.keep_last,
-                               write_extra=self.zero.save if self.zero is not None else None)
+            files = self.zero.checkpoint_files()
+        return self.checkpoints.save(self.step, self._tensor_state(), meta, files)
 
-    def resume_path(self) -> Path | None:
+    def _resume_path(self) -> tuple[Path | None, bool, list[str]]:
+        """(checkpoint to resume from, already verified, warnings). ``auto`` takes the newest
+        checkpoint that verifies; an explicit path is never replaced by another."""
         resume = self.cfg.checkpoint.resume
         if resume == "none":
-            return None
-        if resume == "auto":
-            return latest_checkpoint(self.ckpt_root)
-        return Path(resume)
+            return None, False, []
+        if resume != "auto":
+            return Path(resume), False, []
+        path, skipped = newest_valid_checkpoint(self.ckpt_root, self.checkpoints.group)
+        if skipped:
+            target = f"resuming from {path.name}" if path else "no valid checkpoint: starting " \
+                "from scratch"
+            skipped = [f"warning: {line}" for line in skipped] + [f"warning: {target}"]
+        return path, True, skipped
 
-    def load(self, path: Path) -> None:
+    def load(self, path: Path, verify: bool = True) -> None:
         manifest = read_manifest(path)
         _same_architecture(config_from_dict(manifest["config"]), self.cfg, path)
         if manifest.get("engine", "native") != self.cfg.train.engine:
             raise CheckpointError(f"{path}: written by the {manifest.get('engine', 'native')} "
                                   f"engine, config has train.engine={self.cfg.train.engine}")
-        load_checkpoint(path, self._tensor_state())  # in place: views share storage
+        load_checkpoint(path, self._tensor_state(), verify)  # in place: views share storage
         if self.zero is not None:
             self.zero.load(path)
         self.loader.load_state_dict(manifest["data_state"])
+        self.loss_window.extend(manifest.get("loss_window", []))
         self.step = manifest["step"]
 
     # ----------------------------------------------------------------------- steps
@@ -246,23 +271,71 @@ class Trainer:
             else:
                 (loss / cfg.train.grad_accum).backward()
             total += loss.item()
-        if self.zero is not None:
+        if self.zero is not None:  # the engine has stepped, unless its grad norm was not finite
             grad_norm = self.zero.grad_norm()
         else:
             average_dense_grads(self.dense_params, self.state.dp_cp_group)
             grad_norm = clip_grad_norm(self.dense_params, cfg.optim.grad_clip, self.state)
-            self.dense_opt.step()
-            self.dense_opt.zero_grad(set_to_none=True)
         tables = list(self.tables.values())
         reduce_table_grads(tables, cfg, self.state)
         memory_norm = clip_sparse_grad_norm(tables, cfg.optim.memory_grad_clip,
                                             norm_group(cfg, self.state))
-        self.sparse_opt.step()
+        values = {"loss": total / cfg.train.grad_accum, "grad_norm": grad_norm,
+                  "memory_grad_norm": memory_norm}
+        bad = self._agreed_nonfinite(values)
+        values["loss"] = average_scalar(values["loss"], self.state.dp_cp_group)
+        metrics: dict[str, Any] = {"lr": lr, **values}
+        if bad:
+            metrics["skipped"] = 1
+            metrics["nonfinite"] = "non-finite " + ", ".join(
+                f"{k} ({values[k]})" for k in bad) + self._nonfinite_grads()
+        else:
+            if self.zero is None:
+                self.dense_opt.step()
+            self.sparse_opt.step()
+        if self.zero is None:
+            self.dense_opt.zero_grad(set_to_none=True)
         self.sparse_opt.zero_grad()
         self.step += 1
-        loss = average_scalar(total / cfg.train.grad_accum, self.state.dp_cp_group)
-        return {"loss": loss, "lr": lr, "grad_norm": grad_norm, "memory_grad_norm": memory_norm,
-                **self._memory_traffic()}
+        return {**metrics, **self._memory_traffic()}
+
+    def _agreed_nonfinite(self, values: dict[str, float]) -> list[str]:
+        """The names of ``values`` that are not finite on some rank. One all-reduce of flags,
+        so that every rank skips the same steps, whichever rank saw the NaN."""
+        flags = to_backend(torch.tensor([not math.isfinite(v) for v in values.values()],
+                                        dtype=torch.int32))
+        if self.state.world_size > 1:
+            dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+        return [name for name, flag in zip(values, flags.tolist()) if flag]
+
+    def _nonfinite_grads(self) -> str:
+        """Which dense weights and value tables hold non-finite gradients on any rank: the
+        diagnostic of a bad step (a pass over the gradients, so only then)."""
+        dense = {id(p) for p in self.dense_params}
+        grads = [(name, p.grad) for name, p in self.model.named_parameters() if id(p) in dense]
+        for name, table in self.tables.items():
+            sparse = table.sparse_grad()
+            grads.append((f"value table {name}", sparse[1] if sparse is not None else None))
+        flags = to_backend(torch.tensor([g is not None and not bool(torch.isfinite(g).all())
+                                         for _, g in grads], dtype=torch.int32))
+        if self.state.world_size > 1:
+            dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+        names = [name for (name, _), flag in zip(grads, flags.tolist()) if flag]
+        if not names:
+            return ""
+        more = f" and {len(names) - 6} more" if len(names) > 6 else ""
+        return f"; non-finite gradients in {', '.join(names[:6])}{more}"
+
+    def _loss_z(self, loss: float) -> float | None:
+        """How many standard deviations ``loss`` lies above the running window, which it then
+        joins. The spread is floored at 0.1% of the mean so a flat window does not cry wolf."""
+        window = self.loss_window
+        z = None
+        if window.maxlen and len(window) >= min(SPIKE_MIN_WINDOW, window.maxlen):
+            mean = statistics.fmean(window)
+            z = (loss - mean) / max(statistics.pstdev(window), 1e-3 * abs(mean), 1e-12)
+        window.append(loss)
+        return z
 
     def _memory_traffic(self) -> dict[str, float]:
         """Memory-parallel load per step: bytes this rank exchanged per token it looked up,
@@ -312,20 +385,52 @@ class Trainer:
         self._stop_signal = signum
 
     def _agreed_stop(self) -> int | None:
-        """Ranks may see a signal at different steps; all stop at the first step any saw it."""
-        if self.state.world_size == 1:
-            return self._stop_signal
-        flag = to_backend(torch.tensor([self._stop_signal or 0]))
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return int(flag.item()) or None
+        """Ranks may see a signal at different steps; all stop at the first step any saw it.
+        A background checkpoint write that failed is raised here, on every rank alike."""
+        flag = WRITE_FAILED if self.checkpoints.failed() else (self._stop_signal or 0)
+        if self.state.world_size > 1:
+            t = to_backend(torch.tensor([flag]))
+            dist.all_reduce(t, op=dist.ReduceOp.MAX)
+            flag = int(t.item())
+        if flag == WRITE_FAILED:
+            self.checkpoints.wait()  # raises the write's CheckpointError
+        return flag or None
+
+    def _divergence(self, bad_streak: int, detail: str) -> str:
+        """The diagnostic of a run stopped on non-finite steps (after any write in flight)."""
+        self.checkpoints.wait()
+        newest = list_checkpoints(self.ckpt_root)
+        advice = (f"the newest is {newest[-1]}: resume from it with a lower optim.lr or a "
+                  "tighter optim.grad_clip") if newest else "there is no checkpoint"
+        return (f"training diverged: {bad_streak} steps in a row up to step {self.step} were "
+                f"non-finite (train.max_bad_steps={self.cfg.train.max_bad_steps}); at step "
+                f"{self.step}: {detail}. No checkpoint was written from the diverged state; "
+                f"{advice}")
+
+    def _checkpoint(self, log: MetricsLogger, bad_streak: int) -> Path | None:
+        """Save unless the last step was non-finite (a diverging state is never checkpointed,
+        so ``keep_last`` never rotates a good checkpoint out for it); report the blocked time."""
+        if bad_streak:
+            log.print(f"checkpoint at step {self.step} not written: the last {bad_streak} "
+                      "step(s) were non-finite")
+            return None
+        start = time.perf_counter()
+        path = self.save()
+        blocked = time.perf_counter() - start
+        log.log("checkpoint", self.step, {"blocked_s": blocked})
+        how = " (writing in the background)" if self.checkpoints.asynchronous else ""
+        log.print(f"checkpoint {path.name}: training blocked {blocked:.2f} s{how}")
+        return path
 
     def run(self) -> TrainResult:
         cfg = self.cfg
-        resume = self.resume_path()
+        notes = remove_stale_temp(self.ckpt_root) if self.state.is_main else []
+        resume, verified, skipped = self._resume_path()
         if resume is not None:
-            self.load(resume)
+            self.load(resume, verify=not verified)
         result = TrainResult(self.run_dir, self.step)
         log = MetricsLogger(self.run_dir, cfg, self.step, enabled=self.state.is_main)
+        self.checkpoints.log = log.print
         n_params = sum(p.numel() for p in self.model.parameters())
         n_memory = sum(t.weight.numel() for t in self.tables.values())
         tokens_per_step = (cfg.data.micro_batch_size * cfg.data.seq_len * cfg.train.grad_accum
@@ -334,10 +439,13 @@ class Trainer:
                   f"{len(self.tables)} value table(s), {len(self.model.memory_layers())} memory "
                   f"layer(s)); {tokens_per_step} tokens/step; "
                   f"{self.state.describe()}; run dir {self.run_dir}")
+        for line in notes + skipped:
+            log.print(line)
         if resume is not None:
             log.print(f"resumed from {resume} at step {self.step}")
         previous = {s: signal.signal(s, self._on_signal) for s in STOP_SIGNALS}
         batches = iter(self.loader)
+        bad_streak = 0
         try:
             stop = None
             while self.step < cfg.train.steps and stop is None:
@@ -349,9 +457,24 @@ class Trainer:
                 if self.step % cfg.memory.usage_window == 0:
                     for name, table in self.tables.items():
                         metrics.update({f"{name}/{k}": v for k, v in table.usage().items()})
+                bad_streak = bad_streak + 1 if "skipped" in metrics else 0
+                z = None if bad_streak else self._loss_z(metrics["loss"])
+                if z is not None:
+                    metrics["loss_z"] = z
                 result.losses[self.step] = metrics["loss"]
                 log.log("train", self.step, metrics)
                 log.progress(self.step, metrics["loss"], metrics["tokens_per_s"])
+                if bad_streak:
+                    result.skipped.append(self.step)
+                    log.print(f"step {self.step}: {metrics['nonfinite']}; update skipped "
+                              f"({bad_streak} in a row, train.max_bad_steps="
+                              f"{cfg.train.max_bad_steps})")
+                    if bad_streak >= cfg.train.max_bad_steps:
+                        result.diverged = self._divergence(bad_streak, metrics["nonfinite"])
+                        break
+                elif z is not None and z > cfg.train.loss_spike_z:
+                    log.print(f"step {self.step}: loss spike, {metrics['loss']:.4f} is {z:.1f} "
+                              "standard deviations above the running mean")
                 if self.step % cfg.train.log_every == 0 and not cfg.logging.progress:
                     log.print(f"step {self.step} loss {metrics['loss']:.4f} "
                               f"lr {metrics['lr']:.2e} {metrics['tokens_per_s']:,.0f} tok/s")
@@ -364,11 +487,11 @@ class Trainer:
                         f"{k} {v:.4f}" for k, v in evaluation.items()))
                 every = cfg.checkpoint.every
                 if is_last or (every and self.step % every == 0):
-                    result.checkpoint = self.save()
+                    result.checkpoint = self._checkpoint(log, bad_streak) or result.checkpoint
                 stop = self._agreed_stop()
             if stop is not None:
                 result.stopped_by = stop
-                result.checkpoint = self.save()
+                result.checkpoint = self._checkpoint(log, bad_streak) or result.checkpoint
                 log.print(f"stopped by signal {stop} at step {self.step}; "
                           f"checkpoint {result.checkpoint}")
                 if stop == signal.SIGUSR1 and self.state.is_main:
@@ -378,7 +501,10 @@ class Trainer:
         finally:
             for s, handler in previous.items():
                 signal.signal(s, handler)
-            log.close()
+            try:
+                self.checkpoints.wait()  # a background write lands (or raises) before the end
+            finally:
+                log.close()
         result.step = self.step
         return result
 
