@@ -27,15 +27,11 @@ every row: on a machine shared with other jobs the numbers are only indicative.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import gc
 import json
 import os
 import platform
 import shutil
-import socket
-import subprocess
-import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator
@@ -45,6 +41,7 @@ from pathlib import Path
 import torch
 
 from memtron.export.bank import TableRows, write_bank
+from memtron.infer.server import running_server
 from memtron.infer.store import HttpRowStore, RamRowStore, RowStore, open_bank
 
 GOALS = {"mmap warm": 0.7, "server": 0.3}  # of a warm sequential read
@@ -103,37 +100,6 @@ def filling(store: RowStore, out: torch.Tensor) -> Callable[[torch.Tensor], obje
     """``store.fetch`` into the head of one preallocated tensor."""
     return lambda ids: store.fetch(ids, out=out[: ids.numel()])
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@contextlib.contextmanager
-def memory_server(bank: Path) -> Iterator[str]:
-    port = free_port()
-    code = f"from memtron.infer.server import serve; serve({str(bank)!r}, port={port})"
-    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.DEVNULL)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 60
-        while True:
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError("memory server did not start")
-            try:
-                with socket.create_connection(("127.0.0.1", port), timeout=1):
-                    break
-            except OSError:
-                time.sleep(0.1)
-        yield url
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
 
 
 def server_pass(url: str, batches: list[torch.Tensor], clients: int) -> tuple[int, float]:
@@ -240,7 +206,7 @@ def main() -> None:
         del store
         gc.collect()
 
-        with memory_server(bank) as url:
+        with running_server(bank) as url:
             for clients in sorted({1, a.clients}):
                 record(f"server x{clients} out=", *server_pass(url, batches, clients), "warm")
 

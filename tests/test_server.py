@@ -1,9 +1,6 @@
 """The memory server: concurrent clients get identical rows; every bad request gets its 4xx."""
 
 import contextlib
-import subprocess
-import sys
-import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -13,44 +10,17 @@ import requests
 import torch
 
 from memtron.export.bank import TableRows, write_bank
+from memtron.infer.server import running_server
 from memtron.infer.store import HttpBank, HttpRowStore, RemoteStoreError
-from tests.multiproc import free_port
 
 REPO = Path(__file__).resolve().parent.parent
 N, D = 5000, 16
 MAX_IDS = 1000
 
 
-@contextlib.contextmanager
-def serving(bank: Path, token: str | None = None, max_ids: int = MAX_IDS,
-            workers: int = 1) -> Iterator[str]:
+def serving(bank: Path, token: str | None = None, max_ids: int = MAX_IDS, workers: int = 1):
     """A memory server on a free loopback port in a subprocess; stopped on exit."""
-    port = free_port()
-    code = (f"from memtron.infer.server import serve; serve({str(bank)!r}, port={port}, "
-            f"token={token!r}, max_ids={max_ids}, workers={workers})")
-    proc = subprocess.Popen([sys.executable, "-c", code], cwd=REPO, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 60
-        while True:
-            if proc.poll() is not None:
-                raise AssertionError(f"server exited ({proc.returncode}): {proc.stdout.read()}")
-            if time.monotonic() > deadline:
-                raise AssertionError("server not up after 60 s")
-            with contextlib.suppress(requests.ConnectionError):
-                if requests.get(f"{url}/health", timeout=2).status_code == 200:
-                    break
-            time.sleep(0.1)
-        yield url
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        proc.stdout.close()
+    return running_server(bank, token=token, max_ids=max_ids, workers=workers)
 
 
 def _tables() -> dict[str, torch.Tensor]:

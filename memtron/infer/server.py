@@ -19,10 +19,16 @@ GIL), so the event loop keeps reading requests meanwhile.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hmac
 import os
+import socket
+import subprocess
+import sys
 import threading
-from collections.abc import AsyncIterator
+import time
+import urllib.request
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import torch
@@ -190,3 +196,48 @@ def serve(bank_dir: str | Path, host: str = "127.0.0.1", port: int = DEFAULT_POR
         os.environ[ENV_TOKEN] = token
     uvicorn.run("memtron.infer.server:app_from_env", factory=True, host=host, port=port,
                 workers=workers, log_level="warning", access_log=False)
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def running_server(bank_dir: str | Path, token: str | None = None,
+                   max_ids: int = DEFAULT_MAX_IDS, workers: int = 1,
+                   start_timeout_s: float = 60) -> Iterator[str]:
+    """``memtron serve-memory`` in a child process on a free loopback port, for tests,
+    benchmarks and notebooks: yields its URL once ``/health`` answers, stops it on exit."""
+    port = free_port()
+    cmd = [sys.executable, "-m", "memtron.cli", "serve-memory", str(bank_dir), "--port",
+           str(port), "--max-ids", str(max_ids), "--workers", str(workers)]
+    env = dict(os.environ)
+    if token is not None:
+        env["MEMTRON_MEMORY_TOKEN"] = token
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + start_timeout_s
+        while True:
+            if proc.poll() is not None:
+                raise RuntimeError(f"memory server exited ({proc.returncode}): "
+                                   f"{proc.stdout.read()}")
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"memory server not up after {start_timeout_s} s")
+            with contextlib.suppress(OSError), \
+                    urllib.request.urlopen(f"{url}/health", timeout=2) as answer:
+                if answer.status == 200:
+                    break
+            time.sleep(0.1)
+        yield url
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        proc.stdout.close()

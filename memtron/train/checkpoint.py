@@ -394,6 +394,14 @@ class CheckpointWriter:
 # --------------------------------------------------------------------------- load
 
 
+def save_checkpoint(root: Path, step: int, tensors: dict[str, Any], meta: dict[str, Any],
+                    keep_last: int) -> Path:
+    """One synchronous checkpoint outside a training run (e.g. ``memtron import hf``), with the
+    same layout, manifest and failure handling as the trainer's. Collective when a process
+    group is up."""
+    return CheckpointWriter(root, keep_last).save(step, tensors, meta)
+
+
 def read_manifest(path: Path) -> dict[str, Any]:
     manifest_path = path / MANIFEST
     if not path.is_dir():
