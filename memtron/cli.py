@@ -5,6 +5,7 @@
   memtron data prepare IN... --out DIR     raw text -> packed webdataset token shards
   memtron eval facts --ckpt CKPT           fact accuracy per bucket (95% CI) + valid loss
   memtron eval lm --ckpt CKPT --data DIR   loss and perplexity on prepared shards
+  memtron compare --config FILE --arms dense,dense2x,memory --seeds 0,1   equal-compute study
   memtron config  --config FILE [overrides] print the resolved, validated config
   memtron submit  CONFIG [overrides] --nodes N --gpus-per-node G   sbatch a training job
   memtron status  RUN_DIR                  job state, last step and loss, checkpoint
@@ -152,7 +153,31 @@ def _cmd_eval_lm(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_compare(args: argparse.Namespace) -> int:
+    from memtron.eval.compare import compare, markdown_table, parse_list
+
+    summary = compare(args.config, parse_list(args.arms, "--arms"),
+                      parse_list(args.seeds, "--seeds", int), args.out, args.overrides,
+                      args.steps, args.questions,
+                      log=lambda line: print(line, file=sys.stderr, flush=True))
+    print(markdown_table(summary), end="")
+    print(f"wrote {Path(args.out) / 'compare.md'}, compare.json and compare.png")
+    return 0
+
+
 def _add_eval_parsers(sub) -> None:
+    p = sub.add_parser("compare", help="equal-compute quality comparison of arms x seeds",
+                       description="Train each arm (dense, dense2x, memory, memory-beside) for "
+                       "each seed at equal steps and tokens, evaluate fact accuracy per bucket "
+                       "and held-out loss, and write compare.md, compare.json and compare.png.")
+    _add_config_args(p)
+    p.add_argument("--arms", default="dense,dense2x,memory", help="comma-separated arm names")
+    p.add_argument("--seeds", default="0,1", help="comma-separated training seeds")
+    p.add_argument("--steps", type=int, help="training steps per run (default: the config's)")
+    p.add_argument("--questions", help="questions.jsonl (default: the config's data.questions)")
+    p.add_argument("--out", default="runs/compare", help="output directory")
+    p.set_defaults(func=_cmd_compare)
+
     ev = sub.add_parser("eval", help="evaluate a checkpoint (any layout)").add_subparsers(
         dest="eval_command", required=True)
     p = ev.add_parser("facts", help="fact accuracy per frequency bucket with 95%% intervals",
