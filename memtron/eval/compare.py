@@ -107,6 +107,7 @@ def plot(summary: list[dict], path: Path, title: str) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import NullFormatter
 
     buckets = [b for b in summary[0]["buckets"] if b != "all"]
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), sharey=True)
@@ -123,6 +124,9 @@ def plot(summary: list[dict], path: Path, title: str) -> None:
                             label=f"{row['arm']} / {bucket}")
         ax.axhline(summary[0]["chance"], color="grey", linestyle=":", label="chance")
         ax.set_xscale("log")
+        ticks = sorted({row[key] for row in summary})  # label the arms, not the decades
+        ax.xaxis.set_minor_formatter(NullFormatter())
+        ax.set_xticks(ticks, [f"{t:.3g}" for t in ticks], rotation=30, fontsize=7)
         ax.set_xlabel(label)
         ax.grid(alpha=0.3)
     axes[0].set_ylabel("fact accuracy")
