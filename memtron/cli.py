@@ -3,6 +3,9 @@
   memtron train   --config configs/tiny-cpu.yaml [dotted.key=value ...]
   memtron data synth   --out DIR           generate the long-tail facts corpus
   memtron data prepare IN... --out DIR     raw text -> packed webdataset token shards
+  memtron eval facts --ckpt CKPT           fact accuracy per bucket (95% CI) + valid loss
+  memtron eval lm --ckpt CKPT --data DIR   loss and perplexity on prepared shards
+  memtron compare --config FILE --arms dense,dense2x,memory --seeds 0,1   equal-compute study
   memtron config  --config FILE [overrides] print the resolved, validated config
   memtron submit  CONFIG [overrides] --nodes N --gpus-per-node G   sbatch a training job
   memtron status  RUN_DIR                  job state, last step and loss, checkpoint
@@ -101,9 +104,101 @@ def _print_summary(result) -> None:
 def _cmd_synth(args: argparse.Namespace) -> int:
     from memtron.data.synthetic import generate_corpus
 
-    summary = generate_corpus(args.out, n_entities=args.entities, zipf=args.zipf, seed=args.seed)
+    summary = generate_corpus(args.out, n_entities=args.entities, zipf=args.zipf, seed=args.seed,
+                              questions_per_bucket=args.questions_per_bucket)
     print(json.dumps(summary, indent=1))
     return 0
+
+
+def _device(name: str) -> str:
+    import torch
+
+    return ("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else name
+
+
+def format_facts(report: dict) -> str:
+    """The human-readable lines of an ``eval facts`` report."""
+    lines = [f"{'bucket':<8} {'acc':>7} {'95% CI':>17} {'n':>6}"]
+    for name, b in report["buckets"].items():
+        lines.append(f"{name:<8} {b['accuracy']:>7.1%} [{b['low']:>6.1%}, {b['high']:>6.1%}] "
+                     f"{b['n']:>6}")
+    lines.append(f"chance {report['chance']:.1%}; checkpoint {report['checkpoint']} (step "
+                 f"{report['step']}); {report['params']:,} params ({report['table_params']:,} "
+                 f"in value tables)")
+    if "valid" in report:
+        v = report["valid"]
+        lines.append(f"valid loss {v['loss']:.4f}  perplexity {v['perplexity']:.3f} "
+                     f"({v['tokens']:,} tokens)")
+    return "\n".join(lines)
+
+
+def _cmd_eval_facts(args: argparse.Namespace) -> int:
+    from memtron.eval.facts import eval_facts
+
+    report = eval_facts(args.ckpt, args.questions, args.batch_size, args.valid_batches,
+                        _device(args.device))
+    print(json.dumps(report, indent=1) if args.json else format_facts(report))
+    return 0
+
+
+def _cmd_eval_lm(args: argparse.Namespace) -> int:
+    from memtron.eval.lm import eval_lm
+
+    report = eval_lm(args.ckpt, args.data, args.batch_size, args.max_batches,
+                     _device(args.device))
+    print(json.dumps(report, indent=1) if args.json else
+          f"loss {report['loss']:.4f}  perplexity {report['perplexity']:.3f} over "
+          f"{report['tokens']:,} tokens of {report['data']} (checkpoint {report['checkpoint']}, "
+          f"step {report['step']})")
+    return 0
+
+
+def _cmd_compare(args: argparse.Namespace) -> int:
+    from memtron.eval.compare import compare, markdown_table, parse_list
+
+    summary = compare(args.config, parse_list(args.arms, "--arms"),
+                      parse_list(args.seeds, "--seeds", int), args.out, args.overrides,
+                      args.steps, args.questions,
+                      log=lambda line: print(line, file=sys.stderr, flush=True))
+    print(markdown_table(summary), end="")
+    print(f"wrote {Path(args.out) / 'compare.md'}, compare.json and compare.png")
+    return 0
+
+
+def _add_eval_parsers(sub) -> None:
+    p = sub.add_parser("compare", help="equal-compute quality comparison of arms x seeds",
+                       description="Train each arm (dense, dense2x, memory, memory-beside) for "
+                       "each seed at equal steps and tokens, evaluate fact accuracy per bucket "
+                       "and held-out loss, and write compare.md, compare.json and compare.png.")
+    _add_config_args(p)
+    p.add_argument("--arms", default="dense,dense2x,memory", help="comma-separated arm names")
+    p.add_argument("--seeds", default="0,1", help="comma-separated training seeds")
+    p.add_argument("--steps", type=int, help="training steps per run (default: the config's)")
+    p.add_argument("--questions", help="questions.jsonl (default: the config's data.questions)")
+    p.add_argument("--out", default="runs/compare", help="output directory")
+    p.set_defaults(func=_cmd_compare)
+
+    ev = sub.add_parser("eval", help="evaluate a checkpoint (any layout)").add_subparsers(
+        dest="eval_command", required=True)
+    p = ev.add_parser("facts", help="fact accuracy per frequency bucket with 95%% intervals",
+                      description="Multiple-choice fact accuracy per bucket with Wilson 95%% "
+                      "intervals, plus loss and perplexity on the config's valid shards.")
+    p.add_argument("--ckpt", required=True, help="run dir (latest checkpoint) or checkpoint dir")
+    p.add_argument("--questions", help="questions.jsonl (default: the config's data.questions)")
+    p.add_argument("--batch-size", type=int, default=64, help="sequences per forward")
+    p.add_argument("--valid-batches", type=int, help="cap on valid batches (default: all)")
+    p.add_argument("--device", default="auto", help="auto (cuda if present), cpu, cuda:N")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=_cmd_eval_facts)
+
+    p = ev.add_parser("lm", help="loss and perplexity on prepared shards")
+    p.add_argument("--ckpt", required=True, help="run dir (latest checkpoint) or checkpoint dir")
+    p.add_argument("--data", required=True, help="directory of prepared shards (index.json)")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--max-batches", type=int, help="default: the whole pass")
+    p.add_argument("--device", default="auto", help="auto (cuda if present), cpu, cuda:N")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=_cmd_eval_lm)
 
 
 def _cmd_prepare(args: argparse.Namespace) -> int:
@@ -201,16 +296,12 @@ class _Streamer:
 def _cmd_generate(args: argparse.Namespace) -> int:
     import os
 
-    import torch
-
     from memtron.data.tokenizer import load_tokenizer
     from memtron.infer.generate import SamplingConfig, generate
     from memtron.infer.model import load_model
 
     rows = _read_prompts(args)
-    device = args.device
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = _device(args.device)
     token = args.token or os.environ.get("MEMTRON_MEMORY_TOKEN")
     loaded = load_model(args.ckpt, values=args.values, cache_rows=args.cache_rows,
                         device=device, token=token)
@@ -459,6 +550,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--entities", type=int, default=1000)
     p.add_argument("--zipf", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--questions-per-bucket", type=int, default=100,
+                   help="fact questions per frequency bucket (at most the facts it holds)")
     p.set_defaults(func=_cmd_synth)
 
     p = data.add_parser("prepare", help="tokenize and pack text into webdataset shards")
@@ -470,6 +563,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--text-key", default="text")
     p.set_defaults(func=_cmd_prepare)
 
+    _add_eval_parsers(sub)
     _add_submit_parser(sub)
     _add_infer_parsers(sub)
     _add_export_parsers(sub)

@@ -5,7 +5,7 @@ of one entity's facts in varied sentence templates, and entities are drawn with 
 frequencies, so a few are mentioned thousands of times and most only a handful. The names
 are invented, so the only way to predict an attribute after a name is to have memorised the
 fact: exactly what memory layers should help with, and measurably so per frequency bucket
-(``questions.jsonl``, scored by ``memtron.train.evaluate.fact_accuracy``).
+(``questions.jsonl``, scored by ``memtron.eval.facts.fact_accuracy``).
 """
 
 from __future__ import annotations

@@ -28,6 +28,7 @@ from memtron.data.loader import ShardLoader, eval_batches
 from memtron.data.prepare import INDEX_NAME
 from memtron.data.synthetic import load_questions
 from memtron.data.tokenizer import load_tokenizer
+from memtron.eval.facts import fact_accuracy
 from memtron.model.forward import ForwardContext, autocast
 from memtron.model.transformer import Transformer, build_model
 from memtron.parallel.context import local_attention, parallelize_context, zigzag_indices
@@ -63,7 +64,6 @@ from memtron.train.checkpoint import (
     read_manifest,
     remove_stale_temp,
 )
-from memtron.train.evaluate import fact_accuracy
 from memtron.train.metrics import MetricsLogger, flops_per_token
 from memtron.train.optim import (
     build_optimizers,

@@ -1,0 +1,1 @@
+"""Evaluation of trained checkpoints: fact accuracy by bucket, held-out loss, comparisons."""
