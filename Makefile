@@ -10,7 +10,7 @@ install:
 
 install-dev:
 	scripts/install-system.sh
-	PYTHON=$(PYTHON) scripts/install.sh dev,megatron,deepspeed,mpi,serve,hf,eval
+	PYTHON=$(PYTHON) scripts/install.sh dev,megatron,deepspeed,mpi,serve,hf,eval,report
 
 $(DATA)/raw/train.jsonl:
 	memtron data synth --out $(DATA)
