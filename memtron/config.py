@@ -57,6 +57,9 @@ class MemoryConfig:
     # all-to-all lookups; or the baselines, columns sharded, or whole tables everywhere with a
     # dense gradient all-reduce.
     parallel: Literal["rowwise", "colwise", "replicated"] = "rowwise"
+    # Storage of value-table rows. bf16 halves the table; its optimizer state stays fp32 and its
+    # row updates round stochastically, seeded (train/optim.py, values.store_rows).
+    value_dtype: Literal["fp32", "bf16"] = "fp32"
 
     @property
     def n_slots(self) -> int:

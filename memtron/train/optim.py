@@ -38,10 +38,9 @@ from torch import nn
 
 from memtron.config import MemoryOptimizer, OptimConfig
 from memtron.model.memory import kernels
-from memtron.model.memory.values import ValueTable
+from memtron.model.memory.values import STORAGE_DTYPES, ValueTable, store_rows
 from memtron.parallel.launch import collective_device
 
-STORAGE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 MEMORY_OPTIMIZERS: tuple[str, ...] = typing.get_args(MemoryOptimizer)
 # Modes whose state holds per-row statistics of whole rows (not of column shards).
 ROWWISE_MODES = ("adam_rowwise_v", "rowwise_adagrad", "adam_b1zero_rowwise")
@@ -86,15 +85,16 @@ class SparseRowOptimizer:
             state["step"] += 1
             grad = table.sparse_grad()
             if grad is not None:
-                self._update(table.weight.detach(), state, *grad)
+                self._update(table, state, *grad)
 
-    def _update(self, weight: torch.Tensor, state: dict[str, torch.Tensor], ids: torch.Tensor,
+    def _update(self, table: ValueTable, state: dict[str, torch.Tensor], ids: torch.Tensor,
                 grad: torch.Tensor) -> None:
-        """One step of ``self.mode`` on rows ``ids`` (unique) of ``weight`` with fp32 ``grad``."""
+        """One step of ``self.mode`` on rows ``ids`` (unique) of ``table`` with fp32 ``grad``."""
+        weight = table.weight.detach()
         beta1, beta2 = self.betas
         t = int(state["step"])
         decay = 1 - self.lr * self.weight_decay
-        if self.mode == "adam" and kernels.use_triton(weight):  # one fused pass
+        if self.mode == "adam" and weight.dtype == torch.float32 and kernels.use_triton(weight):
             kernels.sparse_adam_(weight, state["exp_avg"], state["exp_avg_sq"], ids, grad,
                                  betas=self.betas, eps=self.eps, decay=decay,
                                  step_size=self.lr * math.sqrt(1 - beta2**t) / (1 - beta1**t))
@@ -129,7 +129,7 @@ class SparseRowOptimizer:
         if self.weight_decay:
             new_rows.mul_(decay)
         new_rows.add_(step, alpha=-step_size)
-        weight.index_copy_(0, ids, new_rows.to(weight.dtype))
+        store_rows(table, ids, new_rows, t)
 
     def zero_grad(self) -> None:
         for table in self.tables.values():

@@ -13,7 +13,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from memtron.model.memory import kernels
+from memtron.model.memory import counter_rng, kernels
+
+# Storage types of value tables (``memory.value_dtype``) and of their first moments.
+STORAGE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 # Rows per initialisation block: each block has its own generator and is always drawn whole
 # (torch's randn values depend on the size drawn), so any row range (a shard) initialises
@@ -72,6 +75,18 @@ def sum_rows_by_id(
     summed = F.embedding_bag(source, rows, offsets, per_sample_weights=sample_weights,
                              mode="sum")
     return unique_ids, summed
+
+
+def store_rows(table: LocalValueTable, ids: torch.Tensor, rows: torch.Tensor, step: int) -> None:
+    """Write fp32 ``rows`` (consumed) to local rows ``ids`` of ``table``. A bf16 table rounds
+    them stochastically with bits keyed by (table seed, ``step``, global row, column), so the
+    rounding is unbiased, and a resumed or resharded run rounds exactly as the original."""
+    weight = table.weight.detach()
+    if weight.dtype == torch.bfloat16:
+        keys = counter_rng.row_keys(table.seed, counter_rng.ROUND_STREAM, step,
+                                    ids + table.row_start)
+        rows = counter_rng.stochastic_round_bf16(rows, keys, table.col_start)
+    weight.index_copy_(0, ids, rows.to(weight.dtype))
 
 
 class ValueTable(nn.Module):
@@ -225,7 +240,9 @@ class _BagLookup(torch.autograd.Function):
 class LocalValueTable(ValueTable):
     """Rows held in this process: the whole table, or (as the base of the sharded table) the
     row range ``[row_start, row_start + n_rows)`` of a larger one. Its weight never gets a
-    ``.grad``: the sparse row-wise Adam owns it and dense optimizers leave it out."""
+    ``.grad``: the sparse row optimizer owns it and dense optimizers leave it out."""
+
+    col_start = 0  # first column of the whole table held here (column-sharded tables: more)
 
     def __init__(self, n_rows: int, dim: int, seed: int = 0, row_start: int = 0,
                  dtype: torch.dtype = torch.float32) -> None:
