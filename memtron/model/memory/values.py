@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from memtron.model.memory import counter_rng, kernels
+from memtron.model.memory import counter_rng, cpu_kernels, kernels
 
 # Storage types of value tables (``memory.value_dtype``) and of their first moments.
 STORAGE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -104,6 +104,8 @@ class ValueTable(nn.Module):
         self._grad_ids: list[torch.Tensor] = []
         self._grad_rows: list[torch.Tensor] = []
         self._coalesced: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._arena = torch.empty(0, dim)  # see arena(); CPU, for the C++ backward
+        self._arena_used = self._arena_wanted = 0
         # Per-slot hit counts over the usage window (not checkpointed: a monitoring window).
         self.register_buffer("hits", torch.zeros(n_rows, dtype=torch.int32), persistent=False)
         self.served = 0  # hits served since take_served(): an owner's share of the work
@@ -119,6 +121,17 @@ class ValueTable(nn.Module):
         self._grad_ids.append(ids)
         self._grad_rows.append(rows)
         self._coalesced = None
+        arena = self._arena
+        if arena.numel() and rows.data_ptr() == arena[self._arena_used:].data_ptr():
+            self._arena_used += rows.shape[0]
+        else:
+            self._arena_wanted = max(self._arena_wanted, self._arena_used + rows.shape[0])
+
+    def arena(self) -> torch.Tensor:
+        """Free rows [R, dim] (fp32) of this step's row-gradient arena, for a backward to write
+        its row gradients into: reused step after step, so the largest per-step buffer is not
+        faulted in afresh each time (on CPU that costs as much as writing it)."""
+        return self._arena[self._arena_used:]
 
     def sparse_grad(self) -> tuple[torch.Tensor, torch.Tensor] | None:
         """(sorted unique ids [U], fp32 row gradients [U, dim]) summed over every recorded
@@ -136,6 +149,10 @@ class ValueTable(nn.Module):
 
     def zero_grad_rows(self) -> None:
         self._grad_ids, self._grad_rows, self._coalesced = [], [], None
+        self._arena_used = 0
+        if self._arena_wanted > self._arena.shape[0]:  # grown for the next step
+            self._arena = self._arena.new_empty(self._arena_wanted, self._arena.shape[1])
+        self._arena_wanted = 0
 
     # -- usage -------------------------------------------------------------------------------
     def take_served(self) -> int:
@@ -189,7 +206,9 @@ def _weight_grad_by_chunks(grad_out: torch.Tensor, table: torch.Tensor, ids: tor
 class _BagLookup(torch.autograd.Function):
     """``out[b] = sum over hits i of bag b: weights[i] * table[ids[i]]``, sparse backward.
     On CUDA both passes run as Triton kernels (``kernels.py``: fp32 sums, a backward that
-    reads each touched row once); the torch ops below are the reference and the CPU path."""
+    reads each touched row once); on CPU the backward runs the same one-pass algorithm in a
+    C++ extension (``cpu_kernels.py``) when it builds. The torch ops below are the reference
+    and the fallback."""
 
     @staticmethod
     def forward(ctx, weights: torch.Tensor, rows: torch.Tensor, ids: torch.Tensor,
@@ -210,9 +229,15 @@ class _BagLookup(torch.autograd.Function):
         table: LocalValueTable = ctx.table
         grad_out = grad_out.contiguous()
         bags = bag_index(offsets, ids.numel())
+        fused = None
         if kernels.use_triton(grad_out):
-            unique_ids, rows, grad_weights = kernels.bag_backward(
-                grad_out, table.weight.detach(), ids, weights, bags, ctx.needs_input_grad[0])
+            fused = kernels.bag_backward(grad_out, table.weight.detach(), ids, weights, bags,
+                                         ctx.needs_input_grad[0])
+        elif cpu_kernels.available(grad_out):
+            fused = cpu_kernels.bag_backward(grad_out, table.weight.detach(), ids, weights,
+                                             bags, ctx.needs_input_grad[0], table.arena())
+        if fused is not None:  # one pass over the distinct rows
+            unique_ids, rows, grad_weights = fused
             if ids.numel():
                 table.accumulate_grad(unique_ids, rows)
             if grad_weights is not None:
