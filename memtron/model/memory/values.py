@@ -9,6 +9,8 @@ group (``memtron.parallel.memory``) implements the same contract.
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -19,31 +21,50 @@ from memtron.model.memory import counter_rng, cpu_kernels, kernels
 STORAGE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 # Rows per initialisation block: each block has its own generator and is always drawn whole
-# (torch's randn values depend on the size drawn), so any row range (a shard) initialises
+# (torch's normal_ values depend on the size drawn), so any row range (a shard) initialises
 # alone to the same values as those rows of the whole table.
 INIT_BLOCK_ROWS = 1024
 
 
+def _init_block(weight: torch.Tensor, row_start: int, seed: int, block: int, columns: slice,
+                dim: int) -> None:
+    """Rows of block ``block`` that ``weight`` (rows ``row_start ...``) holds, drawn in place
+    when the block lies whole in an fp32 ``weight`` with every column, else drawn into a
+    temporary block and copied."""
+    gen = torch.Generator().manual_seed(seed * 1_000_003 + block)
+    first = max(block * INIT_BLOCK_ROWS, row_start)
+    last = min((block + 1) * INIT_BLOCK_ROWS, row_start + weight.shape[0])
+    target = weight[first - row_start : last - row_start]
+    std = dim**-0.5
+    if (last - first == INIT_BLOCK_ROWS and target.dtype == torch.float32
+            and target.shape[1] == dim):
+        target.normal_(0.0, std, generator=gen)
+        return
+    drawn = torch.empty(INIT_BLOCK_ROWS, dim).normal_(0.0, std, generator=gen)
+    offset = first - block * INIT_BLOCK_ROWS
+    target.copy_(drawn[offset : offset + last - first, columns])
+
+
+@torch.no_grad()
 def init_rows(weight: torch.Tensor, row_start: int, seed: int, columns: slice | None = None,
               full_dim: int | None = None) -> None:
     """Fill ``weight`` (rows ``row_start ...``, and ``columns`` of ``full_dim`` if given, of a
     table) with N(0, 1/d), the same values whatever the sharding: row i always comes from
-    block ``i // INIT_BLOCK_ROWS`` of ``seed``."""
-    n_rows = weight.shape[0]
+    block ``i // INIT_BLOCK_ROWS`` of ``seed``. Blocks are drawn on torch's intra-op threads
+    (each generator is sequential, so one block is one thread's work)."""
+    if weight.shape[0] == 0:
+        return
     dim = full_dim or weight.shape[1]
     columns = columns or slice(0, dim)
-    std = dim**-0.5
-    row = row_start
-    while row < row_start + n_rows:
-        block = row // INIT_BLOCK_ROWS
-        block_start = block * INIT_BLOCK_ROWS
-        take = min(block_start + INIT_BLOCK_ROWS, row_start + n_rows) - row
-        gen = torch.Generator().manual_seed(seed * 1_000_003 + block)
-        block_rows = torch.randn(INIT_BLOCK_ROWS, dim, generator=gen)
-        values = block_rows[row - block_start : row - block_start + take, columns]
-        with torch.no_grad():
-            weight[row - row_start : row - row_start + take] = values.mul_(std).to(weight.dtype)
-        row += take
+    blocks = range(row_start // INIT_BLOCK_ROWS,
+                   (row_start + weight.shape[0] - 1) // INIT_BLOCK_ROWS + 1)
+    threads = min(torch.get_num_threads(), len(blocks))
+    if threads <= 1:
+        for block in blocks:
+            _init_block(weight, row_start, seed, block, columns, dim)
+        return
+    with ThreadPoolExecutor(threads) as pool:  # torch ops release the GIL
+        list(pool.map(lambda b: _init_block(weight, row_start, seed, b, columns, dim), blocks))
 
 
 def bag_index(offsets: torch.Tensor, n_hits: int) -> torch.Tensor:
