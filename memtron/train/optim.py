@@ -99,36 +99,38 @@ class SparseRowOptimizer:
                                  betas=self.betas, eps=self.eps, decay=decay,
                                  step_size=self.lr * math.sqrt(1 - beta2**t) / (1 - beta1**t))
             return
+        if self.mode in ROWWISE_MODES:  # mean(g^2) per row, with no [U, d] temporary
+            mean_sq = torch.linalg.vector_norm(grad, dim=1).square_().div_(grad.shape[1])
+        direction = grad
         if self.mode == "rowwise_adagrad":
-            sum_sq = state["sum_sq"].index_select(0, ids).add_(grad.square().mean(1))
-            state["sum_sq"].index_copy_(0, ids, sum_sq)
-            step = grad.div(sum_sq.sqrt_().add_(self.eps).unsqueeze(1))
+            denom = state["sum_sq"].index_select(0, ids).add_(mean_sq)
+            state["sum_sq"].index_copy_(0, ids, denom)
             step_size = self.lr
         elif self.mode == "adam_b1zero_rowwise":
             missed = (t - state["last_step"].index_select(0, ids)).double()
-            v = state["exp_avg_sq"].index_select(0, ids)
-            v = v.mul_(torch.pow(beta2, missed).float()).add_(grad.square().mean(1),
-                                                             alpha=1 - beta2)
-            state["exp_avg_sq"].index_copy_(0, ids, v)
+            denom = state["exp_avg_sq"].index_select(0, ids)
+            denom.mul_(torch.pow(beta2, missed).float()).add_(mean_sq, alpha=1 - beta2)
+            state["exp_avg_sq"].index_copy_(0, ids, denom)
             state["last_step"].index_fill_(0, ids, t)
-            step = grad.div(v.sqrt_().add_(self.eps).unsqueeze(1))
             step_size = self.lr * math.sqrt(1 - beta2**t)
         else:  # adam, adam_rowwise_v
-            exp_avg = state["exp_avg"].index_select(0, ids).float().lerp_(grad, 1 - beta1)
-            state["exp_avg"].index_copy_(0, ids, exp_avg.to(state["exp_avg"].dtype))
-            v = state["exp_avg_sq"].index_select(0, ids).mul_(beta2)
+            direction = state["exp_avg"].index_select(0, ids).float().lerp_(grad, 1 - beta1)
+            state["exp_avg"].index_copy_(0, ids, direction.to(state["exp_avg"].dtype))
+            denom = state["exp_avg_sq"].index_select(0, ids).mul_(beta2)
             if self.mode == "adam":
-                v.addcmul_(grad, grad, value=1 - beta2)
+                denom.addcmul_(grad, grad, value=1 - beta2)
             else:
-                v.add_(grad.square().mean(1), alpha=1 - beta2)
-            state["exp_avg_sq"].index_copy_(0, ids, v)
-            denom = v.sqrt_().add_(self.eps)
-            step = exp_avg.div_(denom if self.mode == "adam" else denom.unsqueeze(1))
+                denom.add_(mean_sq, alpha=1 - beta2)
+            state["exp_avg_sq"].index_copy_(0, ids, denom)
             step_size = self.lr * math.sqrt(1 - beta2**t) / (1 - beta1**t)
+        denom.sqrt_().add_(self.eps)
         new_rows = weight.index_select(0, ids).float()
         if self.weight_decay:
             new_rows.mul_(decay)
-        new_rows.add_(step, alpha=-step_size)
+        if denom.dim() == 1:  # one denominator per row
+            new_rows.addcmul_(direction, denom.reciprocal_().unsqueeze(1), value=-step_size)
+        else:
+            new_rows.addcdiv_(direction, denom, value=-step_size)
         store_rows(table, ids, new_rows, t)
 
     def zero_grad(self) -> None:
