@@ -129,6 +129,7 @@ def test_init_rows_same_for_any_row_range_and_threads():
             part = torch.empty(2 * INIT_BLOCK_ROWS, dim)
             init_rows(part, 700, seed=5)
             assert torch.equal(part, whole[700 : 700 + 2 * INIT_BLOCK_ROWS])
+            assert torch.equal(LocalValueTable(n, dim, seed=5).weight, whole)  # a Parameter
     finally:
         torch.set_num_threads(threads)
     half = torch.empty(n - 3, dim, dtype=torch.bfloat16)

@@ -45,7 +45,6 @@ def _init_block(weight: torch.Tensor, row_start: int, seed: int, block: int, col
     target.copy_(drawn[offset : offset + last - first, columns])
 
 
-@torch.no_grad()
 def init_rows(weight: torch.Tensor, row_start: int, seed: int, columns: slice | None = None,
               full_dim: int | None = None) -> None:
     """Fill ``weight`` (rows ``row_start ...``, and ``columns`` of ``full_dim`` if given, of a
@@ -54,6 +53,7 @@ def init_rows(weight: torch.Tensor, row_start: int, seed: int, columns: slice | 
     (each generator is sequential, so one block is one thread's work)."""
     if weight.shape[0] == 0:
         return
+    weight = weight.detach()  # grad mode is per thread: no_grad does not reach the workers
     dim = full_dim or weight.shape[1]
     columns = columns or slice(0, dim)
     blocks = range(row_start // INIT_BLOCK_ROWS,
