@@ -25,13 +25,13 @@ def test_bag_backward_matches_torch_ops(dtype, dim):
     ref_w = (grad_out[bags] * table.float()[ids]).sum(1)
     arena = torch.full((200, dim), float("nan"))
     for buffer in (None, arena, arena[:3]):  # no arena, room for the rows, too little room
-        unique, rows, grad_w = cpu_kernels.bag_backward(grad_out, table, ids, weights, bags,
-                                                        True, buffer)
+        unique, rows, grad_w = cpu_kernels.bag_backward(grad_out, table, ids, weights,
+                                                        offsets, True, buffer)
         assert torch.equal(unique, ref_ids)
         torch.testing.assert_close(rows, ref_rows, rtol=1e-6, atol=1e-6)
         torch.testing.assert_close(grad_w, ref_w, rtol=1e-5, atol=1e-5)
         assert (rows.data_ptr() == arena.data_ptr()) == (buffer is arena)
-    assert cpu_kernels.bag_backward(grad_out, table, ids, weights, bags, False)[2] is None
+    assert cpu_kernels.bag_backward(grad_out, table, ids, weights, offsets, False)[2] is None
 
 
 @needs_ext

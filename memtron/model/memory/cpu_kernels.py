@@ -46,15 +46,16 @@ def available(t: torch.Tensor) -> bool:
 
 
 def bag_backward(grad_out: torch.Tensor, table: torch.Tensor, ids: torch.Tensor,
-                 weights: torch.Tensor, bags: torch.Tensor, weight_grad: bool,
+                 weights: torch.Tensor, offsets: torch.Tensor, weight_grad: bool,
                  arena: torch.Tensor | None = None,
                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """(sorted unique ids [U], fp32 row gradients [U, d], fp32 weight gradients [M] or None),
-    as :func:`kernels.bag_backward`. The row gradients are the first U rows of ``arena``
-    (fp32 [R, d]) when it has that many, else a new tensor."""
+    as :func:`kernels.bag_backward`, for bags starting at ``offsets`` (the ``embedding_bag``
+    layout). The row gradients are the first U rows of ``arena`` (fp32 [R, d]) when it has
+    that many, else a new tensor."""
     arena = grad_out.new_empty(0, table.shape[1]) if arena is None else arena
     unique, rows, grad_w = _extension().bag_backward(
-        grad_out.float(), table, ids, weights.float(), bags, weight_grad, arena)
+        grad_out.float(), table, ids, weights.float(), offsets, weight_grad, arena)
     return unique, rows, grad_w if weight_grad else None
 
 

@@ -249,14 +249,14 @@ class _BagLookup(torch.autograd.Function):
         weights, ids, offsets = ctx.saved_tensors
         table: LocalValueTable = ctx.table
         grad_out = grad_out.contiguous()
-        bags = bag_index(offsets, ids.numel())
         fused = None
         if kernels.use_triton(grad_out):
-            fused = kernels.bag_backward(grad_out, table.weight.detach(), ids, weights, bags,
+            fused = kernels.bag_backward(grad_out, table.weight.detach(), ids, weights,
+                                         bag_index(offsets, ids.numel()),
                                          ctx.needs_input_grad[0])
         elif cpu_kernels.available(grad_out):
             fused = cpu_kernels.bag_backward(grad_out, table.weight.detach(), ids, weights,
-                                             bags, ctx.needs_input_grad[0], table.arena())
+                                             offsets, ctx.needs_input_grad[0], table.arena())
         if fused is not None:  # one pass over the distinct rows
             unique_ids, rows, grad_weights = fused
             if ids.numel():
@@ -264,6 +264,7 @@ class _BagLookup(torch.autograd.Function):
             if grad_weights is not None:
                 grad_weights = grad_weights.to(weights.dtype)
             return grad_weights, None, None, None, None
+        bags = bag_index(offsets, ids.numel())
         grad_weights = None
         if ctx.needs_input_grad[0] and not _bag_weight_grad_supported(table.weight):
             grad_weights = _weight_grad_by_chunks(grad_out, table.weight.detach(), ids, bags)

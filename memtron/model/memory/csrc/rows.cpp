@@ -48,17 +48,27 @@ void backward_rows(const float* grad, int64_t grad_stride, const T* table, int64
 }  // namespace
 
 // (sorted unique ids [U], fp32 row gradients [U, d], fp32 weight gradients [M] or empty).
-// The row gradients go to the first U rows of ``arena`` when it has them (no fresh pages).
+// Bags start at ``offsets`` (the embedding_bag layout; the last runs to the end). The row
+// gradients go to the first U rows of ``arena`` when it has them (no fresh pages).
 std::vector<at::Tensor> bag_backward(at::Tensor grad, at::Tensor table, at::Tensor ids,
-                                     at::Tensor weights, at::Tensor bags, bool weight_grad,
+                                     at::Tensor weights, at::Tensor offsets, bool weight_grad,
                                      at::Tensor arena) {
   TORCH_CHECK(grad.scalar_type() == at::kFloat && weights.scalar_type() == at::kFloat,
               "bag_backward: fp32 output gradients and weights");
   TORCH_CHECK(grad.stride(1) == 1 && table.stride(1) == 1, "bag_backward: contiguous rows");
   ids = ids.reshape(-1).to(at::kLong).contiguous();
-  bags = bags.reshape(-1).to(at::kLong).contiguous();
+  offsets = offsets.reshape(-1).to(at::kLong).contiguous();
   weights = weights.reshape(-1).contiguous();
-  const int64_t n_hits = ids.numel(), dim = table.size(1);
+  const int64_t n_hits = ids.numel(), dim = table.size(1), n_bags = offsets.numel();
+  auto bags = at::empty({n_hits}, ids.options());  // the bag of every hit
+  {
+    const int64_t* off = offsets.data_ptr<int64_t>();
+    int64_t* bag = bags.data_ptr<int64_t>();
+    for (int64_t b = 0; b < n_bags; ++b) {
+      const int64_t end = b + 1 < n_bags ? off[b + 1] : n_hits;
+      for (int64_t i = off[b]; i < end; ++i) bag[i] = b;
+    }
+  }
   const int64_t* id = ids.data_ptr<int64_t>();
   // hits sorted by (id, hit): a single-threaded sort of packed pairs
   std::vector<std::pair<int64_t, int64_t>> keyed(n_hits);
