@@ -12,6 +12,8 @@ namespace {
 template <typename T>
 inline float as_float(T x) { return static_cast<float>(x); }
 
+constexpr int64_t kAhead = 4;  // distinct rows whose table row is prefetched ahead
+
 // One distinct row u: rows[u] = sum_j w[j] * grad[bag[j]]; with weight_grad also
 // grad_w[hit j] = <grad[bag[j]], table[id]>, the table row read once for all its hits.
 template <typename T>
@@ -24,6 +26,12 @@ void backward_rows(const float* grad, int64_t grad_stride, const T* table, int64
     for (int64_t u = begin; u < end; ++u) {
       float* acc = rows + u * dim;
       std::fill(acc, acc + dim, 0.0f);
+      if (weight_grad && u + kAhead < end) {  // random rows: start the next loads early
+        const char* next =
+            reinterpret_cast<const char*>(table + unique[u + kAhead] * table_stride);
+        for (int64_t b = 0; b < dim * static_cast<int64_t>(sizeof(T)); b += 64)
+          __builtin_prefetch(next + b);
+      }
       if (weight_grad) {
         const T* src = table + unique[u] * table_stride;
         for (int64_t c = 0; c < dim; ++c) value[c] = as_float(src[c]);
@@ -90,8 +98,8 @@ std::vector<at::Tensor> bag_backward(at::Tensor grad, at::Tensor table, at::Tens
   std::copy(unique_ids.begin(), unique_ids.end(), unique.data_ptr<int64_t>());
   TORCH_CHECK(arena.scalar_type() == at::kFloat && arena.is_contiguous() &&
               (arena.numel() == 0 || arena.size(1) == dim), "bag_backward: fp32 [*, d] arena");
-  auto rows = arena.numel() && arena.size(0) >= n_unique ? arena.narrow(0, 0, n_unique)
-                                                         : at::empty({n_unique, dim}, grad.options());
+  const bool fits = arena.numel() && arena.size(0) >= n_unique;
+  auto rows = fits ? arena.narrow(0, 0, n_unique) : at::empty({n_unique, dim}, grad.options());
   auto grad_w = at::empty({weight_grad ? n_hits : 0}, grad.options());
   AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, table.scalar_type(), "bag_backward", [&] {
     backward_rows<scalar_t>(grad.data_ptr<float>(), grad.stride(0),
