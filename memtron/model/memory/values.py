@@ -145,7 +145,7 @@ class ValueTable(nn.Module):
         arena = self._arena
         if arena.numel() and rows.data_ptr() == arena[self._arena_used:].data_ptr():
             self._arena_used += rows.shape[0]
-        else:
+        elif rows.device.type == "cpu":  # only the CPU backward writes into the arena
             self._arena_wanted = max(self._arena_wanted, self._arena_used + rows.shape[0])
 
     def arena(self) -> torch.Tensor:
