@@ -1,8 +1,8 @@
 """Counter-based random bits: a pure function of (seed, stream, row, column).
 
-Value tables draw their initial rows and the stochastic rounding of bf16 row updates from
-here, so the bits never depend on how a table is sharded, in which order rows are visited or
-whether a run was resumed: row r of a shard gets the bits of row r of the whole table. The
+Value tables draw the stochastic rounding of bf16 row updates from here, so the bits never
+depend on how a table is sharded, in which order rows are visited or whether a run was
+resumed: row r of a shard gets the bits of row r of the whole table. The
 mixer is a 32-bit integer hash (lowbias32's xor-shift-multiply shape, multipliers below 2^31)
 computed on int64 tensors: products stay below 2^63, so ``(x * M) & MASK`` is exactly the
 wrapping uint32 product a GPU kernel would compute. Vectorised torch ops, any device.
@@ -15,7 +15,7 @@ import torch
 MASK = 0xFFFFFFFF
 _M1, _M2 = 0x7FEB352D, 0x2C1B3C6D
 _GOLDEN = 0x9E3779B9  # column stride of the element counter
-INIT_STREAM, ROUND_STREAM = 1, 2
+ROUND_STREAM = 1  # one stream per use, should another use come
 
 
 def mix32(x):
@@ -64,11 +64,3 @@ def stochastic_round_bf16(x: torch.Tensor, keys: torch.Tensor, col_start: int) -
     bits.add_(noise).bitwise_and_(-0x10000)  # sign-magnitude: rounds the magnitude
     return x.to(torch.bfloat16)  # exact: the low 16 bits are zero
 
-
-def normal_(out: torch.Tensor, keys: torch.Tensor, col_start: int, std: float) -> torch.Tensor:
-    """Fill ``out`` [R, d] with N(0, std^2) from 24 random bits h per element (inverse CDF):
-    ``sqrt(2) erfinv(2u - 1)`` with ``u = (h + 1/2) / 2^24``, so never +-1."""
-    bits = element_bits(keys, col_start, out.shape[1])
-    bits >>= 8
-    z = bits.to(torch.float32).mul_(2.0**-23).sub_(1 - 2.0**-24).erfinv_()
-    return out.copy_(z.mul_(std * 2**0.5))
