@@ -5,7 +5,7 @@
     Triton ``kernels.bag_gather`` and torch's ``F.embedding_bag`` (mode sum, per-sample
     weights), bytes of value rows read (T*H*k*d*element size) per second.
 (c) backward + update, through the code a training step runs (``LocalValueTable.lookup``'s
-    backward, then ``SparseRowAdam.step``), with the Triton kernels on and off
+    backward, then ``SparseRowOptimizer.step``), with the Triton kernels on and off
     (``kernels.ENABLED``): bytes touched per second, where the bytes are
       backward: hit indices and weights read, weight gradients written (M x 24 B), the output
       gradient read once (T*d*4), each touched row read once for the weight gradient and its
@@ -50,7 +50,7 @@ if str(REPO) not in sys.path:
 
 from memtron.model.memory import kernels  # noqa: E402
 from memtron.model.memory.values import LocalValueTable  # noqa: E402
-from memtron.train.optim import SparseRowAdam  # noqa: E402
+from memtron.train.optim import SparseRowOptimizer  # noqa: E402
 
 GiB = 1 << 30
 DEVICE = "cuda"  # every tensor of the run
@@ -166,7 +166,7 @@ def run_case(rows: int, dim: int, dtype_name: str, a: argparse.Namespace, peak: 
         return case
     bwd_bytes = n_hits * 24 + a.tokens * dim * 4 + unique * dim * (elem + 4)
     upd_bytes = unique * dim * (2 * elem + 20) + unique * 8
-    opt = SparseRowAdam({"t": table}, lr=1e-3, betas=(0.9, 0.999))
+    opt = SparseRowOptimizer({"t": table}, lr=1e-3, betas=(0.9, 0.999))
     result = {"unique_rows": unique, "backward_bytes": bwd_bytes, "update_bytes": upd_bytes}
     for side, enabled in (("triton", True), ("torch", False)):
         try:
@@ -191,10 +191,10 @@ def _error(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {(str(exc).splitlines() or [''])[0][:200]}"
 
 
-def backward_update(table: LocalValueTable, opt: SparseRowAdam, ids: torch.Tensor,
+def backward_update(table: LocalValueTable, opt: SparseRowOptimizer, ids: torch.Tensor,
                     weights: torch.Tensor, grad: torch.Tensor, enabled: bool,
                     a: argparse.Namespace) -> tuple[float, float]:
-    """Seconds of one lookup backward and of one SparseRowAdam step, Triton on or off."""
+    """Seconds of one lookup backward and of one SparseRowOptimizer step, Triton on or off."""
     graph: list[torch.Tensor] = []
 
     def forward() -> None:

@@ -11,7 +11,7 @@ One step, in every rank: ``lookup`` of T tokens (``--tokens``) x H*k hits (ids u
 or Zipf-skewed with ``--skew``; fp32 weights requiring grad), backward of ``(out * proj).sum()``
 for a random projection ``proj``, ``reduce_table_grads`` (replicated: the dense all-reduce;
 row/col-wise: owners already hold the sums), ``clip_sparse_grad_norm`` as the trainer calls it,
-then ``SparseRowAdam.step`` and ``zero_grad``. Ranks line up on a barrier before each step; the
+then ``SparseRowOptimizer.step`` and ``zero_grad``. Ranks line up on a barrier before each step; the
 step time is each rank's median over ``--steps`` steps (default 3) after ``--warmup`` (default
 1), and the table shows the slowest rank: 3 + 1 rather than more steps, and T = 1,024, keep the
 default run under 10 minutes on 2 cores (a replicated 1M x 256 step at P=4 takes seconds). Every
@@ -101,7 +101,7 @@ LAUNCH_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_A
                "OMPI_COMM_WORLD_RANK", "PMI_RANK")
 # Collectives Traffic claims to count: (op, calling function).
 # Step phases: lookup, backward, sparse_grad() coalescing, reduce_table_grads,
-# clip_sparse_grad_norm, SparseRowAdam step + zero_grad.
+# clip_sparse_grad_norm, SparseRowOptimizer step + zero_grad.
 PHASES = ("step", "fwd", "bwd", "coalesce", "reduce", "clip", "opt")
 TRAFFIC_SCOPE = {("all_to_all_single", "_exchange"), ("all_gather", "forward"),
                  ("all_gather_into_tensor", "lookup")}
@@ -200,7 +200,7 @@ def rank_bytes(layout: str, n: int, d: int, p: int, tokens: int, hk: int) -> dic
     """Estimated peak bytes of one rank (uniform ids), by part.
 
     stored = rows x columns this rank holds; state = 4 (table) + 8 (fp32 Adam moments, dense in
-    SparseRowAdam) bytes per stored element + 4 bytes per row (the table's int32 hit counter);
+    SparseRowOptimizer) bytes per stored element + 4 bytes per row (the table's int32 hit counter);
     work = WORK_FACTOR [touched rows, columns] fp32 buffers (sparse grads, their coalesced copy,
     Adam's gathered moments and rows) + INDEX_TENSORS int64 per hit processed; replicated also
     holds, during the sync, the dense N x d gradient and the N x d temporary of
@@ -384,7 +384,7 @@ def rank_main(rank: int, job: Job) -> dict[str, Any]:
         reduce_table_grads,
     )
     from memtron.parallel.state import ParallelState
-    from memtron.train.optim import SparseRowAdam, clip_sparse_grad_norm
+    from memtron.train.optim import SparseRowOptimizer, clip_sparse_grad_norm
 
     warnings.filterwarnings("ignore", message=".*is deprecated. Please use.*",
                             category=FutureWarning)  # torch 2.13 renamed two collectives
@@ -407,7 +407,7 @@ def rank_main(rank: int, job: Job) -> dict[str, Any]:
         cfg.memory.parallel = job.layout
         state = ParallelState(world_size=job.p, rank=rank, dp=job.p, ep=job.p, dp_rank=rank,
                               ep_rank=rank, dp_group=world, dp_cp_group=world, ep_group=world)
-        opt = SparseRowAdam({"t": table}, lr=1e-3, betas=(0.9, 0.999))
+        opt = SparseRowOptimizer({"t": table}, lr=1e-3, betas=(0.9, 0.999))
         setup_s = time.perf_counter() - t_setup
         rss_setup = own_rss()
 
@@ -696,8 +696,8 @@ def print_table(rows: list[tuple[Job, dict | None, str, float]]) -> None:
     print()
     print("Details, ms (slowest rank's medians): fwd = lookup, bwd = backward, coal. = "
           "sparse_grad() coalescing, reduce = reduce_table_grads, clip = clip_sparse_grad_norm,")
-    print("opt = SparseRowAdam step + zero_grad; comm = time inside collectives (fwd+bwd+sync, "
-          "incl. waiting for peers); est/peak = memory of all ranks")
+    print("opt = SparseRowOptimizer step + zero_grad; comm = time inside collectives "
+          "(fwd+bwd+sync, incl. waiting for peers); est/peak = memory of all ranks")
     head = (f"{'N':>5} {'d':>5} {'P':>2} {'layout':<10} {'fwd':>6} {'bwd':>6} {'coal.':>6} "
             f"{'reduce':>6} {'clip':>6} {'opt':>6} {'comm':>6} {'est GiB':>7} {'peak GiB':>8} "
             f"{'setup s':>7} "

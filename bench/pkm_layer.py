@@ -1,10 +1,11 @@
 """One product-key memory layer, forward + backward + optimizer step: memtron against the peer.
 
 memtron: ``ProductKeyMemory`` over a ``LocalValueTable`` (sparse row gradient kept on the table),
-dense parameters with AdamW and the table with ``SparseRowAdam`` (``train.optim.build_optimizers``
-with the default ``OptimConfig``, no clipping). Peer: lucidrains' ``product_key_memory.PKM`` at the
-same dim / heads / num_keys / topk / half-key width, its values an ``nn.EmbeddingBag`` with a dense
-gradient, and the optimizer its README recommends: ``Adam(fetch_optimizer_parameters(pkm))``,
+dense parameters with AdamW and the table with ``SparseRowOptimizer``
+(``train.optim.build_optimizers`` with the default ``OptimConfig``, no clipping). Peer:
+lucidrains' ``product_key_memory.PKM`` at the same dim / heads / num_keys / topk / half-key
+width, its values an ``nn.EmbeddingBag`` with a dense gradient, and the optimizer its README
+recommends: ``Adam(fetch_optimizer_parameters(pkm))``,
 i.e. dense Adam over every parameter with lr 1e-2 for the values and 1e-3 for the rest.
 
 Both sides run plain PKM (memtron ``memory_plus=False``, value dim = model dim); memtron with
@@ -140,7 +141,7 @@ def peak_rss(hwm: bool) -> int:
 
 # -- the two sides -------------------------------------------------------------------------------
 class MemtronSide:
-    """ProductKeyMemory + LocalValueTable, AdamW (dense) + SparseRowAdam (table)."""
+    """ProductKeyMemory + LocalValueTable, AdamW (dense) + SparseRowOptimizer (table)."""
 
     def __init__(self, n: int, d: int, a: argparse.Namespace, memory_plus: bool = False) -> None:
         from memtron.config import MemoryConfig, OptimConfig
@@ -184,7 +185,7 @@ class MemtronSide:
         t3 = now()
         self.dense.step()
         t4 = now()
-        self.table.sparse_grad()  # the coalescing pass SparseRowAdam.step starts with
+        self.table.sparse_grad()  # the coalescing pass SparseRowOptimizer.step starts with
         t5 = now()
         self.sparse.step()
         t6 = now()
@@ -199,7 +200,7 @@ class MemtronSide:
             "bwd: retrieve backward": t3 - mid,
             "opt: AdamW dense step": t4 - t3,
             "opt: sparse_grad coalesce (2nd dedup)": t5 - t4,
-            "opt: SparseRowAdam row update": t6 - t5,
+            "opt: SparseRowOptimizer row update": t6 - t5,
             "zero_grad": t7 - t6,
         }
 
@@ -688,9 +689,9 @@ def main(argv: list[str] | None = None) -> None:
     print(f"H={a.heads} k={a.topk} d_key={a.d_key} T={a.tokens} fp32; warmup {a.warmup}, "
           f"median of {a.repeats}; sides {', '.join(a.sides)}")
     peer_adam = "foreach Adam on the GPU" if gpu else "single-tensor Adam on CPU"
-    print("memtron: ProductKeyMemory(memory_plus=False) + LocalValueTable, AdamW + SparseRowAdam"
-          "; peer: product_key_memory.PKM + Adam(fetch_optimizer_parameters) (dense value grad,"
-          f" {peer_adam})")
+    print("memtron: ProductKeyMemory(memory_plus=False) + LocalValueTable, AdamW + "
+          "SparseRowOptimizer; peer: product_key_memory.PKM + Adam(fetch_optimizer_parameters) "
+          f"(dense value grad, {peer_adam})")
     warn_if_busy("start")
     memcpy = memcpy_bandwidth(a.device)
     print(f"{'device copy' if gpu else 'memcpy'}: {memcpy / 1e9:.1f} GB/s", flush=True)

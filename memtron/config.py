@@ -57,6 +57,9 @@ class MemoryConfig:
     # all-to-all lookups; or the baselines, columns sharded, or whole tables everywhere with a
     # dense gradient all-reduce.
     parallel: Literal["rowwise", "colwise", "replicated"] = "rowwise"
+    # Storage of value-table rows. bf16 halves the table; its optimizer state stays fp32 and its
+    # row updates round stochastically, seeded (train/optim.py, values.store_rows).
+    value_dtype: Literal["fp32", "bf16"] = "fp32"
 
     @property
     def n_slots(self) -> int:
@@ -74,6 +77,9 @@ class DataConfig:
     num_workers: int = 0
 
 
+MemoryOptimizer = Literal["adam", "adam_rowwise_v", "rowwise_adagrad", "adam_b1zero_rowwise"]
+
+
 @dataclass
 class OptimConfig:
     lr: float = 3e-3
@@ -87,6 +93,10 @@ class OptimConfig:
     memory_lr_mult: float = 10.0  # value tables learn at lr * memory_lr_mult
     memory_weight_decay: float = 0.0
     memory_grad_clip: float = 1.0  # global norm over the touched value rows; 0 disables
+    # Value-table optimizer (train/optim.py): lazy Adam with per-element moments, Adam with a
+    # per-row second moment, row-wise Adagrad, or b1=0 Adam with a per-row second moment.
+    memory_optimizer: MemoryOptimizer = "adam"
+    memory_moment_dtype: Literal["fp32", "bf16"] = "fp32"  # the first moment's storage
 
 
 @dataclass
@@ -362,6 +372,11 @@ def validate(cfg: Config) -> None:
     _require(o.grad_clip >= 0, "optim.grad_clip", "must be >= 0 (0 disables)")
     _require(o.memory_grad_clip >= 0, "optim.memory_grad_clip", "must be >= 0 (0 disables)")
     _require(o.memory_lr_mult > 0, "optim.memory_lr_mult", "must be positive")
+    _require(o.memory_optimizer == "adam" or mem.parallel != "colwise", "optim.memory_optimizer",
+             f"{o.memory_optimizer} keeps per-row statistics of whole rows: it needs "
+             "memory.parallel rowwise or replicated, not colwise")
+    _require(o.memory_moment_dtype == "fp32" or o.memory_optimizer in ("adam", "adam_rowwise_v"),
+             "optim.memory_moment_dtype", f"{o.memory_optimizer} keeps no first moment")
 
     p = cfg.parallel
     for key in ("tp", "cp"):

@@ -28,6 +28,12 @@ from memtron.config import ConfigError, load_config
     (["train.loss_spike_window=-1"], "train.loss_spike_window"),
     (["train.loss_spike_z=0"], "train.loss_spike_z"),
     (["model=3"], "model"),
+    (["optim.memory_optimizer=lion"], "optim.memory_optimizer"),
+    (["optim.memory_optimizer=rowwise_adagrad", "memory.parallel=colwise"],
+     "optim.memory_optimizer"),
+    (["optim.memory_optimizer=rowwise_adagrad", "optim.memory_moment_dtype=bf16"],
+     "optim.memory_moment_dtype"),
+    (["memory.value_dtype=fp16"], "memory.value_dtype"),
 ])
 def test_bad_values_name_the_key(overrides, key):
     with pytest.raises(ConfigError) as err:

@@ -43,7 +43,7 @@ from memtron.parallel.context import (
     blocked_attention_lse_backward,
     merge_partial,
 )
-from memtron.train.optim import SparseRowAdam
+from memtron.train.optim import SparseRowOptimizer
 
 HAS_TRITON = importlib.util.find_spec("triton") is not None
 needs_triton = pytest.mark.skipif(not HAS_TRITON, reason="needs triton")
@@ -134,13 +134,13 @@ def _adam_pair(dtype: torch.dtype, dim: int, device: torch.device, betas, wd: fl
     tables = []
     for _ in range(2):
         table = LocalValueTable(60, dim, seed=3, dtype=dtype).to(device)
-        tables.append((table, SparseRowAdam({"t": table}, lr=0.01, betas=betas, eps=1e-8,
+        tables.append((table, SparseRowOptimizer({"t": table}, lr=0.01, betas=betas, eps=1e-8,
                                             weight_decay=wd)))
     return tables
 
 
 def check_adam(device: torch.device) -> None:
-    """The fused update against SparseRowAdam's torch path, step after step; betas with
+    """The fused update against SparseRowOptimizer's torch path, step after step; betas with
     1 - beta1 above 0.5 take torch.lerp's other formula."""
     g = torch.Generator().manual_seed(2)
     for dtype, steps in ((torch.float32, 3), (torch.bfloat16, 1)):
@@ -168,8 +168,8 @@ def check_adam(device: torch.device) -> None:
 
 def _layer_step(table: LocalValueTable, hits: list, enabled: bool):
     """Two 'layers' looking up one shared table plus a lookup_bags call with empty bags, one
-    backward, one SparseRowAdam step: outputs, weight grads, the coalesced sparse grad."""
-    opt = SparseRowAdam({"t": table}, lr=0.01, betas=(0.9, 0.95), weight_decay=0.1)
+    backward, one SparseRowOptimizer step: outputs, weight grads, the coalesced sparse grad."""
+    opt = SparseRowOptimizer({"t": table}, lr=0.01, betas=(0.9, 0.95), weight_decay=0.1)
     with triton_enabled(enabled):
         assert kernels.use_triton(table.weight) == enabled
         outs, weights = [], []
@@ -187,7 +187,7 @@ def _layer_step(table: LocalValueTable, hits: list, enabled: bool):
 
 
 def check_layer(device: torch.device) -> None:
-    """LocalValueTable + SparseRowAdam end to end, Triton against the torch path."""
+    """LocalValueTable + SparseRowOptimizer end to end, Triton against the torch path."""
     g = torch.Generator().manual_seed(4)
     for dtype in (torch.float32, torch.bfloat16):
         dim = 40

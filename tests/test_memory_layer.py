@@ -109,3 +109,32 @@ def test_usage_counts_hits_and_resets():
     assert stats["slots_used"] == pytest.approx(0.03)
     assert stats["max_slot_hit_share"] == pytest.approx(0.5)
     assert table.hits.sum() == 0
+
+
+def test_init_rows_same_for_any_row_range_and_threads():
+    """Shards (unaligned, bf16, a column slice) initialise to the rows of the whole table, on
+    one thread or several; block 0 is still torch.randn of its generator (values unchanged)."""
+    from memtron.model.memory.values import INIT_BLOCK_ROWS, init_rows
+
+    dim, n = 8, 3 * INIT_BLOCK_ROWS + 17
+    whole = torch.empty(n, dim)
+    init_rows(whole, 0, seed=5)
+    gen = torch.Generator().manual_seed(5 * 1_000_003)
+    torch.testing.assert_close(whole[:INIT_BLOCK_ROWS],
+                               torch.randn(INIT_BLOCK_ROWS, dim, generator=gen) * dim**-0.5)
+    threads = torch.get_num_threads()
+    try:
+        for t in (1, 2):
+            torch.set_num_threads(t)
+            part = torch.empty(2 * INIT_BLOCK_ROWS, dim)
+            init_rows(part, 700, seed=5)
+            assert torch.equal(part, whole[700 : 700 + 2 * INIT_BLOCK_ROWS])
+            assert torch.equal(LocalValueTable(n, dim, seed=5).weight, whole)  # a Parameter
+    finally:
+        torch.set_num_threads(threads)
+    half = torch.empty(n - 3, dim, dtype=torch.bfloat16)
+    init_rows(half, 3, seed=5)
+    assert torch.equal(half, whole[3:].to(torch.bfloat16))
+    cols = torch.empty(100, 3)
+    init_rows(cols, INIT_BLOCK_ROWS - 50, seed=5, columns=slice(2, 5), full_dim=dim)
+    assert torch.equal(cols, whole[INIT_BLOCK_ROWS - 50 : INIT_BLOCK_ROWS + 50, 2:5])

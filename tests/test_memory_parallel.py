@@ -7,10 +7,10 @@ import torch.distributed as dist
 import torch.utils._pytree as pytree
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from memtron.model.memory.values import LocalValueTable
+from memtron.model.memory.values import STORAGE_DTYPES, LocalValueTable
 from memtron.parallel.launch import init_distributed, shutdown_distributed
 from memtron.parallel.memory import ColumnShardedValueTable, ShardedValueTable, row_bounds
-from memtron.train.optim import SparseRowAdam, clip_sparse_grad_norm
+from memtron.train.optim import MEMORY_OPTIMIZERS, SparseRowOptimizer, clip_sparse_grad_norm
 from tests.multiproc import run_ranks
 
 N_ROWS, DIM, HITS, TOKENS, SEED = 250, 8, 12, 6, 17  # 250 rows: uneven over 4 ranks
@@ -32,10 +32,11 @@ def _batch(case: str, rank: int, step: int, micro: int, layer: int):
 
 
 def _run(table, case: str, ranks: list[int], group=None, steps: int = 3, layers: int = 3,
-         micro_batches: int = 2) -> dict:
-    """Shared table read by ``layers`` lookups, ``micro_batches`` accumulated, ``steps`` Adam
-    steps with global-norm clipping; ``ranks`` are the data shards this process plays."""
-    opt = SparseRowAdam({"t": table}, lr=0.05, betas=(0.9, 0.95), weight_decay=0.01)
+         micro_batches: int = 2, mode: str = "adam") -> dict:
+    """Shared table read by ``layers`` lookups, ``micro_batches`` accumulated, ``steps``
+    optimizer steps with global-norm clipping; ``ranks`` are the data shards this process plays."""
+    opt = SparseRowOptimizer({"t": table}, lr=0.05, betas=(0.9, 0.95), weight_decay=0.01,
+                             mode=mode)
     record = {}
     for step in range(steps):
         for micro in range(micro_batches):
@@ -65,12 +66,12 @@ def _run(table, case: str, ranks: list[int], group=None, steps: int = 3, layers:
     return record
 
 
-def _sharded_rank(rank: int, world: int, layout: str, case: str) -> dict:
+def _sharded_rank(rank: int, world: int, layout: str, case: str, mode: str = "adam") -> dict:
     init_distributed(timeout_s=60)
     try:
         cls = ShardedValueTable if layout == "rowwise" else ColumnShardedValueTable
         table = cls(N_ROWS, DIM, SEED, dist.group.WORLD, rank, world)
-        return _run(table, case, [rank], group=dist.group.WORLD)
+        return _run(table, case, [rank], group=dist.group.WORLD, mode=mode)
     finally:
         shutdown_distributed()
 
@@ -110,6 +111,16 @@ def test_sharded_table_equals_single_process(layout, world, case):
     if layout == "rowwise":  # both exchanges were exercised where they should win
         used = {k: sum(s["exchanges"][k] for s in shards) for k in ("partial", "rows")}
         assert used["rows" if case == "skewed" else "partial"] > 0, used
+
+
+@pytest.mark.parametrize("world", [2, 4])
+@pytest.mark.parametrize("mode", [m for m in MEMORY_OPTIMIZERS if m != "adam"])
+def test_sharded_modes_equal_single_process(mode, world):
+    """Every optimizer mode, row-sharded at ep=2 and ep=4, moves the table as one process."""
+    ref = _run(LocalValueTable(N_ROWS, DIM, SEED), "uniform", list(range(world)), mode=mode)
+    shards = run_ranks(world, _sharded_rank, world, "rowwise", "uniform", mode)
+    table = torch.cat([s["table"] for s in shards])
+    torch.testing.assert_close(table, ref["table"], rtol=1e-6, atol=1e-6)
 
 
 class _LargestNewTensor(TorchDispatchMode):
@@ -152,7 +163,7 @@ def _probe_sharded(rank: int, world: int) -> tuple[int, int]:
     init_distributed(timeout_s=60)
     try:
         table = ShardedValueTable(1 << 20, 16, SEED, dist.group.WORLD, rank, world)
-        opt = SparseRowAdam({"t": table}, lr=0.01, betas=(0.9, 0.99))
+        opt = SparseRowOptimizer({"t": table}, lr=0.01, betas=(0.9, 0.99))
         ids = torch.randint(0, 1 << 20, (64, 128))
         weights = torch.rand(64, 128, requires_grad=True)
         with _LargestNewTensor() as probe:
@@ -168,3 +179,93 @@ def test_no_dense_gradient_in_sharded_lookup():
     for largest, shard, hit_rows in run_ranks(2, _probe_sharded, 2):
         assert largest <= 2 * hit_rows, (largest, hit_rows)
         assert largest < shard // 50, (largest, shard)
+
+
+RESUME_STEPS, SAVED_AT, RESUME_TOKENS = 4, 2, 12
+
+
+def _resume_steps(tables: dict, opts: dict, steps: range, rank: int, world: int) -> None:
+    """The same global batches whatever the world: each rank looks up its slice of tokens."""
+    for step in steps:
+        g = torch.Generator().manual_seed(500 + step)
+        ids = torch.randint(0, N_ROWS, (RESUME_TOKENS, HITS), generator=g)
+        weights = torch.rand(RESUME_TOKENS, HITS, generator=g)
+        grad_out = torch.randn(RESUME_TOKENS, DIM, generator=g)
+        mine = slice(rank * RESUME_TOKENS // world, (rank + 1) * RESUME_TOKENS // world)
+        for case, table in tables.items():
+            (table.lookup(ids[mine], weights[mine]) * grad_out[mine]).sum().backward()
+            opts[case].step()
+            opts[case].zero_grad()
+
+
+def _resume_state(tables: dict, opts: dict, world: int) -> dict:
+    """The trainer's checkpoint layout: table and optimizer state sharded on dim 0 over ep."""
+    from types import SimpleNamespace
+
+    from memtron.parallel.sharding import CheckpointLayout
+
+    layout = CheckpointLayout(SimpleNamespace(tp=1, ep=world, world_size=world))
+    return {case: {"weight": layout.view(table.weight, table.weight),
+                   "optim": {k: layout.view(v, table.weight) if v.dim() else v
+                             for k, v in opts[case].state_dict()["t"].items()}}
+            for case, table in tables.items()}
+
+
+# Every mode on an fp32 table, and two on bf16 tables (stochastically rounded updates).
+RESUME_CASES = [(mode, "fp32") for mode in MEMORY_OPTIMIZERS] + [
+    ("rowwise_adagrad", "bf16"), ("adam_rowwise_v", "bf16")]
+
+
+def _resume_tables(rank: int, world: int) -> tuple[dict, dict]:
+    tables, opts = {}, {}
+    for mode, dtype in RESUME_CASES:
+        case, dtype = f"{mode}/{dtype}", STORAGE_DTYPES[dtype]
+        tables[case] = (ShardedValueTable(N_ROWS, DIM, SEED, dist.group.WORLD, rank, world,
+                                          dtype=dtype)
+                        if world > 1 else LocalValueTable(N_ROWS, DIM, SEED, dtype=dtype))
+        opts[case] = SparseRowOptimizer({"t": tables[case]}, lr=0.05, betas=(0.9, 0.95),
+                                        mode=mode, moment_dtype=dtype)
+    return tables, opts
+
+
+def _resume_rank(rank: int, world: int, path: str | None, save: bool) -> dict:
+    """Every case's table at ``world`` ranks: trained to SAVED_AT and saved to ``path``, or
+    loaded from it and trained on to RESUME_STEPS; with no path, trained to RESUME_STEPS."""
+    import torch.distributed.checkpoint as dcp
+
+    if world > 1:
+        init_distributed(timeout_s=60)
+    try:
+        tables, opts = _resume_tables(rank, world)
+        if path is None:
+            _resume_steps(tables, opts, range(RESUME_STEPS), rank, world)
+        elif save:
+            _resume_steps(tables, opts, range(SAVED_AT), rank, world)
+            dcp.save(_resume_state(tables, opts, world), checkpoint_id=path)
+        else:
+            dcp.load(_resume_state(tables, opts, world), checkpoint_id=path)
+            _resume_steps(tables, opts, range(SAVED_AT, RESUME_STEPS), rank, world)
+        return {case: t.weight.detach().clone() for case, t in tables.items()}
+    finally:
+        if world > 1:
+            shutdown_distributed()
+
+
+def test_every_mode_resumes_exactly_and_reshards(tmp_path):
+    """Saved at ep=2 after 2 steps: resumed in one process and at ep=4, every mode's table
+    after 4 steps equals the uninterrupted single-process run (bf16 tables: within a bf16
+    rounding, the fp32 sums' order differs); at ep=1 resumed from an ep=1 checkpoint, bit for
+    bit, stochastic rounding included."""
+    ref = _resume_rank(0, 1, None, False)
+    _resume_rank(0, 1, str(tmp_path / "ep1"), True)
+    exact = _resume_rank(0, 1, str(tmp_path / "ep1"), False)
+    run_ranks(2, _resume_rank, 2, str(tmp_path / "ep2"), True)
+    single = _resume_rank(0, 1, str(tmp_path / "ep2"), False)
+    ep4 = run_ranks(4, _resume_rank, 4, str(tmp_path / "ep2"), False)
+    initial = LocalValueTable(N_ROWS, DIM, SEED).weight
+    for case, table in ref.items():
+        tol = 1e-6 if table.dtype == torch.float32 else 1e-2
+        assert torch.equal(exact[case], table), case
+        torch.testing.assert_close(single[case], table, rtol=tol, atol=tol)
+        torch.testing.assert_close(torch.cat([s[case] for s in ep4]), table, rtol=tol, atol=tol)
+        assert not torch.equal(table.float(), initial)

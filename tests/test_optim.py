@@ -7,7 +7,7 @@ import torch
 
 from memtron.config import OptimConfig
 from memtron.model.memory.values import LocalValueTable
-from memtron.train.optim import SparseRowAdam, clip_sparse_grad_norm, lr_at
+from memtron.train.optim import SparseRowOptimizer, clip_sparse_grad_norm, lr_at
 
 
 def _random_grads(table, g, steps):
@@ -38,7 +38,7 @@ def test_sparse_adam_matches_reference(wd):
     torch.manual_seed(0)
     table = LocalValueTable(200, 8)
     initial = table.weight.detach().clone()
-    opt = SparseRowAdam({"t": table}, lr=0.05, betas=(0.9, 0.95), eps=1e-8, weight_decay=wd)
+    opt = SparseRowOptimizer({"t": table}, lr=0.05, betas=(0.9, 0.95), eps=1e-8, weight_decay=wd)
     g = torch.Generator().manual_seed(3)
     recorded = []
     for ids, weights, grad_out in _random_grads(table, g, 5):
@@ -58,7 +58,7 @@ def test_sparse_adam_matches_torch_sparse_adam():
     torch.manual_seed(0)
     table = LocalValueTable(64, 8)
     param = torch.nn.Parameter(table.weight.detach().clone())
-    ours = SparseRowAdam({"t": table}, lr=0.01, betas=(0.9, 0.999), eps=1e-8)
+    ours = SparseRowOptimizer({"t": table}, lr=0.01, betas=(0.9, 0.999), eps=1e-8)
     theirs = torch.optim.SparseAdam([param], lr=0.01, betas=(0.9, 0.999), eps=1e-8)
     g = torch.Generator().manual_seed(7)
     for ids, weights, grad_out in _random_grads(table, g, 6):
@@ -77,7 +77,7 @@ def test_sparse_adam_counts_steps_without_rows():
     """A shard whose rows nobody touched this step still advances the step count, so every
     rank's bias correction matches the whole table's."""
     table = LocalValueTable(16, 4)
-    opt = SparseRowAdam({"t": table}, lr=0.1, betas=(0.9, 0.95))
+    opt = SparseRowOptimizer({"t": table}, lr=0.1, betas=(0.9, 0.95))
     before = table.weight.detach().clone()
     opt.step()  # no gradient recorded
     assert int(opt.state["t"]["step"]) == 1
@@ -86,7 +86,7 @@ def test_sparse_adam_counts_steps_without_rows():
 
 def test_sparse_adam_keeps_fp32_state_for_bf16_table():
     table = LocalValueTable(16, 4, dtype=torch.bfloat16)
-    opt = SparseRowAdam({"t": table}, lr=0.1, betas=(0.9, 0.95))
+    opt = SparseRowOptimizer({"t": table}, lr=0.1, betas=(0.9, 0.95))
     table.lookup(torch.tensor([[1, 2]]), torch.ones(1, 2)).backward(torch.ones(1, 4))
     opt.step()
     assert opt.state["t"]["exp_avg"].dtype == torch.float32

@@ -18,7 +18,7 @@ from memtron.config import Config
 from memtron.infer.generate import GenerationError
 from memtron.infer.store import Bank, HttpBank, RowStore, open_bank
 from memtron.infer.values import StoreValueTable
-from memtron.model.memory.values import LocalValueTable, ValueTable
+from memtron.model.memory.values import STORAGE_DTYPES, LocalValueTable, ValueTable
 from memtron.model.transformer import Transformer, build_model
 from memtron.train.checkpoint import CheckpointError, CheckpointReader, resolve_checkpoint
 
@@ -88,7 +88,8 @@ def load_model(ckpt: str | Path, values: str = "ram", cache_rows: int = 0,
 
     def make_table(n_rows: int, dim: int, seed: int) -> ValueTable:
         if source is None:
-            return LocalValueTable(n_rows, dim, seed)
+            return LocalValueTable(n_rows, dim, seed,
+                                   dtype=STORAGE_DTYPES[cfg.memory.value_dtype])
         name = f"table{len(stores)}"  # the Transformer names its tables in creation order
         if name not in source.tables:
             raise CheckpointError(f"{values}: has no table {name} (it has "

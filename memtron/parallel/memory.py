@@ -24,6 +24,7 @@ all-reduce, the way data parallelism treats an embedding.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable
 
@@ -32,7 +33,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from memtron.config import Config
-from memtron.model.memory.values import LocalValueTable, ValueTable, init_rows
+from memtron.model.memory.values import STORAGE_DTYPES, LocalValueTable, ValueTable, init_rows
 from memtron.parallel.launch import to_backend
 from memtron.parallel.state import ParallelState
 
@@ -140,10 +141,10 @@ class ShardedValueTable(LocalValueTable):
     ``lookup`` behave as if the whole table were local."""
 
     def __init__(self, n_rows: int, dim: int, seed: int, group: dist.ProcessGroup,
-                 rank: int, size: int) -> None:
+                 rank: int, size: int, dtype: torch.dtype = torch.float32) -> None:
         self.bounds = row_bounds(n_rows, size)
         super().__init__(self.bounds[rank + 1] - self.bounds[rank], dim, seed,
-                         row_start=self.bounds[rank])
+                         row_start=self.bounds[rank], dtype=dtype)
         self.global_rows, self.group, self.ep_rank, self.ep_size = n_rows, group, rank, size
         self.weight.ep_shard = (0, n_rows)  # checkpoint: dim 0 of a [n_rows, dim] tensor
         self.index_dtype = _index_dtype(max(1, self.bounds[1] - self.bounds[0]))
@@ -268,13 +269,14 @@ class ColumnShardedValueTable(LocalValueTable):
     """All rows, this rank's d/P columns; the column-sharded baseline of DESIGN §4."""
 
     def __init__(self, n_rows: int, dim: int, seed: int, group: dist.ProcessGroup,
-                 rank: int, size: int) -> None:
+                 rank: int, size: int, dtype: torch.dtype = torch.float32) -> None:
         if dim % size:
             raise ValueError(f"memory.value_dim {dim} is not divisible by ep={size} "
                              "(column-sharded tables)")
         self.full_dim, self.group, self.ep_rank, self.ep_size = dim, group, rank, size
         self.columns = slice(rank * dim // size, (rank + 1) * dim // size)
-        super().__init__(n_rows, dim // size, seed)
+        self.col_start = self.columns.start
+        super().__init__(n_rows, dim // size, seed, dtype=dtype)
         self.dim = dim  # the lookup's output width (the contract); weight holds dim / P of it
         self.weight.ep_shard = (1, dim)
 
@@ -309,12 +311,13 @@ class ColumnShardedValueTable(LocalValueTable):
 
 def table_factory(cfg: Config, state: ParallelState) -> Callable[[int, int, int], ValueTable]:
     """The ``make_table`` the model is built with for this layout."""
+    dtype = STORAGE_DTYPES[cfg.memory.value_dtype]
     if _whole_tables(cfg, state):
-        return LocalValueTable
+        return functools.partial(LocalValueTable, dtype=dtype)
     cls = ShardedValueTable if cfg.memory.parallel == "rowwise" else ColumnShardedValueTable
 
     def make(n_rows: int, dim: int, seed: int) -> ValueTable:
-        return cls(n_rows, dim, seed, state.ep_group, state.ep_rank, state.ep)
+        return cls(n_rows, dim, seed, state.ep_group, state.ep_rank, state.ep, dtype=dtype)
 
     return make
 

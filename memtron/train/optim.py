@@ -1,76 +1,137 @@
-"""Optimizers: AdamW for dense parameters, a sparse row-wise Adam for value tables, the schedule.
+"""Optimizers: AdamW for dense parameters, a sparse row optimizer for value tables, the schedule.
 
-Sparse row-wise Adam semantics (lazy Adam, the arithmetic of ``torch.optim.SparseAdam``):
-only rows with a gradient this step move, and only their moments decay; the step count ``t``
-counts optimizer steps (the same on every rank holding a shard of the table, whether or not
-its rows were touched, so a sharded table behaves as the whole one and checkpoints it once);
-``row -= lr * sqrt(1 - b2^t) / (1 - b1^t) * m / (sqrt(v) + eps)``. Decoupled weight decay
-(``row *= 1 - lr * wd``) applies to touched rows only, so an untouched row never changes.
-Moments are fp32 whatever the table's dtype. On CUDA the row update is one fused Triton
-kernel (``model.memory.kernels.sparse_adam_``) with the same arithmetic, op for op.
+Value tables train with :class:`SparseRowOptimizer`, in one of these modes (``MEMORY_OPTIMIZERS``,
+config ``optim.memory_optimizer``). ``g`` is a row's gradient this step, ``mean(g^2)`` the mean of
+its squares over the row (FBGEMM's row-wise statistic), ``t`` the optimizer step count (the same
+on every rank holding a shard, whether or not its rows were touched, so a sharded table behaves
+as the whole one):
+
+* ``adam``: lazy Adam, the arithmetic of ``torch.optim.SparseAdam``: per-element m and v; only
+  touched rows move and only their moments decay;
+  ``row -= lr * sqrt(1 - b2^t) / (1 - b1^t) * m / (sqrt(v) + eps)``.
+* ``adam_rowwise_v``: the same with one v per row, ``v = b2 v + (1 - b2) mean(g^2)`` (FBGEMM's
+  partial row-wise Adam); lazy like ``adam``.
+* ``rowwise_adagrad``: one accumulator per row, ``s += mean(g^2)``,
+  ``row -= lr * g / (sqrt(s) + eps)``. An untouched row's step would be zero, so the lazy update
+  is the dense one.
+* ``adam_b1zero_rowwise``: Adam with b1 = 0 and one v per row (modded-nanogpt's n-gram
+  table). A per-row last-step counter replays the decay of the steps a row missed,
+  ``v = b2^(t - last) v + (1 - b2) mean(g^2)``, so it equals dense per-step Adam exactly;
+  ``row -= lr * sqrt(1 - b2^t) * g / (sqrt(v) + eps)``.
+
+Decoupled weight decay (``row *= 1 - lr * wd``) applies to touched rows only, once per step
+they are touched, so an untouched row never changes. All state is fp32 except, optionally,
+the first moment (``moment_dtype``); per-row state is [N], sharded on dim 0 with the rows.
+On CUDA the ``adam`` update is one fused Triton kernel (``model.memory.kernels.sparse_adam_``)
+with the same arithmetic, op for op; the other modes take the torch path there.
 """
 
 from __future__ import annotations
 
 import math
+import typing
 from collections.abc import Iterable
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
-from memtron.config import OptimConfig
+from memtron.config import MemoryOptimizer, OptimConfig
 from memtron.model.memory import kernels
-from memtron.model.memory.values import ValueTable
+from memtron.model.memory.values import STORAGE_DTYPES, ValueTable, store_rows
 from memtron.parallel.launch import collective_device
 
+MEMORY_OPTIMIZERS: tuple[str, ...] = typing.get_args(MemoryOptimizer)
+# Modes whose state holds per-row statistics of whole rows (not of column shards).
+ROWWISE_MODES = ("adam_rowwise_v", "rowwise_adagrad", "adam_b1zero_rowwise")
 
-class SparseRowAdam:
-    """Lazy Adam(W) over the rows each table reports in :meth:`ValueTable.sparse_grad`."""
+
+def _row_state(mode: str, weight: torch.Tensor,
+               moment_dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """Zeroed optimizer state of ``mode`` for one table (or shard) ``weight`` [N, d]."""
+    n, device = weight.shape[0], weight.device
+    state = {"step": torch.zeros((), dtype=torch.int64)}
+    if mode in ("adam", "adam_rowwise_v"):
+        state["exp_avg"] = torch.zeros(weight.shape, dtype=moment_dtype, device=device)
+    if mode == "adam":
+        state["exp_avg_sq"] = torch.zeros(weight.shape, dtype=torch.float32, device=device)
+    elif mode in ("adam_rowwise_v", "adam_b1zero_rowwise"):
+        state["exp_avg_sq"] = torch.zeros(n, dtype=torch.float32, device=device)
+    else:
+        state["sum_sq"] = torch.zeros(n, dtype=torch.float32, device=device)
+    if mode == "adam_b1zero_rowwise":
+        state["last_step"] = torch.zeros(n, dtype=torch.int64, device=device)
+    return state
+
+
+class SparseRowOptimizer:
+    """Updates the rows each table reports in :meth:`ValueTable.sparse_grad`, in one of
+    ``MEMORY_OPTIMIZERS`` (module docstring)."""
 
     def __init__(self, tables: dict[str, ValueTable], lr: float, betas: tuple[float, float],
-                 eps: float = 1e-8, weight_decay: float = 0.0) -> None:
-        self.tables = tables
+                 eps: float = 1e-8, weight_decay: float = 0.0, mode: str = "adam",
+                 moment_dtype: torch.dtype = torch.float32) -> None:
+        if mode not in MEMORY_OPTIMIZERS:
+            raise ValueError(f"memory optimizer {mode!r} is not one of {MEMORY_OPTIMIZERS}")
+        self.tables, self.mode = tables, mode
         self.lr, self.betas, self.eps, self.weight_decay = lr, betas, eps, weight_decay
-        self.state: dict[str, dict[str, torch.Tensor]] = {}
-        for name, table in tables.items():
-            weight = table.weight
-            self.state[name] = {
-                "step": torch.zeros((), dtype=torch.int64),
-                "exp_avg": torch.zeros(weight.shape, dtype=torch.float32, device=weight.device),
-                "exp_avg_sq": torch.zeros(weight.shape, dtype=torch.float32,
-                                          device=weight.device),
-            }
+        self.state = {name: _row_state(mode, table.weight, moment_dtype)
+                      for name, table in tables.items()}
 
     @torch.no_grad()
     def step(self) -> None:
-        beta1, beta2 = self.betas
         for name, table in self.tables.items():
             state = self.state[name]
             state["step"] += 1
             grad = table.sparse_grad()
-            if grad is None:
-                continue
-            ids, rows = grad
-            t = int(state["step"])
+            if grad is not None:
+                self._update(table, state, *grad)
+
+    def _update(self, table: ValueTable, state: dict[str, torch.Tensor], ids: torch.Tensor,
+                grad: torch.Tensor) -> None:
+        """One step of ``self.mode`` on rows ``ids`` (unique) of ``table`` with fp32 ``grad``."""
+        weight = table.weight.detach()
+        beta1, beta2 = self.betas
+        t = int(state["step"])
+        decay = 1 - self.lr * self.weight_decay
+        if self.mode == "adam" and weight.dtype == torch.float32 and kernels.use_triton(weight):
+            kernels.sparse_adam_(weight, state["exp_avg"], state["exp_avg_sq"], ids, grad,
+                                 betas=self.betas, eps=self.eps, decay=decay,
+                                 step_size=self.lr * math.sqrt(1 - beta2**t) / (1 - beta1**t))
+            return
+        if self.mode in ROWWISE_MODES:  # mean(g^2) per row, with no [U, d] temporary
+            mean_sq = torch.linalg.vector_norm(grad, dim=1).square_().div_(grad.shape[1])
+        direction = grad
+        if self.mode == "rowwise_adagrad":
+            denom = state["sum_sq"].index_select(0, ids).add_(mean_sq)
+            state["sum_sq"].index_copy_(0, ids, denom)
+            step_size = self.lr
+        elif self.mode == "adam_b1zero_rowwise":
+            missed = (t - state["last_step"].index_select(0, ids)).double()
+            denom = state["exp_avg_sq"].index_select(0, ids)
+            denom.mul_(torch.pow(beta2, missed).float()).add_(mean_sq, alpha=1 - beta2)
+            state["exp_avg_sq"].index_copy_(0, ids, denom)
+            state["last_step"].index_fill_(0, ids, t)
+            step_size = self.lr * math.sqrt(1 - beta2**t)
+        else:  # adam, adam_rowwise_v
+            direction = state["exp_avg"].index_select(0, ids).float().lerp_(grad, 1 - beta1)
+            state["exp_avg"].index_copy_(0, ids, direction.to(state["exp_avg"].dtype))
+            denom = state["exp_avg_sq"].index_select(0, ids).mul_(beta2)
+            if self.mode == "adam":
+                denom.addcmul_(grad, grad, value=1 - beta2)
+            else:
+                denom.add_(mean_sq, alpha=1 - beta2)
+            state["exp_avg_sq"].index_copy_(0, ids, denom)
             step_size = self.lr * math.sqrt(1 - beta2**t) / (1 - beta1**t)
-            if kernels.use_triton(table.weight):  # one fused pass over rows and moments
-                kernels.sparse_adam_(table.weight.detach(), state["exp_avg"],
-                                     state["exp_avg_sq"], ids, rows, betas=self.betas,
-                                     eps=self.eps, step_size=step_size,
-                                     decay=1 - self.lr * self.weight_decay)
-                continue
-            exp_avg = state["exp_avg"].index_select(0, ids).lerp_(rows, 1 - beta1)
-            exp_avg_sq = state["exp_avg_sq"].index_select(0, ids).mul_(beta2)
-            exp_avg_sq.addcmul_(rows, rows, value=1 - beta2)
-            state["exp_avg"].index_copy_(0, ids, exp_avg)
-            state["exp_avg_sq"].index_copy_(0, ids, exp_avg_sq)
-            weight = table.weight
-            new_rows = weight.index_select(0, ids).float()
-            if self.weight_decay:
-                new_rows.mul_(1 - self.lr * self.weight_decay)
-            new_rows.addcdiv_(exp_avg, exp_avg_sq.sqrt_().add_(self.eps), value=-step_size)
-            weight.index_copy_(0, ids, new_rows.to(weight.dtype))
+        denom.sqrt_().add_(self.eps)
+        new_rows = weight.index_select(0, ids).float()
+        if self.weight_decay:
+            new_rows.mul_(decay)
+        if denom.dim() == 1:  # one denominator per row
+            new_rows.addcmul_(direction, denom.reciprocal_().unsqueeze(1), value=-step_size)
+        else:
+            new_rows.addcdiv_(direction, denom, value=-step_size)
+        store_rows(table, ids, new_rows, t)
 
     def zero_grad(self) -> None:
         for table in self.tables.values():
@@ -78,6 +139,16 @@ class SparseRowAdam:
 
     def state_dict(self) -> dict[str, dict[str, torch.Tensor]]:
         return self.state
+
+    def bytes_per_parameter(self) -> dict[str, float]:
+        """Per table: bytes of the table plus its optimizer state, per table parameter."""
+        out = {}
+        for name, table in self.tables.items():
+            weight = table.weight
+            stored = sum(t.numel() * t.element_size() for t in self.state[name].values()
+                         if t.dim())
+            out[name] = (weight.numel() * weight.element_size() + stored) / max(1, weight.numel())
+        return out
 
 
 def clip_sparse_grad_norm(tables: Iterable[ValueTable], max_norm: float,
@@ -114,12 +185,15 @@ def dense_param_groups(model: nn.Module, tables: Iterable[ValueTable],
 
 
 def build_optimizers(model: nn.Module, tables: dict[str, ValueTable],
-                     cfg: OptimConfig) -> tuple[torch.optim.AdamW, SparseRowAdam]:
+                     cfg: OptimConfig) -> tuple[torch.optim.AdamW, SparseRowOptimizer]:
     groups = dense_param_groups(model, tables.values(), cfg.weight_decay)
     dense = torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps,
                               foreach=False)
-    sparse = SparseRowAdam(tables, lr=cfg.lr * cfg.memory_lr_mult, betas=(cfg.beta1, cfg.beta2),
-                           eps=cfg.eps, weight_decay=cfg.memory_weight_decay)
+    sparse = SparseRowOptimizer(tables, lr=cfg.lr * cfg.memory_lr_mult,
+                                betas=(cfg.beta1, cfg.beta2), eps=cfg.eps,
+                                weight_decay=cfg.memory_weight_decay,
+                                mode=cfg.memory_optimizer,
+                                moment_dtype=STORAGE_DTYPES[cfg.memory_moment_dtype])
     return dense, sparse
 
 
@@ -134,7 +208,7 @@ def lr_at(step: int, total_steps: int, cfg: OptimConfig) -> float:
     return floor + (cfg.lr - floor) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
-def set_lr(dense: torch.optim.Optimizer, sparse: SparseRowAdam, lr: float,
+def set_lr(dense: torch.optim.Optimizer, sparse: SparseRowOptimizer, lr: float,
            memory_lr_mult: float) -> None:
     for group in dense.param_groups:
         group["lr"] = lr

@@ -121,7 +121,7 @@ if triton is not None:
                             one_minus_beta2, eps, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
                             SMALL_LERP: tl.constexpr):
         """Lazy Adam(W) on rows ids[r] of (weight, m, v) with grad[r], in place: the arithmetic
-        of ``SparseRowAdam.step``'s torch path, op for op (torch's lerp, IEEE sqrt and div)."""
+        of ``SparseRowOptimizer.step``'s torch path, op for op (torch's lerp, IEEE sqrt and div)."""
         r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
         cols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
         row_mask = r < n_rows
@@ -205,7 +205,7 @@ def sparse_adam_(weight: torch.Tensor, exp_avg: torch.Tensor, exp_avg_sq: torch.
                  eps: float, step_size: float, decay: float) -> None:
     """Lazy Adam(W) on rows ``ids`` (unique: two programs must never own one row) of ``weight``
     [N, d] (fp32 or bf16) and its fp32 moments [N, d], with fp32 row gradients ``grad`` [U, d];
-    in place, one read and one write of each. The caller's scalars, as ``SparseRowAdam`` forms
+    in place, one read and one write of each. The caller's scalars, as ``SparseRowOptimizer`` forms
     them: ``step_size`` = lr * sqrt(1 - beta2^t) / (1 - beta1^t), ``decay`` = 1 - lr * wd."""
     _check_rows(weight)
     if not (exp_avg.is_contiguous() and exp_avg_sq.is_contiguous()):

@@ -9,38 +9,62 @@ group (``memtron.parallel.memory``) implements the same contract.
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from memtron.model.memory import kernels
+from memtron.model.memory import counter_rng, cpu_kernels, kernels
+
+# Storage types of value tables (``memory.value_dtype``) and of their first moments.
+STORAGE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 # Rows per initialisation block: each block has its own generator and is always drawn whole
-# (torch's randn values depend on the size drawn), so any row range (a shard) initialises
+# (torch's normal_ values depend on the size drawn), so any row range (a shard) initialises
 # alone to the same values as those rows of the whole table.
 INIT_BLOCK_ROWS = 1024
+
+
+def _init_block(weight: torch.Tensor, row_start: int, seed: int, block: int, columns: slice,
+                dim: int) -> None:
+    """Rows of block ``block`` that ``weight`` (rows ``row_start ...``) holds, drawn in place
+    when the block lies whole in an fp32 ``weight`` with every column, else drawn into a
+    temporary block and copied."""
+    gen = torch.Generator().manual_seed(seed * 1_000_003 + block)
+    first = max(block * INIT_BLOCK_ROWS, row_start)
+    last = min((block + 1) * INIT_BLOCK_ROWS, row_start + weight.shape[0])
+    target = weight[first - row_start : last - row_start]
+    std = dim**-0.5
+    if (last - first == INIT_BLOCK_ROWS and target.dtype == torch.float32
+            and target.shape[1] == dim):
+        target.normal_(0.0, std, generator=gen)
+        return
+    drawn = torch.empty(INIT_BLOCK_ROWS, dim).normal_(0.0, std, generator=gen)
+    offset = first - block * INIT_BLOCK_ROWS
+    target.copy_(drawn[offset : offset + last - first, columns])
 
 
 def init_rows(weight: torch.Tensor, row_start: int, seed: int, columns: slice | None = None,
               full_dim: int | None = None) -> None:
     """Fill ``weight`` (rows ``row_start ...``, and ``columns`` of ``full_dim`` if given, of a
     table) with N(0, 1/d), the same values whatever the sharding: row i always comes from
-    block ``i // INIT_BLOCK_ROWS`` of ``seed``."""
-    n_rows = weight.shape[0]
+    block ``i // INIT_BLOCK_ROWS`` of ``seed``. Blocks are drawn on torch's intra-op threads
+    (each generator is sequential, so one block is one thread's work)."""
+    if weight.shape[0] == 0:
+        return
+    weight = weight.detach()  # grad mode is per thread: no_grad does not reach the workers
     dim = full_dim or weight.shape[1]
     columns = columns or slice(0, dim)
-    std = dim**-0.5
-    row = row_start
-    while row < row_start + n_rows:
-        block = row // INIT_BLOCK_ROWS
-        block_start = block * INIT_BLOCK_ROWS
-        take = min(block_start + INIT_BLOCK_ROWS, row_start + n_rows) - row
-        gen = torch.Generator().manual_seed(seed * 1_000_003 + block)
-        block_rows = torch.randn(INIT_BLOCK_ROWS, dim, generator=gen)
-        values = block_rows[row - block_start : row - block_start + take, columns]
-        with torch.no_grad():
-            weight[row - row_start : row - row_start + take] = values.mul_(std).to(weight.dtype)
-        row += take
+    blocks = range(row_start // INIT_BLOCK_ROWS,
+                   (row_start + weight.shape[0] - 1) // INIT_BLOCK_ROWS + 1)
+    threads = min(torch.get_num_threads(), len(blocks))
+    if threads <= 1:
+        for block in blocks:
+            _init_block(weight, row_start, seed, block, columns, dim)
+        return
+    with ThreadPoolExecutor(threads) as pool:  # torch ops release the GIL
+        list(pool.map(lambda b: _init_block(weight, row_start, seed, b, columns, dim), blocks))
 
 
 def bag_index(offsets: torch.Tensor, n_hits: int) -> torch.Tensor:
@@ -74,6 +98,18 @@ def sum_rows_by_id(
     return unique_ids, summed
 
 
+def store_rows(table: LocalValueTable, ids: torch.Tensor, rows: torch.Tensor, step: int) -> None:
+    """Write fp32 ``rows`` (consumed) to local rows ``ids`` of ``table``. A bf16 table rounds
+    them stochastically with bits keyed by (table seed, ``step``, global row, column), so the
+    rounding is unbiased, and a resumed or resharded run rounds exactly as the original."""
+    weight = table.weight.detach()
+    if weight.dtype == torch.bfloat16:
+        keys = counter_rng.row_keys(table.seed, counter_rng.ROUND_STREAM, step,
+                                    ids + table.row_start)
+        rows = counter_rng.stochastic_round_bf16(rows, keys, table.col_start)
+    weight.index_copy_(0, ids, rows.to(weight.dtype))
+
+
 class ValueTable(nn.Module):
     """Rows addressed by slot id, with a sparse gradient kept on the table.
 
@@ -89,6 +125,8 @@ class ValueTable(nn.Module):
         self._grad_ids: list[torch.Tensor] = []
         self._grad_rows: list[torch.Tensor] = []
         self._coalesced: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._arena = torch.empty(0, dim)  # see arena(); CPU, for the C++ backward
+        self._arena_used = self._arena_wanted = 0
         # Per-slot hit counts over the usage window (not checkpointed: a monitoring window).
         self.register_buffer("hits", torch.zeros(n_rows, dtype=torch.int32), persistent=False)
         self.served = 0  # hits served since take_served(): an owner's share of the work
@@ -104,6 +142,17 @@ class ValueTable(nn.Module):
         self._grad_ids.append(ids)
         self._grad_rows.append(rows)
         self._coalesced = None
+        arena = self._arena
+        if arena.numel() and rows.data_ptr() == arena[self._arena_used:].data_ptr():
+            self._arena_used += rows.shape[0]
+        elif rows.device.type == "cpu":  # only the CPU backward writes into the arena
+            self._arena_wanted = max(self._arena_wanted, self._arena_used + rows.shape[0])
+
+    def arena(self) -> torch.Tensor:
+        """Free rows [R, dim] (fp32) of this step's row-gradient arena, for a backward to write
+        its row gradients into: reused step after step, so the largest per-step buffer is not
+        faulted in afresh each time (on CPU that costs as much as writing it)."""
+        return self._arena[self._arena_used:]
 
     def sparse_grad(self) -> tuple[torch.Tensor, torch.Tensor] | None:
         """(sorted unique ids [U], fp32 row gradients [U, dim]) summed over every recorded
@@ -121,6 +170,10 @@ class ValueTable(nn.Module):
 
     def zero_grad_rows(self) -> None:
         self._grad_ids, self._grad_rows, self._coalesced = [], [], None
+        self._arena_used = 0
+        if self._arena_wanted > self._arena.shape[0]:  # grown for the next step
+            self._arena = self._arena.new_empty(self._arena_wanted, self._arena.shape[1])
+        self._arena_wanted = 0
 
     # -- usage -------------------------------------------------------------------------------
     def take_served(self) -> int:
@@ -174,7 +227,9 @@ def _weight_grad_by_chunks(grad_out: torch.Tensor, table: torch.Tensor, ids: tor
 class _BagLookup(torch.autograd.Function):
     """``out[b] = sum over hits i of bag b: weights[i] * table[ids[i]]``, sparse backward.
     On CUDA both passes run as Triton kernels (``kernels.py``: fp32 sums, a backward that
-    reads each touched row once); the torch ops below are the reference and the CPU path."""
+    reads each touched row once); on CPU the backward runs the same one-pass algorithm in a
+    C++ extension (``cpu_kernels.py``) when it builds. The torch ops below are the reference
+    and the fallback."""
 
     @staticmethod
     def forward(ctx, weights: torch.Tensor, rows: torch.Tensor, ids: torch.Tensor,
@@ -194,15 +249,22 @@ class _BagLookup(torch.autograd.Function):
         weights, ids, offsets = ctx.saved_tensors
         table: LocalValueTable = ctx.table
         grad_out = grad_out.contiguous()
-        bags = bag_index(offsets, ids.numel())
+        fused = None
         if kernels.use_triton(grad_out):
-            unique_ids, rows, grad_weights = kernels.bag_backward(
-                grad_out, table.weight.detach(), ids, weights, bags, ctx.needs_input_grad[0])
+            fused = kernels.bag_backward(grad_out, table.weight.detach(), ids, weights,
+                                         bag_index(offsets, ids.numel()),
+                                         ctx.needs_input_grad[0])
+        elif cpu_kernels.available(grad_out):
+            fused = cpu_kernels.bag_backward(grad_out, table.weight.detach(), ids, weights,
+                                             offsets, ctx.needs_input_grad[0], table.arena())
+        if fused is not None:  # one pass over the distinct rows
+            unique_ids, rows, grad_weights = fused
             if ids.numel():
                 table.accumulate_grad(unique_ids, rows)
             if grad_weights is not None:
                 grad_weights = grad_weights.to(weights.dtype)
             return grad_weights, None, None, None, None
+        bags = bag_index(offsets, ids.numel())
         grad_weights = None
         if ctx.needs_input_grad[0] and not _bag_weight_grad_supported(table.weight):
             grad_weights = _weight_grad_by_chunks(grad_out, table.weight.detach(), ids, bags)
@@ -225,7 +287,9 @@ class _BagLookup(torch.autograd.Function):
 class LocalValueTable(ValueTable):
     """Rows held in this process: the whole table, or (as the base of the sharded table) the
     row range ``[row_start, row_start + n_rows)`` of a larger one. Its weight never gets a
-    ``.grad``: the sparse row-wise Adam owns it and dense optimizers leave it out."""
+    ``.grad``: the sparse row optimizer owns it and dense optimizers leave it out."""
+
+    col_start = 0  # first column of the whole table held here (column-sharded tables: more)
 
     def __init__(self, n_rows: int, dim: int, seed: int = 0, row_start: int = 0,
                  dtype: torch.dtype = torch.float32) -> None:

@@ -1,0 +1,69 @@
+"""The C++ CPU backward against the torch ops it replaces; the fallback when it is off."""
+
+import pytest
+import torch
+
+from memtron.model.memory import cpu_kernels
+from memtron.model.memory.values import LocalValueTable, bag_index, sum_rows_by_id
+
+needs_ext = pytest.mark.skipif(not cpu_kernels.available(torch.empty(0)),
+                               reason="the C++ extension does not build here")
+
+
+@needs_ext
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dim", [1, 24, 257])
+def test_bag_backward_matches_torch_ops(dtype, dim):
+    g = torch.Generator().manual_seed(dim)
+    table = torch.randn(50, dim, generator=g).to(dtype)
+    ids = torch.randint(0, 50, (120,), generator=g)
+    weights = torch.rand(120, generator=g)
+    offsets = torch.tensor([0, 7, 7, 40, 100])  # an empty bag
+    grad_out = torch.randn(offsets.numel(), dim, generator=g)
+    bags = bag_index(offsets, ids.numel())
+    ref_ids, ref_rows = sum_rows_by_id(ids, grad_out, weights, src=bags)
+    ref_w = (grad_out[bags] * table.float()[ids]).sum(1)
+    arena = torch.full((200, dim), float("nan"))
+    for buffer in (None, arena, arena[:3]):  # no arena, room for the rows, too little room
+        unique, rows, grad_w = cpu_kernels.bag_backward(grad_out, table, ids, weights,
+                                                        offsets, True, buffer)
+        assert torch.equal(unique, ref_ids)
+        torch.testing.assert_close(rows, ref_rows, rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(grad_w, ref_w, rtol=1e-5, atol=1e-5)
+        assert (rows.data_ptr() == arena.data_ptr()) == (buffer is arena)
+    assert cpu_kernels.bag_backward(grad_out, table, ids, weights, offsets, False)[2] is None
+
+
+@needs_ext
+def test_lookup_backward_same_with_extension_on_and_off(monkeypatch):
+    """Two micro-batches into the arena, then a step's reset: the table's sparse gradient and
+    the weight gradients equal the torch path's."""
+    results = []
+    for enabled in (True, False):
+        monkeypatch.setattr(cpu_kernels, "ENABLED", enabled)
+        table = LocalValueTable(64, 16, seed=1)
+        g = torch.Generator().manual_seed(0)
+        grads = []
+        for _step in range(2):
+            for _ in range(2):
+                ids = torch.randint(0, 64, (5, 6), generator=g)
+                w = torch.rand(5, 6, generator=g, requires_grad=True)
+                table.lookup(ids, w).backward(torch.randn(5, 16, generator=g))
+                grads.append(w.grad)
+            grads.extend(t.clone() for t in table.sparse_grad())
+            table.zero_grad_rows()
+        results.append(grads)
+    for ours, ref in zip(*results):
+        torch.testing.assert_close(ours, ref, rtol=1e-6, atol=1e-6)
+
+
+def test_falls_back_when_the_extension_does_not_build(monkeypatch):
+    monkeypatch.setattr(cpu_kernels, "_extension", lambda: None)
+    assert not cpu_kernels.available(torch.empty(0))
+    table = LocalValueTable(10, 4)
+    w = torch.tensor([[0.5, 0.25, 0.125]], requires_grad=True)
+    table.lookup(torch.tensor([[1, 2, 2]]), w).backward(torch.ones(1, 4))
+    ids, rows = table.sparse_grad()
+    assert torch.equal(ids, torch.tensor([1, 2]))
+    assert torch.equal(rows, torch.tensor([[0.5] * 4, [0.375] * 4]))
+    torch.testing.assert_close(w.grad, table.weight.detach()[[1, 2, 2]].sum(1, keepdim=True).T)
