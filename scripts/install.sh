@@ -23,7 +23,3 @@ echo "[install] memtron${extras:+[$extras]} with torch pinned to ${torch_version
 "$PYTHON" -m pip install -q --disable-pip-version-check -c "$constraints" -e "$target" 2>&1 \
     | grep -v "Running pip as the 'root' user" || true
 "$PYTHON" -c "import memtron, torch; assert torch.__version__ == '${torch_version}', torch.__version__"
-# The value tables' C++ CPU kernels (gcc, via torch.utils.cpp_extension); training falls back to
-# torch ops where they do not build, so a failed build only warns.
-"$PYTHON" -m memtron.model.memory.cpu_kernels \
-    || echo "[install] warning: memtron CPU extension did not build; torch ops will be used"
