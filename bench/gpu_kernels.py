@@ -37,8 +37,7 @@ import statistics
 import sys
 import time
 import traceback
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -58,15 +57,6 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 GOALS = {"forward": 0.85, "backward+update": 0.4}
 # (elements a program loads per step, warps) of the gather, timed besides the default
 GATHER_SWEEP = [(4096, 4), (4096, 8), (2048, 4), (2048, 8), (1024, 4)]
-
-
-@contextmanager
-def triton_enabled(flag: bool) -> Iterator[None]:
-    saved, kernels.ENABLED = kernels.ENABLED, flag
-    try:
-        yield
-    finally:
-        kernels.ENABLED = saved
 
 
 def cuda_time(fn: Callable[[], object], warmup: int, repeats: int,
@@ -203,7 +193,7 @@ def backward_update(table: LocalValueTable, opt: SparseRowOptimizer, ids: torch.
         graph[:] = [table.lookup(ids, w)]
 
     try:
-        with triton_enabled(enabled):
+        with kernels.triton_enabled(enabled):
             t_bwd = cuda_time(lambda: graph[0].backward(grad), a.warmup, a.repeats,
                               setup=forward)
             grad_ids, grad_rows = table.sparse_grad()

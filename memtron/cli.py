@@ -255,20 +255,20 @@ def _read_prompts(args: argparse.Namespace) -> list[dict]:
 
     if args.prompt is not None:
         return [{"prompt": args.prompt}]
+    from memtron.data.jsonl import jsonl_rows
+
     rows = []
-    with open(args.prompts) as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise GenerationError(f"{args.prompts}:{n}: not valid JSON ({e})") from e
+    try:
+        for n, row in jsonl_rows(args.prompts):
             if not isinstance(row, dict) or not isinstance(row.get("prompt"), str):
                 raise GenerationError(f"{args.prompts}:{n}: needs a string field 'prompt'")
             rows.append(row)
             if args.limit and len(rows) == args.limit:
                 break
+    except GenerationError:
+        raise
+    except ValueError as e:  # invalid JSON, named by file and line
+        raise GenerationError(str(e)) from e
     if not rows:
         raise GenerationError(f"{args.prompts}: no prompts")
     return rows

@@ -25,8 +25,7 @@ import math
 import os
 import subprocess
 import sys
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -71,15 +70,6 @@ def assert_within_bf16_ulp(actual: torch.Tensor, expected: torch.Tensor, what: s
     excess = ((a - e).abs() - BF16_ULP * e.abs()).max().item()
     print(f"{what}: largest error beyond one bf16 ulp {excess:.2e}")
     assert excess <= 1e-12, f"{what}: an element differs by more than one bf16 ulp"
-
-
-@contextmanager
-def triton_enabled(flag: bool) -> Iterator[None]:
-    saved, kernels.ENABLED = kernels.ENABLED, flag
-    try:
-        yield
-    finally:
-        kernels.ENABLED = saved
 
 
 def _bags(g: torch.Generator, n_rows: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -152,7 +142,7 @@ def check_adam(device: torch.device) -> None:
                     rows = torch.randn(25, dim, generator=g).to(device)
                     for table, optimizer, enabled in ((ours, opt, True), (ref, ref_opt, False)):
                         table.accumulate_grad(ids, rows.clone())
-                        with triton_enabled(enabled):
+                        with kernels.triton_enabled(enabled):
                             assert kernels.use_triton(table.weight) == enabled
                             optimizer.step()
                         optimizer.zero_grad()
@@ -170,7 +160,7 @@ def _layer_step(table: LocalValueTable, hits: list, enabled: bool):
     """Two 'layers' looking up one shared table plus a lookup_bags call with empty bags, one
     backward, one SparseRowOptimizer step: outputs, weight grads, the coalesced sparse grad."""
     opt = SparseRowOptimizer({"t": table}, lr=0.01, betas=(0.9, 0.95), weight_decay=0.1)
-    with triton_enabled(enabled):
+    with kernels.triton_enabled(enabled):
         assert kernels.use_triton(table.weight) == enabled
         outs, weights = [], []
         for ids, w, _ in hits[:2]:
@@ -252,7 +242,7 @@ def test_kernels_stay_off_the_cpu_path():
 @needs_triton
 @pytest.mark.parametrize("check", sorted(CHECKS))
 def test_triton_kernels_on_gpu(check):
-    with triton_enabled(True):
+    with kernels.triton_enabled(True):
         CHECKS[check](torch.device("cuda"))
 
 
@@ -269,7 +259,7 @@ def test_chunked_weight_grad_matches_embedding_bag_backward(monkeypatch, dtype):
         monkeypatch.setattr(values, "WEIGHT_GRAD_CHUNK", 40 * 7)  # 7 hits a chunk
         table = LocalValueTable(64, 40, seed=8, dtype=dtype)
         w = weights.clone().requires_grad_(True)
-        with triton_enabled(False):
+        with kernels.triton_enabled(False):
             table.lookup_bags(ids, w, offsets).backward(grad_out)
         grads.append(w.grad)
     assert_close(grads[1], grads[0], 1e-6 if dtype == torch.float32 else 2e-2,

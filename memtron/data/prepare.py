@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 import webdataset
 
+from memtron.data.jsonl import jsonl_rows
 from memtron.data.tokenizer import load_tokenizer
 
 INDEX_NAME = "index.json"
@@ -48,19 +49,12 @@ def _txt_documents(path: Path) -> Iterator[str]:
 
 
 def _jsonl_documents(path: Path, text_key: str) -> Iterator[str]:
-    with path.open(encoding="utf-8") as f:
-        for line_no, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{line_no}: invalid JSON: {e}") from e
-            if not isinstance(row, dict) or text_key not in row:
-                raise ValueError(f"{path}:{line_no}: no key {text_key!r} in this record")
-            if not isinstance(row[text_key], str):
-                raise ValueError(f"{path}:{line_no}: {text_key!r} is not a string")
-            yield row[text_key]
+    for line_no, row in jsonl_rows(path):
+        if not isinstance(row, dict) or text_key not in row:
+            raise ValueError(f"{path}:{line_no}: no key {text_key!r} in this record")
+        if not isinstance(row[text_key], str):
+            raise ValueError(f"{path}:{line_no}: {text_key!r} is not a string")
+        yield row[text_key]
 
 
 def _parquet_documents(path: Path, text_key: str) -> Iterator[str]:

@@ -15,6 +15,8 @@ from pathlib import Path
 
 import numpy as np
 
+from memtron.data.jsonl import jsonl_rows
+
 # Every template names the entity before the value, so its prefix up to the value is a
 # question prompt. Prefixes differ across attributes, so each prompt asks for one attribute.
 ATTRIBUTES: dict[str, dict[str, list[str]]] = {
@@ -258,13 +260,7 @@ def load_questions(path: str | Path) -> list[dict]:
     if not file.is_file():
         raise ValueError(f"{file}: questions file does not exist")
     questions = []
-    for line_no, line in enumerate(file.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{file}:{line_no}: invalid JSON: {e}") from e
+    for line_no, row in jsonl_rows(file):
         missing = [k for k in ("prompt", "answer", "choices") if k not in row]
         if missing:
             raise ValueError(f"{file}:{line_no}: missing key(s) {', '.join(missing)}")

@@ -22,7 +22,6 @@ Each block file is a safetensors file holding one tensor ``rows`` [n_rows, dim]:
 
 from __future__ import annotations
 
-import hashlib
 import json
 import re
 import struct
@@ -33,6 +32,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
+from memtron.train.checkpoint import sha256_file
 
 BANK_FORMAT = "memtron-bank"
 BANK_VERSION = 1
@@ -233,14 +234,6 @@ class MmapRowStore(RowStore):
             out.index_copy_(0, order, dest)
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 class Bank:
     """An on-disk bank (see the module docstring); open it with :func:`open_bank`."""
 
@@ -264,7 +257,7 @@ class Bank:
         """Every block file has its recorded sha256."""
         for blocks in self._blocks.values():
             for block in blocks:
-                if _sha256(block.path) != block.sha256:
+                if sha256_file(block.path) != block.sha256:
                     raise BankError(f"{block.path}: checksum mismatch (corrupt or modified)")
 
 

@@ -84,7 +84,7 @@ def _all_max(values: list[int], group: dist.ProcessGroup | None) -> list[int]:
     return t.tolist()
 
 
-def _sha256(path: Path) -> str:
+def sha256_file(path: Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
@@ -375,7 +375,7 @@ class CheckpointWriter:
         rename, and the rotation of checkpoints older than this one."""
         if _rank() != 0:
             return
-        checksums = {p.name: _sha256(p) for p in sorted(tmp.iterdir()) if p.is_file()}
+        checksums = {p.name: sha256_file(p) for p in sorted(tmp.iterdir()) if p.is_file()}
         manifest = {"format_version": FORMAT_VERSION, "step": step, "time": time.time(),
                     **meta, "files": checksums}
         with open(tmp / MANIFEST, "w") as f:
@@ -427,7 +427,7 @@ def verify_checkpoint(path: Path, manifest: dict[str, Any]) -> None:
         file = path / name
         if not file.is_file():
             raise CheckpointError(f"{file}: missing from checkpoint")
-        if _sha256(file) != expected:
+        if sha256_file(file) != expected:
             raise CheckpointError(f"{file}: checksum mismatch (corrupt or truncated)")
 
 

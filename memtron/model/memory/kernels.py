@@ -18,7 +18,9 @@ tensors: that is how they are tested on machines without a GPU.
 
 from __future__ import annotations
 
+import contextlib
 import os
+from collections.abc import Iterator
 
 import torch
 
@@ -40,6 +42,18 @@ TILE = 4096  # elements a program loads per step (hits x row chunk): enough byte
 # (1024, 4) 99-102% fp32 and 68-97% bf16; (4096, 4) 88-100% fp32, 63-83% bf16; (2048, 8)
 # 96-99% fp32, 57-77% bf16.
 GATHER_CONFIG: tuple[int, int] = (1024, 4)
+
+
+@contextlib.contextmanager
+def triton_enabled(flag: bool) -> Iterator[None]:
+    """Turn the Triton kernels on or off for a block (the ``MEMTRON_TRITON`` switch at run
+    time), e.g. to time or check them against the torch path."""
+    global ENABLED
+    saved, ENABLED = ENABLED, flag
+    try:
+        yield
+    finally:
+        ENABLED = saved
 
 
 def use_triton(rows: torch.Tensor) -> bool:
