@@ -239,6 +239,38 @@ def _cmd_cluster(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_fetch(args: argparse.Namespace) -> int:
+    from memtron.infer.bank import HierarchicalBank
+
+    bank = HierarchicalBank.open(args.bank, tree=args.tree, token=args.token)
+    fetched = bank.fetch(args.text)
+    if args.json:
+        print(json.dumps([{"text": f.text, "path": f.path, "tables": f.tables, "rows": f.rows,
+                           "bytes": f.nbytes} for f in fetched], indent=1))
+        return 0
+    for f in fetched:
+        print(f"text {f.text[:60]!r}{'...' if len(f.text) > 60 else ''}")
+        print(f"  path (node ids, root to leaf): {' -> '.join(map(str, f.path))}")
+        for level, (node, table, row, block, nbytes) in enumerate(
+                zip(f.path, f.tables, f.rows, f.blocks, f.nbytes, strict=True), 1):
+            print(f"  level {level}  node {node:<8d} {table} row {row:<8d} "
+                  f"{block.numel()} x {str(block.dtype).removeprefix('torch.')}  {nbytes} bytes")
+        print(f"  fetched {sum(f.nbytes)} bytes in {len(f.blocks)} blocks from {args.bank}")
+    return 0
+
+
+def _add_fetch_parser(sub) -> None:
+    p = sub.add_parser("fetch", help="route text through the cluster tree and fetch its "
+                       "hierarchical-bank blocks")
+    p.add_argument("--bank", required=True,
+                   help="bank dir (memtron export bank) or memtron serve-memory URL")
+    p.add_argument("--text", action="append", required=True, help="text to route (repeatable)")
+    p.add_argument("--tree", help="cluster tree dir (default: the one the bank names)")
+    p.add_argument("--token", help="bearer token of the memory server")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=_cmd_fetch)
+
+
 def _cmd_submit(args: argparse.Namespace) -> int:
     from memtron import slurm
 
@@ -614,6 +646,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_submit_parser(sub)
     _add_infer_parsers(sub)
     _add_export_parsers(sub)
+    _add_fetch_parser(sub)
     return parser
 
 
