@@ -18,6 +18,7 @@ from memtron.export.bank import TableRows, write_bank
 from memtron.infer.bank import HierarchicalBank, level_table
 from memtron.infer.server import running_server
 from memtron.infer.store import BankError
+from memtron.train.checkpoint import sha256_file
 
 DIMS = (6, 10)  # row width of level 0 and level 1
 
@@ -71,6 +72,24 @@ def test_fetch_from_disk_with_the_tree_the_manifest_names(setup):
     assert [b.shape for b in batch] == [(3, DIMS[0]), (3, DIMS[1])]
     with pytest.raises(ValueError, match="outside level 2"):
         bank.fetch_paths(np.array([[0, 2]]))
+
+
+def test_export_bank_source_entry_pins_the_tree(setup, tmp_path):
+    """``memtron export bank`` records ``source.bank``: tables, offsets, tree and its hash."""
+    root, _, docs, tree = setup
+    entry = {"tables": ["bank0", "bank1"], "offsets": [0, 4], "tree": str(root / "tree"),
+             "tree_sha256": sha256_file(root / "tree" / "tree.json")}
+    _write(tmp_path / "bank", tree, {"bank": entry})
+    _check(HierarchicalBank.open(tmp_path / "bank").fetch(docs[:4]), tree, docs[:4])
+    build_tree(docs, 2, 4, HashedNgramEmbedder(dim=32), seed=1).save(tmp_path / "other")
+    with pytest.raises(BankError, match="not the tree the bank"):
+        HierarchicalBank.open(tmp_path / "bank", tree=tmp_path / "other")
+    _write(tmp_path / "bad", tree, {"bank": {**entry, "tables": ["bank0", "bank7"]}})
+    with pytest.raises(BankError, match=r"lacks|\['bank7'\]"):
+        HierarchicalBank.open(tmp_path / "bad")
+    _write(tmp_path / "off", tree, {"bank": {**entry, "offsets": [0, 3]}})
+    with pytest.raises(BankError, match=r"offsets \[0, 3\]"):
+        HierarchicalBank.open(tmp_path / "off")
 
 
 def test_tree_found_through_the_training_data(setup, tmp_path):

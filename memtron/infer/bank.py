@@ -7,10 +7,16 @@ table (0-based ``l``) is node ``level_offset + i`` of the tree, i.e. node ids ar
 without the root (:mod:`memtron.data.clustering`). A row holds that node's blocks of every bank
 layer, flattened; this module does not look inside rows.
 
-The tree that routes prompts is found, in order: the ``tree`` argument (``--tree``); the bank
-manifest's ``source.tree`` (a path, relative to the bank directory or absolute); the copy that
-``prepare --clusters`` keeps in the training data named by ``source.config.data.train``. A
-memory server publishes no manifest, so a URL bank needs the tree given.
+``memtron export bank`` records this in the manifest as ``source.bank``: ``tables`` (per
+level), ``offsets`` (first node id per level), ``tree`` (the tree directory) and
+``tree_sha256`` (of the tree's manifest); a bank without it falls back to the ``bank{l}``
+names and the tree's own offsets.
+
+The tree that routes prompts is, in order: the ``tree`` argument (``--tree``);
+``source.bank.tree``; ``source.tree`` (relative to the bank directory or absolute); the copy
+that ``prepare --clusters`` keeps in the training data ``source.config.data.train``. When the
+manifest records ``tree_sha256``, any other tree is refused. A memory server publishes no
+manifest, so a URL bank needs the tree given.
 """
 
 from __future__ import annotations
@@ -24,9 +30,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from memtron.data.clustering import ClusterTree
+from memtron.data.clustering import TREE_MANIFEST, ClusterTree
 from memtron.data.shards import INDEX_NAME
-from memtron.infer.store import BankError, HttpBank, RowStore, open_bank
+from memtron.infer.store import BANK_MANIFEST, BankError, HttpBank, RowStore, open_bank
+from memtron.train.checkpoint import sha256_file
 
 TABLE_PREFIX = "bank"  # the model's level tables: model/memory/hierarchical.py table_name
 
@@ -81,9 +88,26 @@ class HierarchicalBank:
             return cls(_level_stores(remote, remote.tables, where), ClusterTree.load(tree),
                        where)
         local = open_bank(bank)
-        tree_dir = Path(tree) if tree is not None else _tree_from_manifest(local.path,
-                                                                           local.manifest)
-        return cls(_level_stores(local, local.tables, where), ClusterTree.load(tree_dir), where)
+        source = local.manifest.get("source") or {}
+        info = source.get("bank") or {}
+        tree_dir = Path(tree) if tree is not None else _tree_from_manifest(local.path, source)
+        expected = info.get("tree_sha256")
+        if expected and sha256_file(tree_dir / TREE_MANIFEST) != expected:
+            raise BankError(f"{tree_dir}: not the tree the bank {where} was exported with "
+                            "(source.bank.tree_sha256 differs)")
+        loaded = ClusterTree.load(tree_dir)
+        offsets = info.get("offsets")
+        if offsets is not None and offsets != [loaded.level_offset(level) for level
+                                               in range(1, loaded.levels + 1)]:
+            raise BankError(f"{where}: level offsets {offsets} do not match the tree "
+                            f"{tree_dir} ({loaded.levels} x {loaded.branching})")
+        names = info.get("tables")
+        missing = [name for name in names or [] if name not in local.tables]
+        if missing:
+            raise BankError(f"{where}: source.bank lists tables {missing} the bank lacks")
+        stores = ([local.table(name) for name in names] if names
+                  else _level_stores(local, local.tables, where))
+        return cls(stores, loaded, where)
 
     def paths(self, texts: Sequence[str]) -> np.ndarray:
         """``[n, levels]`` node ids of each text's path."""
@@ -130,9 +154,10 @@ def _level_stores(bank: Any, tables: list[str], where: str) -> list[RowStore]:
     return [bank.table(name) for name in expected]
 
 
-def _tree_from_manifest(bank_dir: Path, manifest: dict[str, Any]) -> Path:
-    source = manifest.get("source") or {}
-    where = bank_dir / "manifest.json"
+def _tree_from_manifest(bank_dir: Path, source: dict[str, Any]) -> Path:
+    where = bank_dir / BANK_MANIFEST
+    if (source.get("bank") or {}).get("tree"):
+        return Path(source["bank"]["tree"])
     if source.get("tree"):
         tree = Path(source["tree"])
         return tree if tree.is_absolute() else bank_dir / tree
