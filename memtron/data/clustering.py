@@ -76,12 +76,12 @@ def _kmeanspp(x: np.ndarray, k: int, rng: np.random.Generator) -> np.ndarray:
     if len(x) > 64 * k:
         x = x[rng.choice(len(x), 64 * k, replace=False)]
     centers = [x[rng.integers(len(x))]]
-    closest = np.square(x - centers[0]).sum(1)
+    closest = np.square(x - centers[0]).sum(1, dtype=np.float64)  # float64: p must sum to 1
     for _ in range(1, k):
         total = closest.sum()
         i = rng.choice(len(x), p=closest / total) if total > 0 else rng.integers(len(x))
         centers.append(x[i])
-        closest = np.minimum(closest, np.square(x - x[i]).sum(1))
+        closest = np.minimum(closest, np.square(x - x[i]).sum(1, dtype=np.float64))
     return np.stack(centers).astype(np.float32)
 
 
