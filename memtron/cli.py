@@ -231,11 +231,14 @@ def _cmd_cluster(args: argparse.Namespace) -> int:
     print(f"tree {args.levels} levels x {args.branching} branches ({tree.n_nodes} nodes) fitted "
           f"on {tree.info['sample_size']} of {tree.info['documents_seen']} documents; "
           f"wrote {args.out}")
-    print("level  nodes  docs/node min  mean  max  worst sibling deviation  "
-          f"within {args.tolerance:.0%} (+1 doc)")
-    for level, b in enumerate(tree.info["corpus_balance"], 1):
-        print(f"{level:5d}  {b['nodes']:5d}  {b['min']:13d}  {b['mean']:4.0f}  {b['max']:3d}  "
-              f"{b['max_sibling_deviation']:23.1%}  {'yes' if b['within_tolerance'] else 'no'}")
+    for title, rows in (("fitting sample (balanced unless identical documents)", "balance"),
+                        ("whole corpus (routed)", "corpus_balance")):
+        print(f"{title}:\n  level    nodes  docs/node: min     mean      max  worst sibling "
+              f"deviation  within {args.tolerance:.0%} (+1 doc)")
+        for level, b in enumerate(tree.info[rows], 1):
+            print(f"  {level:5d} {b['nodes']:8d} {b['min']:15d} {b['mean']:8.1f} {b['max']:8d} "
+                  f"{b['max_sibling_deviation']:24.1%}  "
+                  f"{'yes' if b['within_tolerance'] else 'no'}")
     return 0
 
 
