@@ -205,9 +205,37 @@ def _cmd_prepare(args: argparse.Namespace) -> int:
     from memtron.data.prepare import prepare
 
     index = prepare(args.inputs, args.out, tokenizer=args.tokenizer, seq_len=args.seq_len,
-                    samples_per_shard=args.samples_per_shard, text_key=args.text_key)
+                    samples_per_shard=args.samples_per_shard, text_key=args.text_key,
+                    clusters=args.clusters)
     print(f"wrote {index['n_samples']} samples ({index['n_tokens']} tokens) in "
           f"{len(index['shards'])} shard(s) to {Path(args.out)}")
+    return 0
+
+
+def _cmd_cluster(args: argparse.Namespace) -> int:
+    import itertools
+
+    from memtron.data.clustering import build_tree, corpus_balance
+    from memtron.data.embed import make_embedder
+    from memtron.data.prepare import iter_documents
+
+    def documents() -> itertools.chain[str]:
+        return itertools.chain.from_iterable(iter_documents(f, args.text_key)
+                                             for f in args.inputs)
+
+    tree = build_tree(documents(), args.levels, args.branching,
+                      make_embedder(args.embedder, args.dim), args.seed, args.sample_size,
+                      args.tolerance)
+    tree.info["corpus_balance"] = corpus_balance(tree, documents())
+    tree.save(args.out)
+    print(f"tree {args.levels} levels x {args.branching} branches ({tree.n_nodes} nodes) fitted "
+          f"on {tree.info['sample_size']} of {tree.info['documents_seen']} documents; "
+          f"wrote {args.out}")
+    print("level  nodes  docs/node min  mean  max  worst sibling deviation  "
+          f"within {args.tolerance:.0%} (+1 doc)")
+    for level, b in enumerate(tree.info["corpus_balance"], 1):
+        print(f"{level:5d}  {b['nodes']:5d}  {b['min']:13d}  {b['mean']:4.0f}  {b['max']:3d}  "
+              f"{b['max_sibling_deviation']:23.1%}  {'yes' if b['within_tolerance'] else 'no'}")
     return 0
 
 
@@ -561,7 +589,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seq-len", type=int, default=128)
     p.add_argument("--samples-per-shard", type=int, default=2048)
     p.add_argument("--text-key", default="text")
+    p.add_argument("--clusters", help="tree dir from `memtron data cluster`: pack per leaf and "
+                   "write each sample's bank_path")
     p.set_defaults(func=_cmd_prepare)
+
+    p = data.add_parser("cluster", help="balanced hierarchical k-means tree of the documents "
+                        "(hierarchical memory bank addresses)")
+    p.add_argument("inputs", nargs="+", help=".txt, .jsonl or .parquet files")
+    p.add_argument("--out", required=True, help="tree directory to write")
+    p.add_argument("--levels", type=int, default=4)
+    p.add_argument("--branching", type=int, default=16)
+    p.add_argument("--embedder", default="hashed",
+                   help="'hashed' (n-gram TF-IDF, no download) or a local sentence-model dir")
+    p.add_argument("--dim", type=int, default=256, help="hashed embedding dimension")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--sample-size", type=int, default=200_000,
+                   help="documents the tree is fitted on (reservoir sample)")
+    p.add_argument("--tolerance", type=float, default=0.1,
+                   help="allowed relative deviation of a node from its share of its parent")
+    p.add_argument("--text-key", default="text")
+    p.set_defaults(func=_cmd_cluster)
 
     _add_eval_parsers(sub)
     _add_submit_parser(sub)

@@ -3,8 +3,13 @@
 Documents are tokenized, each followed by ``eos_id``, concatenated in input order and cut into
 non-overlapping samples of ``seq_len + 1`` tokens (inputs and shifted targets of one training
 row); the last partial sample is dropped. Each sample is one ``<key>.npy`` member of a tar
-shard. ``index.json`` records sizes and sha256 checksums, so the loader can refuse a corrupt
-or truncated shard by name instead of training on garbage.
+shard, plus one ``<key>.<field>.npy`` member per per-sample field (see
+:mod:`memtron.data.shards`). ``index.json`` records sizes and sha256 checksums, so the loader
+can refuse a corrupt or truncated shard by name instead of training on garbage.
+
+With a cluster tree (``clusters=``, DESIGN §5), documents are packed per leaf of the tree
+instead of in one stream: samples never span leaves, each carries its leaf's root-to-leaf path
+as field ``bank_path``, and each leaf's last partial sample is dropped (``dropped_tokens``).
 
 Input formats:
   * ``.txt``: one document per paragraph; paragraphs are separated by blank lines and keep
@@ -15,23 +20,30 @@ Input formats:
 
 from __future__ import annotations
 
-import hashlib
 import json
-import os
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import webdataset
 
 from memtron.data.jsonl import jsonl_rows
+from memtron.data.shards import (
+    INDEX_FORMAT,
+    INDEX_NAME,
+    INDEX_VERSION,
+    FieldSpec,
+    ShardSink,
+    building_dir,
+    fields_json,
+)
 from memtron.data.tokenizer import load_tokenizer
 
-INDEX_NAME = "index.json"
-INDEX_FORMAT = "memtron-token-shards"
-INDEX_VERSION = 1
-SHARD_NAME = "shard-{:05d}.tar"
+if TYPE_CHECKING:
+    from memtron.data.clustering import ClusterTree
+
+TREE_DIR = "tree"  # where prepare --clusters keeps a copy of the tree, inside the data
 SUFFIXES = (".txt", ".jsonl", ".parquet")
 
 
@@ -94,49 +106,56 @@ def iter_documents(path: str | Path, text_key: str = "text") -> Iterator[str]:
         raise ValueError(f"{file}: not valid UTF-8: {e}") from e
 
 
-class _ShardSink:
-    """Writes samples into numbered tar shards and records each shard's size and sha256."""
+class _Packer:
+    """Cuts tokenized documents into samples of ``sample_len`` tokens. Without a tree there is
+    one stream in input order; with a tree, one stream per leaf: a document goes to its leaf's
+    stream, so a sample only ever holds documents of one leaf and carries that leaf's path
+    as its ``bank_path`` field. Each stream's last partial sample is dropped."""
 
-    def __init__(self, directory: Path, samples_per_shard: int):
-        self.directory = directory
-        self.samples_per_shard = samples_per_shard
-        self.shards: list[dict] = []
-        self.n_samples = 0
-        self._writer: webdataset.TarWriter | None = None
-        self._in_shard = 0
+    ROUTE_BATCH = 256  # documents embedded and routed at a time
 
-    def add(self, sample: np.ndarray) -> None:
-        if self._writer is None:
-            name = SHARD_NAME.format(len(self.shards))
-            # mtime fixed so that the same input gives byte-identical shards and checksums
-            self._writer = webdataset.TarWriter(str(self.directory / name), mtime=0)
-            self.shards.append({"name": name})
-        self._writer.write({"__key__": f"{self.n_samples:010d}", "npy": sample})
-        self.n_samples += 1
-        self._in_shard += 1
-        if self._in_shard == self.samples_per_shard:
-            self._finish_shard()
+    def __init__(self, sink: ShardSink, tok, sample_len: int, dtype: np.dtype,
+                 tree: ClusterTree | None) -> None:
+        self.sink, self.tok, self.sample_len, self.dtype, self.tree = (
+            sink, tok, sample_len, dtype, tree)
+        self.pending: dict[int, np.ndarray] = {}  # stream (leaf id, or -1) -> leftover tokens
+        self.paths: dict[int, np.ndarray] = {}  # leaf id -> its path
+        self.leaf_samples: dict[int, int] = {}
+        self.waiting: list[str] = []  # documents not yet routed
 
-    def _finish_shard(self) -> None:
-        assert self._writer is not None
-        self._writer.close()
-        self._writer = None
-        shard = self.shards[-1]
-        data = (self.directory / shard["name"]).read_bytes()
-        shard.update(n_samples=self._in_shard, bytes=len(data),
-                     sha256=hashlib.sha256(data).hexdigest())
-        self._in_shard = 0
-
-    def __enter__(self) -> _ShardSink:
-        return self
-
-    def __exit__(self, exc_type: type[BaseException] | None, *_: object) -> None:
-        if self._writer is None:
+    def add(self, document: str) -> None:
+        if self.tree is None:
+            self._append(-1, document)
             return
-        if exc_type is None:
-            self._finish_shard()  # the last, partial shard
-        else:
-            self._writer.close()
+        self.waiting.append(document)
+        if len(self.waiting) == self.ROUTE_BATCH:
+            self.flush()
+
+    def flush(self) -> None:
+        """Route and pack the documents still waiting (call at the end of each input)."""
+        if not self.waiting:
+            return
+        assert self.tree is not None
+        for document, path in zip(self.waiting, self.tree.route(self.waiting), strict=True):
+            leaf = int(path[-1])
+            self.paths.setdefault(leaf, path)
+            self._append(leaf, document)
+        self.waiting = []
+
+    def _append(self, stream: int, document: str) -> None:
+        tokens = np.asarray([*self.tok.encode(document), self.tok.eos_id], dtype=self.dtype)
+        buffer = np.concatenate([self.pending.get(stream, tokens[:0]), tokens])
+        n_full = len(buffer) // self.sample_len
+        fields = {} if stream < 0 else {"bank_path": self.paths[stream]}
+        for sample in buffer[:n_full * self.sample_len].reshape(n_full, self.sample_len):
+            self.sink.add(sample, fields)
+        if stream >= 0 and n_full:
+            self.leaf_samples[stream] = self.leaf_samples.get(stream, 0) + n_full
+        self.pending[stream] = buffer[n_full * self.sample_len:]
+
+    @property
+    def dropped(self) -> int:
+        return sum(len(p) for p in self.pending.values())
 
 
 def prepare(
@@ -146,8 +165,14 @@ def prepare(
     seq_len: int = 128,
     samples_per_shard: int = 2048,
     text_key: str = "text",
+    clusters: str | Path | None = None,
 ) -> dict:
     """Tokenize and pack ``inputs`` into ``out_dir`` (replaced if it exists); returns the index.
+
+    With ``clusters`` (a tree directory from ``memtron data cluster``), every document is
+    routed to its leaf, samples are packed per leaf (a sample never spans leaves) and carry the
+    leaf's path as field ``bank_path`` (int64 ``[levels]``); the tree is copied into
+    ``out_dir/tree`` so that the data and the tree that addressed it travel together.
 
     Everything is written to a temporary sibling directory that is renamed into place only
     when complete, so an interrupted run never leaves a directory that looks usable.
@@ -167,37 +192,34 @@ def prepare(
     tok = load_tokenizer(tokenizer)
     dtype = np.dtype(np.uint16 if tok.vocab_size <= 65535 else np.int32)
     sample_len = seq_len + 1
+    tree = None
+    fields: dict[str, FieldSpec] = {}
+    if clusters is not None:
+        from memtron.data.clustering import ClusterTree
 
-    out = Path(out_dir)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    try:
-        pending: list[int] = []
+        tree = ClusterTree.load(clusters)
+        fields["bank_path"] = FieldSpec((tree.levels,), np.dtype(np.int64))
+
+    with building_dir(out_dir) as tmp:
         sources = []
-        with _ShardSink(tmp, samples_per_shard) as sink:
+        with ShardSink(tmp, samples_per_shard, fields) as sink:
+            packer = _Packer(sink, tok, sample_len, dtype, tree)
             for file in files:
                 n_documents = 0
                 for document in iter_documents(file, text_key):
                     if not document:
                         continue
-                    pending.extend(tok.encode(document))
-                    pending.append(tok.eos_id)
+                    packer.add(document)
                     n_documents += 1
-                    n_full = len(pending) // sample_len
-                    if n_full:
-                        rows = np.asarray(pending[: n_full * sample_len], dtype=dtype)
-                        for sample in rows.reshape(n_full, sample_len):
-                            sink.add(sample)
-                        del pending[: n_full * sample_len]
+                packer.flush()
                 if n_documents == 0:
                     raise ValueError(f"{file}: no documents (empty input)")
                 sources.append({"path": str(file.resolve()), "n_documents": n_documents})
         if sink.n_samples == 0:
             raise ValueError(
-                f"prepare: inputs {', '.join(map(str, files))} hold only {len(pending)} tokens, "
-                f"fewer than one sample of seq_len + 1 = {sample_len}"
+                f"prepare: inputs {', '.join(map(str, files))} hold only {packer.dropped} "
+                f"tokens{' per leaf' if tree else ''}, fewer than one sample of seq_len + 1 = "
+                f"{sample_len}"
             )
         index = {
             "format": INDEX_FORMAT,
@@ -209,19 +231,20 @@ def prepare(
             "dtype": dtype.name,
             "n_samples": sink.n_samples,
             "n_tokens": sink.n_samples * sample_len,
-            "dropped_tokens": len(pending),
+            "dropped_tokens": packer.dropped,
             "sources": sources,
+            "fields": fields_json(fields),
             "shards": sink.shards,
         }
+        if tree is not None:
+            shutil.copytree(clusters, tmp / TREE_DIR)
+            per_leaf = list(packer.leaf_samples.values())
+            index["clusters"] = {
+                "tree": TREE_DIR, "source": str(Path(clusters).resolve()),
+                "levels": tree.levels, "branching": tree.branching,
+                "leaves": tree.nodes_per_level()[-1], "leaves_with_samples": len(per_leaf),
+                "samples_per_leaf": {"min": min(per_leaf), "max": max(per_leaf),
+                                     "mean": sum(per_leaf) / len(per_leaf)},
+            }
         (tmp / INDEX_NAME).write_text(json.dumps(index, indent=1) + "\n")
-        if out.exists():
-            old = out.parent / f".{out.name}.old-{os.getpid()}"
-            out.rename(old)
-            tmp.rename(out)
-            shutil.rmtree(old)
-        else:
-            tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return index
