@@ -157,7 +157,10 @@ class Transformer(nn.Module):
         rope = self.rope(ctx.resolve_positions(length, tokens.device))
         mask = ctx.attention_mask(length, tokens.device)
         x = self.embed(tokens)
-        bank = self.bank.fetch(ctx.bank_path) if self.bank is not None else None
+        bank = None
+        if self.bank is not None:
+            path = ctx.bank_path
+            bank = self.bank.fetch(None if path is None else path.to(tokens.device))
         for block in self.blocks:
             x = block(x, rope, mask, ctx.cache, bank)
         if ctx.cache is not None:
