@@ -600,7 +600,7 @@ def print_comm(s: dict[str, Any], cfg: Any) -> tuple[float, float]:
     if layout.ep > 1:
         sent, received = r0["traffic"]
         exchanged = sum(row["bytes"] for row in r0["api"]
-                        if _matches(row["origin"], "memory._exchange")) / steps
+                        if _matches(row["origin"], "dispatch._exchange")) / steps
         print(f"  memory all-to-alls: {_fmt_bytes(exchanged)} payload per step, of which to the "
               f"other rank (memtron's Traffic counter): sent {_fmt_bytes(sent / steps)}, "
               f"received {_fmt_bytes(received / steps)}")

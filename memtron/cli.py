@@ -11,6 +11,7 @@
   memtron status  RUN_DIR                  job state, last step and loss, checkpoint
   memtron cancel  RUN_DIR                  scancel the run's job
   memtron generate --ckpt RUN_DIR|CKPT --prompt TEXT   KV-cache generation
+                   [--bank DIR|URL] [--tree DIR]       (hierarchical bank blocks of the path)
   memtron export bank CKPT OUT             value tables -> on-disk row-block bank
   memtron export hf CKPT OUT               Hugging Face model directory
   memtron import hf HF_DIR CKPT_DIR        Hugging Face (memtron or Llama) -> checkpoint
@@ -367,7 +368,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     device = _device(args.device)
     token = args.token or os.environ.get("MEMTRON_MEMORY_TOKEN")
     loaded = load_model(args.ckpt, values=args.values, cache_rows=args.cache_rows,
-                        device=device, token=token)
+                        device=device, token=token, bank=args.bank, tree=args.tree)
     tokenizer = load_tokenizer(loaded.config.data.tokenizer)
     sampling = SamplingConfig(max_new_tokens=args.max_new_tokens, greedy=args.greedy,
                               temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
@@ -378,8 +379,9 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     if stream:
         sys.stdout.write(rows[0]["prompt"])
         sys.stdout.flush()
+    bank_path = loaded.bank_paths([r["prompt"] for r in rows])  # each prompt down the tree
     result = generate(loaded.model, prompts, sampling, tokenizer.eos_id, dtype=args.dtype,
-                      on_tokens=_Streamer(tokenizer) if stream else None)
+                      on_tokens=_Streamer(tokenizer) if stream else None, bank_path=bank_path)
     for row, tokens, cut in zip(rows, result.tokens, result.truncated):
         completion = tokenizer.decode(tokens)
         if stream:
@@ -400,8 +402,11 @@ def _cmd_generate(args: argparse.Namespace) -> int:
               f"({loaded.config.model.max_seq_len} tokens) for {sum(result.truncated)} "
               "prompt(s)", file=sys.stderr)
     stats = loaded.fetch_stats()
+    if bank_path is not None:
+        print(f"bank path(s): {bank_path.tolist()}", file=sys.stderr)
     if stats:
-        print(f"memory fetch ({args.values}): {stats['lookups']:,.0f} lookups, "
+        print(f"memory fetch ({args.values}; bank {args.bank or 'ram'}): "
+              f"{stats['lookups']:,.0f} lookups, "
               f"{stats['rows_requested']:,.0f} rows requested, {stats['rows_fetched']:,.0f} "
               f"fetched ({stats['bytes_fetched'] / 2**20:,.1f} MiB), cache hit rate "
               f"{stats['cache_hit_rate']:.1%}", file=sys.stderr)
@@ -415,7 +420,7 @@ def _cmd_export_bank(args: argparse.Namespace) -> int:
 
     start = time.perf_counter()
     manifest = export_bank(args.ckpt, args.out, block_bytes=int(args.block_mib * 2**20),
-                           overwrite=args.overwrite)
+                           overwrite=args.overwrite, tree=args.tree)
     seconds = time.perf_counter() - start
     total = 0
     for name, table in manifest["tables"].items():
@@ -477,6 +482,8 @@ def _add_export_parsers(sub) -> None:
     p.add_argument("out")
     p.add_argument("--block-mib", type=float, default=256, help="block file size (MiB)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing bank")
+    p.add_argument("--tree", help="cluster tree of a hierarchical bank, recorded in the manifest "
+                   "(default: the copy kept with the training data, data.train/tree)")
     p.set_defaults(func=_cmd_export_bank)
 
     p = export.add_parser("hf", help="checkpoint -> Hugging Face model directory",
@@ -537,6 +544,10 @@ def _add_infer_parsers(sub) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--values", default="ram",
                    help="ram | mmap:BANK_DIR | http://HOST:PORT (default: ram)")
+    p.add_argument("--bank", help="hierarchical bank blocks: a bank dir (memtron export bank) or "
+                   "a serve-memory URL (default: the checkpoint's)")
+    p.add_argument("--tree", help="cluster tree routing prompts to bank blocks (default: the one "
+                   "the bank manifest or the training data records)")
     p.add_argument("--token", help="bearer token of the memory server "
                    "(default: $MEMTRON_MEMORY_TOKEN)")
     p.add_argument("--cache-rows", type=int, default=65536,

@@ -67,6 +67,25 @@ class MemoryConfig:
 
 
 @dataclass
+class BankConfig:
+    """Hierarchical memory bank (DESIGN §5, model/memory/hierarchical.py). Every node of the
+    corpus's cluster tree (``levels`` x ``branching``, root excluded, as ``memtron data
+    cluster`` built it) owns a block of extra SwiGLU neurons in each of ``layers``; a sequence
+    adds the blocks on its root-to-leaf path to those layers' FFNs."""
+
+    layers: list[int] = field(default_factory=list)  # blocks whose FFN gets a bank; [] = none
+    levels: int = 4  # tree depth below the root (must match the tree)
+    branching: int = 16  # children per node (must match the tree)
+    # Neurons per node block, per level from the root's children down (often larger deeper).
+    block_sizes: list[int] = field(default_factory=list)
+    generic_size: int = 0  # neurons of a block every sequence uses (a dense parameter); 0 = off
+    freeze_anchor: bool = False  # train only the bank (blocks and the generic block)
+
+    def nodes_per_level(self) -> list[int]:
+        return [self.branching ** (level + 1) for level in range(self.levels)]
+
+
+@dataclass
 class DataConfig:
     train: str = "runs/data/tiny/train"  # directory of prepared shards (index.json)
     valid: str = "runs/data/tiny/valid"
@@ -153,6 +172,7 @@ class LoggingConfig:
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     memory: MemoryConfig = field(default_factory=MemoryConfig)
+    bank: BankConfig = field(default_factory=BankConfig)
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
@@ -364,6 +384,8 @@ def validate(cfg: Config) -> None:
                      f"layer {layer} is in two shared groups")
             in_group.add(layer)
 
+    _validate_bank(cfg)
+
     _require(o.lr > 0, "optim.lr", "must be positive")
     _require(0 <= o.min_lr_ratio <= 1, "optim.min_lr_ratio", "must be in [0, 1]")
     _require(o.warmup_steps >= 0, "optim.warmup_steps", "must be >= 0")
@@ -401,3 +423,30 @@ def validate(cfg: Config) -> None:
     _require(t.loss_spike_z > 0, "train.loss_spike_z", f"must be positive, got {t.loss_spike_z}")
     _require(c.every >= 0, "checkpoint.every", "must be >= 0")
     _require(c.keep_last >= 1, "checkpoint.keep_last", "must keep at least 1")
+
+
+def _validate_bank(cfg: Config) -> None:
+    b, m, mem = cfg.bank, cfg.model, cfg.memory
+    if not b.layers:
+        _require(not b.freeze_anchor, "bank.freeze_anchor", "needs bank.layers")
+        _require(b.generic_size == 0, "bank.generic_size", "needs bank.layers")
+        return
+    seen: set[int] = set()
+    for i, layer in enumerate(b.layers):
+        _require(0 <= layer < m.n_layers, f"bank.layers[{i}]",
+                 f"layer {layer} out of range for model.n_layers={m.n_layers}")
+        _require(layer not in seen, f"bank.layers[{i}]", f"layer {layer} listed twice")
+        _require(layer not in mem.layers or mem.placement == "beside", f"bank.layers[{i}]",
+                 f"layer {layer} has no FFN to extend (a memory layer with "
+                 "memory.placement=replace)")
+        seen.add(layer)
+    _require(b.levels >= 1, "bank.levels", f"must be >= 1, got {b.levels}")
+    _require(b.branching >= 2, "bank.branching", f"must be >= 2, got {b.branching}")
+    _require(len(b.block_sizes) == b.levels, "bank.block_sizes",
+             f"needs one size per level (bank.levels={b.levels}), got {b.block_sizes}")
+    for i, size in enumerate(b.block_sizes):
+        _require(size > 0, f"bank.block_sizes[{i}]", f"must be positive, got {size}")
+    _require(b.generic_size >= 0, "bank.generic_size", "must be >= 0 (0 = no generic block)")
+    _require(not (b.freeze_anchor and mem.layers), "bank.freeze_anchor",
+             "freezing an anchor with product-key memory layers is not supported (their "
+             "value tables train through the sparse optimizer)")

@@ -79,12 +79,15 @@ def next_token(logits: torch.Tensor, cfg: SamplingConfig,
 @torch.no_grad()
 def generate(model: Transformer, prompts: list[list[int]], cfg: SamplingConfig, eos_id: int,
              pad_id: int | None = None, dtype: str = "fp32",
-             on_tokens: Callable[[torch.Tensor], None] | None = None) -> GenerationResult:
+             on_tokens: Callable[[torch.Tensor], None] | None = None,
+             bank_path: torch.Tensor | None = None) -> GenerationResult:
     """Continue every prompt (token ids) with up to ``cfg.max_new_tokens`` tokens.
 
     ``on_tokens(ids [B])`` sees each step's new tokens as they come (for streaming). Rows stop
     at ``eos_id`` (when ``cfg.stop_at_eos``) or when the context (``model.cfg.max_seq_len``)
-    is full.
+    is full. ``bank_path`` [B, levels]: each prompt's node ids in the cluster tree (models with
+    a hierarchical bank); every forward fetches those blocks (a store-backed bank serves them
+    from its LRU cache after the prefill).
     """
     cfg.check()
     if not prompts or any(not p for p in prompts):
@@ -117,7 +120,7 @@ def generate(model: Transformer, prompts: list[list[int]], cfg: SamplingConfig, 
     start = time.perf_counter()
     with autocast(device, dtype):
         logits = model(tokens, ForwardContext(positions=positions[:, :longest], cache=cache,
-                                              key_valid=key_valid))[:, -1]
+                                              key_valid=key_valid, bank_path=bank_path))[:, -1]
     _synchronize(device)
     result.prefill_s = time.perf_counter() - start
     start = time.perf_counter()
@@ -138,7 +141,7 @@ def generate(model: Transformer, prompts: list[list[int]], cfg: SamplingConfig, 
             break
         with autocast(device, dtype):
             ctx = ForwardContext(positions=positions[:, length - 1:length], cache=cache,
-                                 key_valid=key_valid)
+                                 key_valid=key_valid, bank_path=bank_path)
             logits = model(new[:, None], ctx)[:, -1]
     _synchronize(device)
     result.decode_s = time.perf_counter() - start

@@ -3,13 +3,16 @@
 Checkpoints store global tensors (tp and ep shards as DTensors), so one process loads them
 with ``torch.distributed.checkpoint`` and no process group. Value tables come from where
 ``values`` says: ``ram`` (loaded with the model), ``mmap:BANK_DIR`` (an exported bank, memory
-mapped) or ``http://HOST:PORT`` (a ``memtron serve-memory`` server).
+mapped) or ``http://HOST:PORT`` (a ``memtron serve-memory`` server). The hierarchical bank's
+level tables come from ``bank`` (an exported bank directory or a server URL) or, without it,
+from the checkpoint; prompts reach their node ids through the cluster tree (DESIGN §5, §11).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.distributed.checkpoint as dcp
@@ -18,11 +21,10 @@ from memtron.config import Config
 from memtron.infer.generate import GenerationError
 from memtron.infer.store import Bank, HttpBank, RowStore, open_bank
 from memtron.infer.values import StoreValueTable
+from memtron.model.memory.hierarchical import BankTable, table_name
 from memtron.model.memory.values import STORAGE_DTYPES, LocalValueTable, ValueTable
 from memtron.model.transformer import Transformer, build_model
 from memtron.train.checkpoint import CheckpointError, CheckpointReader, resolve_checkpoint
-
-TABLE_PREFIX = "value_tables."
 
 
 @dataclass
@@ -32,6 +34,13 @@ class LoadedModel:
     checkpoint: Path
     step: int
     store_tables: list[StoreValueTable]  # empty when the tables are in RAM
+    tree: Any = None  # the ClusterTree routing prompts to bank nodes (models with a bank)
+
+    def bank_paths(self, texts: list[str]) -> torch.Tensor | None:
+        """[n, levels] node ids of each text's path down the tree (None without a bank)."""
+        if self.model.bank is None:
+            return None
+        return torch.from_numpy(self.tree.route(texts)).long()
 
     def fetch_stats(self) -> dict[str, float]:
         """Memory-fetch counters summed over the store-backed tables."""
@@ -67,30 +76,73 @@ def _check_bank_source(bank: Bank, reader: CheckpointReader) -> None:
     source = bank.manifest.get("source", {})
     saved = source.get("config", {})
     same = (source.get("step") == reader.step
-            and all(saved.get(k) == reader.manifest["config"][k] for k in ("model", "memory")))
+            and all(saved.get(k) == reader.manifest["config"].get(k)
+                    for k in ("model", "memory", "bank")))
     if not same:
         raise CheckpointError(f"{bank.path}: exported from step {source.get('step')} of "
                               f"{source.get('checkpoint')}, but {reader.path} is step "
                               f"{reader.step}; export the bank from this checkpoint")
 
 
+def load_tree(cfg: Config, tree: str | Path | None, bank: Bank | HttpBank | None) -> Any:
+    """The cluster tree of a model with a bank: ``tree``, else the one the bank's manifest
+    records, else the copy kept with the training data; checked against the bank's shape and
+    against the tree the bank was exported with (sha256 of its manifest)."""
+    from memtron.data.clustering import TREE_MANIFEST, ClusterTree
+    from memtron.data.prepare import TREE_DIR
+    from memtron.train.checkpoint import sha256_file
+
+    recorded = bank.manifest.get("source", {}).get("bank", {}) if isinstance(bank, Bank) else {}
+    candidates = [tree, recorded.get("tree"), Path(cfg.data.train) / TREE_DIR]
+    found = next((Path(c) for c in candidates
+                  if c is not None and (Path(c) / TREE_MANIFEST).is_file()), None)
+    if found is None:
+        raise GenerationError("the model has a hierarchical bank: pass --tree TREE_DIR (the "
+                              "tree from `memtron data cluster`); none was given or recorded "
+                              f"(tried {[str(c) for c in candidates if c is not None]})")
+    digest = recorded.get("tree_sha256")
+    if digest is not None and sha256_file(found / TREE_MANIFEST) != digest:
+        raise GenerationError(f"{found}: not the tree the bank {bank.path} was exported with "
+                              f"(its tree.json sha256 differs from {digest[:12]}...)")
+    loaded = ClusterTree.load(found)
+    if (loaded.levels, loaded.branching) != (cfg.bank.levels, cfg.bank.branching):
+        raise GenerationError(f"{found}: a {loaded.levels} x {loaded.branching} tree, the "
+                              f"model's bank is {cfg.bank.levels} x {cfg.bank.branching}")
+    return loaded
+
+
+def open_bank_source(spec: str, token: str | None = None) -> Bank | HttpBank:
+    """``--bank``: a bank directory or a memory server URL."""
+    return open_values(spec if spec.startswith(("http://", "https://")) else f"mmap:{spec}",
+                       token)
+
+
 def load_model(ckpt: str | Path, values: str = "ram", cache_rows: int = 0,
-               device: str | torch.device = "cpu", token: str | None = None) -> LoadedModel:
+               device: str | torch.device = "cpu", token: str | None = None,
+               bank: str | None = None, tree: str | Path | None = None) -> LoadedModel:
     """Build the checkpoint's model in this process and load its weights (see module doc).
-    ``cache_rows``: LRU rows kept on the device per store-backed table."""
+    ``cache_rows``: LRU rows kept on the device per store-backed table. ``bank``: where the
+    hierarchical bank's blocks come from (directory or URL; default: the checkpoint);
+    ``tree``: the cluster tree, if neither the bank nor the data records it."""
     path = resolve_checkpoint(Path(ckpt))
     reader = CheckpointReader(path)
     cfg = reader.config
     source = open_values(values, token)
     if isinstance(source, Bank):
         _check_bank_source(source, reader)
+    blocks = open_bank_source(bank, token) if bank else None
+    if isinstance(blocks, Bank):
+        _check_bank_source(blocks, reader)
     stores: list[StoreValueTable] = []
+    n_value_tables = 0
 
     def make_table(n_rows: int, dim: int, seed: int) -> ValueTable:
         if source is None:
             return LocalValueTable(n_rows, dim, seed,
                                    dtype=STORAGE_DTYPES[cfg.memory.value_dtype])
-        name = f"table{len(stores)}"  # the Transformer names its tables in creation order
+        nonlocal n_value_tables
+        name = f"table{n_value_tables}"  # the Transformer names its tables in creation order
+        n_value_tables += 1
         if name not in source.tables:
             raise CheckpointError(f"{values}: has no table {name} (it has "
                                   f"{sorted(source.tables)})")
@@ -99,13 +151,27 @@ def load_model(ckpt: str | Path, values: str = "ram", cache_rows: int = 0,
         stores.append(StoreValueTable(store, cache_rows))
         return stores[-1]
 
-    model = build_model(cfg, make_table)  # dense weights are small; store tables hold no rows
-    state = {k: v for k, v in model.state_dict().items()
-             if source is None or not k.startswith(TABLE_PREFIX)}
+    def make_bank_table(level: int, n_rows: int, dim: int, seed: int,
+                        std: torch.Tensor) -> ValueTable:
+        if blocks is None:
+            return BankTable(n_rows, dim, seed, std, dtype=STORAGE_DTYPES[cfg.memory.value_dtype])
+        name = table_name(level)
+        if name not in blocks.tables:
+            raise CheckpointError(f"{bank}: has no bank table {name} (it has "
+                                  f"{sorted(blocks.tables)})")
+        store = blocks.table(name)
+        _check_table(name, store, n_rows, dim, bank)
+        stores.append(StoreValueTable(store, cache_rows))
+        return stores[-1]
+
+    # Dense weights are small; store tables hold no rows (and so have no state-dict keys).
+    model = build_model(cfg, make_table, make_bank_table)
+    state = model.state_dict()
     try:
         dcp.load({"model": state}, checkpoint_id=str(path))
     except Exception as e:  # DCP raises several types; name the checkpoint either way
         raise CheckpointError(f"{path}: cannot load the model: {e}") from e
     model = model.to(device).eval()
-    return LoadedModel(model, cfg, path, reader.step, stores)
+    tree_ = load_tree(cfg, tree, blocks) if cfg.bank.layers else None
+    return LoadedModel(model, cfg, path, reader.step, stores, tree_)
 

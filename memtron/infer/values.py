@@ -43,6 +43,13 @@ class StoreValueTable(ValueTable):
                               per_sample_weights=weights.reshape(-1).to(rows.dtype), mode="sum")
         return out.to(weights.dtype)
 
+    def fetch(self, ids: torch.Tensor) -> torch.Tensor:
+        """Whole rows of ``ids`` [n] (may repeat) as fp32 [n, dim] on ``ids``' device: the
+        hierarchical bank's access (a training table's ``fetch``), each distinct row fetched
+        once, through the LRU cache."""
+        unique, inverse = torch.unique(ids, return_inverse=True)
+        return self.rows(unique, ids.device)[inverse].float()
+
     def rows(self, ids: torch.Tensor, device: torch.device) -> torch.Tensor:
         """Rows of distinct ``ids`` [U] on ``device``, from the cache or the store."""
         self.stats["lookups"] += 1

@@ -68,6 +68,9 @@ class ForwardContext:
     positions: torch.Tensor | None = None
     cache: KVCache | None = None
     key_valid: torch.Tensor | None = None
+    # [B, levels] int64 cluster-tree node ids of each sequence's path: the hierarchical bank
+    # blocks it fetches (model/memory/hierarchical.py); None = generic bank block only.
+    bank_path: torch.Tensor | None = None
 
     def resolve_positions(self, length: int, device: torch.device) -> torch.Tensor:
         if self.positions is not None:

@@ -1,5 +1,6 @@
 """Decoder-only LM. A block is attention plus one of: a SwiGLU FFN, a product-key memory layer
-in place of the FFN, or both side by side (DESIGN §2)."""
+in place of the FFN, or both side by side; any FFN may be extended by the blocks of a
+hierarchical memory bank fetched for the sequence's cluster path (DESIGN §2, §5)."""
 
 from __future__ import annotations
 
@@ -10,9 +11,18 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from memtron.config import Config, MemoryConfig, ModelConfig
+from memtron.config import BankConfig, Config, MemoryConfig, ModelConfig
 from memtron.model.attention import CausalSelfAttention, RotaryEmbedding
 from memtron.model.forward import ForwardContext, KVCache
+from memtron.model.memory.hierarchical import (
+    BankTableFactory,
+    FetchedBank,
+    HierarchicalBank,
+    local_bank_table,
+    row_std,
+    row_width,
+    table_name,
+)
 from memtron.model.memory.product_key import ProductKeyMemory
 from memtron.model.memory.values import LocalValueTable, ValueTable
 
@@ -34,6 +44,7 @@ class Block(nn.Module):
     def __init__(self, cfg: ModelConfig, index: int, ffn: bool,
                  memory: ProductKeyMemory | None) -> None:
         super().__init__()
+        self.index = index
         self.attn_norm = nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps)
         self.attn = CausalSelfAttention(cfg.d_model, cfg.n_heads, cfg.n_kv_heads, index)
         self.mlp_norm = nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps)
@@ -41,11 +52,14 @@ class Block(nn.Module):
         self.memory = memory
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
-                mask: torch.Tensor | None, cache: KVCache | None) -> torch.Tensor:
+                mask: torch.Tensor | None, cache: KVCache | None,
+                bank: FetchedBank | None = None) -> torch.Tensor:
         x = x + self.attn(self.attn_norm(x), rope, mask, cache)
         h = self.mlp_norm(x)
         if self.ffn is not None:
             x = x + self.ffn(h)
+        if bank is not None and self.index in bank:  # the FFN's fetched extra neurons
+            x = x + bank(self.index, h)
         if self.memory is not None:
             x = x + self.memory(h)
         return x
@@ -66,9 +80,11 @@ class Transformer(nn.Module):
     rank's shard, so a table too large for one process is never allocated whole."""
 
     def __init__(self, cfg: ModelConfig, mem: MemoryConfig,
-                 make_table: TableFactory = LocalValueTable) -> None:
+                 make_table: TableFactory = LocalValueTable, bank: BankConfig | None = None,
+                 make_bank_table: BankTableFactory = local_bank_table) -> None:
         super().__init__()
         self.cfg, self.mem_cfg = cfg, mem
+        self.bank_cfg = bank = bank or BankConfig()
         self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
         out_std = cfg.init_std / math.sqrt(2 * cfg.n_layers)
         # Value tables live here, once each, even when several layers read them.
@@ -87,6 +103,17 @@ class Transformer(nn.Module):
             ffn = memory is None or mem.placement == "beside"
             blocks.append(Block(cfg, i, ffn, memory))
         self.blocks = nn.ModuleList(blocks)
+        self.bank: HierarchicalBank | None = None
+        if bank.layers:  # level tables join the value tables: one registry of sparse tables
+            levels = []
+            for level, n_nodes in enumerate(bank.nodes_per_level()):
+                seed = int(torch.randint(0, 2**31 - 1, ()))
+                table = make_bank_table(level, n_nodes, row_width(bank, level, cfg.d_model),
+                                        seed, row_std(bank, level, cfg.d_model, cfg.init_std,
+                                                      out_std))
+                self.value_tables[table_name(level)] = table
+                levels.append(table)
+            self.bank = HierarchicalBank(bank, cfg.d_model, levels, cfg.init_std, out_std)
         self.rope = RotaryEmbedding(cfg.d_model // cfg.n_heads, cfg.max_seq_len, cfg.rope_theta)
         self.norm = nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps)
         # The hidden state entering the output head; tensor parallelism swaps in a module
@@ -95,6 +122,12 @@ class Transformer(nn.Module):
         self.head = None if cfg.tie_embeddings else nn.Linear(cfg.d_model, cfg.vocab_size,
                                                               bias=False)
         self._init_dense(out_std)
+        if bank.freeze_anchor:  # train only the bank: its tables and generic blocks
+            trained = {id(t.weight) for t in self.bank.tables}
+            trained |= {id(p) for p in self.bank.parameters()}
+            for param in self.parameters():
+                if id(param) not in trained:
+                    param.requires_grad_(False)
 
     def _init_dense(self, out_std: float) -> None:
         nn.init.normal_(self.embed.weight, std=self.cfg.init_std)
@@ -124,8 +157,12 @@ class Transformer(nn.Module):
         rope = self.rope(ctx.resolve_positions(length, tokens.device))
         mask = ctx.attention_mask(length, tokens.device)
         x = self.embed(tokens)
+        bank = None
+        if self.bank is not None:
+            path = ctx.bank_path
+            bank = self.bank.fetch(None if path is None else path.to(tokens.device))
         for block in self.blocks:
-            x = block(x, rope, mask, ctx.cache)
+            x = block(x, rope, mask, ctx.cache, bank)
         if ctx.cache is not None:
             ctx.cache.advance(length)
         x = self.head_input(self.norm(x))
@@ -138,5 +175,6 @@ def lm_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
 
 
-def build_model(cfg: Config, make_table: TableFactory = LocalValueTable) -> Transformer:
-    return Transformer(cfg.model, cfg.memory, make_table)
+def build_model(cfg: Config, make_table: TableFactory = LocalValueTable,
+                make_bank_table: BankTableFactory = local_bank_table) -> Transformer:
+    return Transformer(cfg.model, cfg.memory, make_table, cfg.bank, make_bank_table)

@@ -34,92 +34,11 @@ import torch.nn.functional as F
 
 from memtron.config import Config
 from memtron.model.memory.values import STORAGE_DTYPES, LocalValueTable, ValueTable, init_rows
+from memtron.parallel.dispatch import Dispatch, Traffic, all_to_all
 from memtron.parallel.launch import to_backend
 from memtron.parallel.state import ParallelState
 
 PARTIAL, ROWS = 0, 1
-
-
-class Traffic:
-    """Bytes this rank put on the wire to other ranks (and took off it) in memory exchanges,
-    forward and backward, counted where the exchanges happen."""
-
-    sent = 0
-    received = 0
-
-    @classmethod
-    def add(cls, sent: int, received: int) -> None:
-        cls.sent += sent
-        cls.received += received
-
-    @classmethod
-    def take(cls) -> tuple[int, int]:
-        taken = (cls.sent, cls.received)
-        cls.sent = cls.received = 0
-        return taken
-
-
-def _exchange(x: torch.Tensor, send: list[int], recv: list[int], group) -> torch.Tensor:
-    wire = to_backend(x, group).contiguous()
-    out = wire.new_empty((sum(recv), *x.shape[1:]))
-    dist.all_to_all_single(out, wire, recv, send, group=group)
-    me = dist.get_rank(group)
-    row = math.prod(x.shape[1:]) * x.element_size()
-    Traffic.add((sum(send) - send[me]) * row, (sum(recv) - recv[me]) * row)
-    return out.to(x.device)
-
-
-# --------------------------------------------------------------------------- all-to-all
-
-
-class _AllToAll(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, send: list[int], recv: list[int], group) -> torch.Tensor:
-        ctx.send, ctx.recv, ctx.group = send, recv, group
-        return _exchange(x, send, recv, group)
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor):
-        return _AllToAll.apply(grad.contiguous(), ctx.recv, ctx.send, ctx.group), None, None, None
-
-
-def all_to_all(x: torch.Tensor, send: list[int], recv: list[int],
-               group: dist.ProcessGroup | None) -> torch.Tensor:
-    """Uneven all-to-all of rows of ``x``: ``send[r]`` rows go to rank r, ``recv[r]`` come from
-    it. Differentiable: the gradient travels the same route backwards."""
-    if x.requires_grad:
-        return _AllToAll.apply(x, send, recv, group)
-    return _exchange(x, send, recv, group)
-
-
-class Dispatch:
-    """permute -> all-to-all -> (owners compute) -> all-to-all back -> inverse permute.
-
-    Built once from each item's destination rank and reused for every payload that travels
-    with those items (ids, weights, flags) and for the answers coming back. The memory tables
-    route slot hits with it; the hierarchical bank routes tokens to block owners with it.
-    """
-
-    def __init__(self, dest: torch.Tensor, group: dist.ProcessGroup | None, size: int,
-                 recv_counts: list[int] | None = None) -> None:
-        self.group = group
-        self.order = torch.argsort(dest, stable=True)
-        self.send_counts = torch.bincount(dest, minlength=size).tolist()
-        if recv_counts is None:  # exchange the counts (skipped when the caller knows them)
-            counts = to_backend(torch.tensor(self.send_counts, dtype=torch.int64), group)
-            received = torch.empty_like(counts)
-            dist.all_to_all_single(received, counts, group=group)
-            recv_counts = received.tolist()
-        self.recv_counts = recv_counts
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Items to their owners: ``[M, ...]`` -> ``[sum(recv_counts), ...]``, grouped by source."""
-        return all_to_all(x[self.order], self.send_counts, self.recv_counts, self.group)
-
-    def backward(self, y: torch.Tensor) -> torch.Tensor:
-        """Owners' answers (one per received item) back to the items' original order."""
-        back = all_to_all(y, self.recv_counts, self.send_counts, self.group)
-        return back[torch.argsort(self.order)]
 
 
 # --------------------------------------------------------------------------- row-wise
@@ -211,15 +130,15 @@ class ShardedValueTable(LocalValueTable):
         hits = Dispatch(owner, self.group, self.ep_size, self._received(chosen, all_counts, 0))
         starts = torch.ones_like(token, dtype=torch.bool)  # first hit of each (owner, token)
         starts[1:] = (owner[1:] != owner[:-1]) | (token[1:] != token[:-1])
-        recv_local = hits.forward(local.to(self.index_dtype)).long()
-        recv_weights = hits.forward(weights)
-        recv_starts = hits.forward(starts.to(torch.uint8)).bool()
+        recv_local = hits.dispatch(local.to(self.index_dtype)).long()
+        recv_weights = hits.dispatch(weights)
+        recv_starts = hits.dispatch(starts.to(torch.uint8)).bool()
         sums = self.lookup_bags(recv_local, recv_weights, torch.nonzero(recv_starts).view(-1))
         # Sums return in the order their bags arrived: per source, by token; the requester's
         # bags in (owner, token) order are exactly that order.
         bags = Dispatch(owner[starts], self.group, self.ep_size,
                         self._received(chosen, all_counts, 1))
-        back = bags.backward(sums)
+        back = bags.combine(sums)
         return back.new_zeros(n_tokens, self.dim).index_add(0, token[starts], back)
 
     def _by_rows(self, token, local, weights, owner, chosen, all_counts, n_tokens):
@@ -227,10 +146,10 @@ class ShardedValueTable(LocalValueTable):
         wanted, which = torch.unique(owner * self.global_rows + local, return_inverse=True)
         rows = Dispatch(wanted // self.global_rows, self.group, self.ep_size,
                         self._received(chosen, all_counts, 2))
-        asked = rows.forward((wanted % self.global_rows).to(self.index_dtype)).long()
+        asked = rows.dispatch((wanted % self.global_rows).to(self.index_dtype)).long()
         served = self.lookup_bags(asked, torch.ones(asked.numel(), device=asked.device),
                                   torch.arange(asked.numel(), device=asked.device))
-        got = rows.backward(served)  # [distinct rows wanted, d], in `wanted` order
+        got = rows.combine(served)  # [distinct rows wanted, d], in `wanted` order
         by_token = torch.argsort(token, stable=True)
         token = token[by_token]
         starts = torch.ones_like(token, dtype=torch.bool)

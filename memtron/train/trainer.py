@@ -31,6 +31,7 @@ from memtron.data.tokenizer import load_tokenizer
 from memtron.eval.facts import fact_accuracy
 from memtron.model.forward import ForwardContext, autocast
 from memtron.model.transformer import Transformer, build_model
+from memtron.parallel.bank import bank_table_factory
 from memtron.parallel.context import local_attention, parallelize_context, zigzag_indices
 from memtron.parallel.data_parallel import DeepSpeedZero, average_dense_grads, average_scalar
 from memtron.parallel.launch import (
@@ -106,13 +107,27 @@ def check_inputs(cfg: Config) -> None:
         if index.get("tokenizer") != tokenizer.spec:
             raise ConfigError(f"data.tokenizer: {tokenizer.spec!r}, but {index_path} was "
                               f"tokenized with {index.get('tokenizer')!r}")
+        if cfg.bank.layers:
+            check_bank_data(cfg, index, index_path, f"data.{key}")
     if cfg.data.questions and not Path(cfg.data.questions).is_file():
         raise ConfigError(f"data.questions: {cfg.data.questions} does not exist")
 
 
+def check_bank_data(cfg: Config, index: dict[str, Any], where: Path, key: str) -> None:
+    """A bank needs every sample's tree path, from a tree of the bank's shape."""
+    clusters = index.get("clusters") or {}
+    if "bank_path" not in index.get("fields", {}):
+        raise ConfigError(f"{key}: bank.layers is set but {where} has no bank_path field; "
+                          "prepare the data with --clusters TREE_DIR (memtron data cluster)")
+    tree = (clusters.get("levels"), clusters.get("branching"))
+    if tree != (cfg.bank.levels, cfg.bank.branching):
+        raise ConfigError(f"bank.levels: the bank is {cfg.bank.levels} levels x "
+                          f"{cfg.bank.branching} branches, {where}'s tree is {tree[0]} x {tree[1]}")
+
+
 def _same_architecture(saved: Config, cfg: Config, where: Path) -> None:
     layout_only = {"parallel", "usage_window"}  # how tables are spread, not what they hold
-    for section in ("model", "memory"):
+    for section in ("model", "memory", "bank"):
         old, new = getattr(saved, section).__dict__, getattr(cfg, section).__dict__
         diff = [k for k in new if k not in layout_only and old.get(k) != new[k]]
         if diff:
@@ -140,7 +155,8 @@ class Trainer:
         self.ckpt_root = self.run_dir / "checkpoints"
         self.tokenizer = load_tokenizer(cfg.data.tokenizer)
         self.device = training_device()
-        model = build_model(cfg, table_factory(cfg, self.state))
+        model = build_model(cfg, table_factory(cfg, self.state),
+                            bank_table_factory(cfg, self.state))
         self.model: Transformer = parallelize_context(parallelize_tensor(model, self.state),
                                                       self.state).to(self.device)
         self.positions = None  # this rank's token positions under context parallelism
@@ -254,7 +270,8 @@ class Trainer:
         if self.positions is not None:
             inputs, targets = inputs[:, self.positions], targets[:, self.positions]
         with self._autocast():
-            logits = self.model(inputs, ForwardContext(positions=self.positions))
+            logits = self.model(inputs, ForwardContext(positions=self.positions,
+                                                       bank_path=batch.fields.get("bank_path")))
         return parallel_lm_loss(logits, targets, self.state)
 
     def train_step(self, batches) -> dict[str, float]:
@@ -351,7 +368,7 @@ class Trainer:
         loads = torch.cat(gathered)
         cfg = self.cfg
         lookups = (cfg.data.micro_batch_size * cfg.data.seq_len * cfg.train.grad_accum
-                   * len(self.model.memory_layers()))
+                   * max(1, len(self.model.memory_layers()) + len(cfg.bank.layers)))
         return {"memory/bytes_sent_per_token": sent / lookups,
                 "memory/bytes_received_per_token": received / lookups,
                 "memory/hit_imbalance": float(loads.max() / loads.mean().clamp_min(1e-9))}
