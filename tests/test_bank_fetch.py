@@ -141,3 +141,32 @@ def test_cli_fetch_prints_path_ids_and_bytes(setup, capsys):
     assert result["bytes"] == [4 * DIMS[0], 4 * DIMS[1]]
     assert main(["fetch", "--bank", str(root / "nowhere"), "--text", "x"]) == 2
     assert "nowhere" in capsys.readouterr().err
+
+
+def test_fetch_from_an_exported_checkpoint_bank(setup, tmp_path, capsys):
+    """train (bank_path from the clustered data) -> export bank -> fetch, with the tree found
+    through the export's manifest: the fetched blocks are the checkpoint's rows of the path."""
+    from memtron.config import load_config
+    from memtron.export.bank import export_bank
+    from memtron.train.checkpoint import CheckpointReader
+    from memtron.train.trainer import Trainer
+    from tests.conftest import TINY_SEQ_LEN, tiny_overrides
+
+    root, raw, docs, tree = setup
+    for split in ("train", "valid"):
+        prepare([raw], tmp_path / split, seq_len=TINY_SEQ_LEN, clusters=root / "tree")
+    bank = {"bank.layers": "[0]", "bank.levels": 2, "bank.branching": 4,
+            "bank.block_sizes": "[2,4]"}
+    cfg = load_config(None, tiny_overrides(tmp_path, tmp_path / "run", **bank,
+                                           **{"train.steps": 2, "data.questions": ""}))
+    checkpoint = Trainer(cfg).run().checkpoint
+    export_bank(checkpoint, tmp_path / "bank")
+    fetched = HierarchicalBank.open(tmp_path / "bank").fetch(docs[:3])
+    assert [f.path for f in fetched] == tree.route(docs[:3]).tolist()
+    with CheckpointReader(checkpoint) as reader:
+        for f in fetched:
+            for level, (row, block) in enumerate(zip(f.rows, f.blocks, strict=True)):
+                key = f"model.value_tables.{level_table(level)}.weight"
+                assert torch.equal(block, reader.read_rows(key, row, row + 1)[0])
+    assert main(["fetch", "--bank", str(tmp_path / "bank"), "--text", docs[0]]) == 0
+    assert f"{fetched[0].path[0]} -> {fetched[0].path[1]}" in capsys.readouterr().out
