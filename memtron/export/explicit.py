@@ -30,7 +30,13 @@ import torch
 from memtron.data.jsonl import jsonl_rows
 from memtron.data.prepare import iter_documents
 from memtron.data.tokenizer import Tokenizer, load_tokenizer
-from memtron.export.bank import DEFAULT_BLOCK_BYTES, TableRows, write_bank
+from memtron.export.bank import (
+    DEFAULT_BLOCK_BYTES,
+    TableRows,
+    staged_directory,
+    write_bank,
+    write_manifest,
+)
 from memtron.infer.store import BANK_FORMAT, BANK_MANIFEST, BANK_VERSION
 from memtron.model.memory.explicit import (
     CODEBOOKS,
@@ -201,10 +207,7 @@ def _merge_parts(parts: list[Path], tmp: Path, source: dict[str, Any]) -> dict[s
         shutil.rmtree(part)
     manifest = {"format": BANK_FORMAT, "version": BANK_VERSION, "tables": tables,
                 "source": source}
-    with open(tmp / BANK_MANIFEST, "w") as f:
-        json.dump(manifest, f, indent=1)
-        f.flush()
-        os.fsync(f.fileno())
+    write_manifest(tmp, manifest)
     return manifest
 
 
@@ -218,7 +221,7 @@ def _pq_sample(n: int, size: int) -> list[int]:
 def build_explicit_store(ckpt: str | Path, references: str | Path, out: str | Path, m: int = 8,
                          ref_len: int = 128, layers: Sequence[int] | None = None,
                          dtype: str = "bf16", batch_size: int = 32, workers: int = 1,
-                         device: str = "cpu", pq_sub_dim: int = 4, pq_train: int = 4096,
+                         device: str = "cpu", pq_sub_dim: int = 4, pq_train: int = 1024,
                          embedder: str = "hashed", embed_dim: int = 256, text_key: str = "text",
                          block_bytes: int = DEFAULT_BLOCK_BYTES, overwrite: bool = False,
                          progress: bool = True) -> dict[str, Any]:
@@ -277,17 +280,17 @@ def build_explicit_store(ckpt: str | Path, references: str | Path, out: str | Pa
             f"{PQ_CENTROIDS} centroids of {pq_sub_dim} dims, fitted on {len(sample):,} "
             f"references ({time.perf_counter() - t0:.1f} s)")
 
-    tmp = out.parent / f".tmp-{out.name}-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    try:
+    with staged_directory(out) as tmp:
         t0 = time.perf_counter()
         n_parts = min(workers, len(chunks))
         cuts = [round(i * len(chunks) / n_parts) for i in range(n_parts + 1)]
         threads = max(1, (os.cpu_count() or 1) // n_parts) if n_parts > 1 else 0
-        jobs = [_PartJob(str(path), device, [c.tokens for c in chunks[a:b]], layers, m, meta,
-                         codebooks, batch_size, str(tmp / f"part-{i:03d}"), i, threads,
-                         block_bytes, progress)
+        gpus = torch.cuda.device_count() if device == "cuda" and n_parts > 1 else 0
+        # one GPU per worker, round robin, when several are visible and none is named
+        jobs = [_PartJob(str(path), f"cuda:{i % gpus}" if gpus else device,
+                         [c.tokens for c in chunks[a:b]], layers, m, meta, codebooks,
+                         batch_size, str(tmp / f"part-{i:03d}"), i, threads, block_bytes,
+                         progress)
                 for i, (a, b) in enumerate(zip(cuts, cuts[1:]))]
         if n_parts == 1:
             _encode_part(jobs[0])
@@ -318,12 +321,6 @@ def build_explicit_store(ckpt: str | Path, references: str | Path, out: str | Pa
                   "files": {REFERENCES_FILE: sha256_file(tmp / REFERENCES_FILE)}}
         parts = [Path(j.out) for j in jobs] + [tmp / "part-extra"]
         manifest = _merge_parts(parts, tmp, source)
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return manifest
 
 
