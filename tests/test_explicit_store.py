@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 
+from memtron.cli import main
 from memtron.config import load_config
 from memtron.data.tokenizer import ByteTokenizer
 from memtron.export.explicit import build_explicit_store, chunk_bounds, read_references
@@ -94,7 +95,7 @@ def checkpoint(tmp_path_factory) -> Path:
         for block in model.blocks:
             block.attn.wq.weight.mul_(8)
             block.attn.wk.weight.mul_(8)
-    return save_checkpoint(root / "ckpts", 1, {"model": model.state_dict()},
+    return save_checkpoint(root / "run" / "checkpoints", 1, {"model": model.state_dict()},
                            {"config": cfg.to_dict(), "data_state": None}, keep_last=1)
 
 
@@ -114,8 +115,13 @@ def references(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def stores(checkpoint, references, tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("stores")
-    out = {}
-    for dtype in ("bf16", "int8", "pq"):
+    out = {"bf16": root / "bf16"}
+    run_dir = checkpoint.parent.parent  # a run directory: its latest checkpoint
+    assert main(["memory", "build-explicit", "--ckpt", str(run_dir), "--references",
+                 str(references), "--out", str(out["bf16"]), "--m", str(M), "--ref-len",
+                 str(REF_LEN), "--layers", ",".join(map(str, LAYERS)), "--batch-size", "5",
+                 "--device", "cpu", "--quiet"]) == 0
+    for dtype in ("int8", "pq"):
         out[dtype] = root / dtype
         build_explicit_store(checkpoint, references, out[dtype], m=M, ref_len=REF_LEN,
                              layers=LAYERS, dtype=dtype, batch_size=5, block_bytes=2048,
@@ -300,3 +306,31 @@ def test_workers_and_server_give_the_same_memories(checkpoint, references, store
         local = ExplicitStore.open(stores["pq"])
         assert remote.manifest == local.manifest
         assert torch.equal(torch.cat(remote.fetch(ids)), torch.cat(local.fetch(ids)))
+
+
+def test_data_retrieve_adds_the_memory_ids_of_every_chunk(stores, references, tmp_path):
+    from memtron.data.loader import ShardLoader
+    from memtron.data.prepare import prepare
+    from memtron.data.shards import field_specs, load_shard, read_index
+
+    shards = tmp_path / "shards"
+    prepare([references], shards, seq_len=40, samples_per_shard=3)
+    assert main(["data", "retrieve", "--shards", str(shards), "--store", str(stores["bf16"]),
+                 "--r", "2", "--chunk", "16", "--index", "numpy", "--quiet"]) == 0
+    index, files = read_index(shards)
+    specs = field_specs(index)
+    assert specs["memory_ids"].shape == (3, 2) and specs["memory_ids"].dtype == np.int64
+    retriever = Retriever.load(stores["bf16"], use_faiss=False)
+    tok = ByteTokenizer()
+    n = 0
+    for shard in files:
+        tokens, fields = load_shard(shard, 41, np.dtype(index["dtype"]), specs)
+        for sample, ids in zip(tokens, fields["memory_ids"]):
+            for j, (a, b) in enumerate([(0, 16), (16, 32), (32, 40)]):  # inputs only
+                text = tok.decode(sample[a:b].tolist())
+                assert ids[j].tolist() == retriever.retrieve([text], 2)[0].tolist()
+            n += 1
+    assert n == index["n_samples"] > 3
+    batch = next(iter(ShardLoader(shards, micro_batch_size=2, seq_len=40, shuffle=False)))
+    assert batch.fields["memory_ids"].shape == (2, 3, 2)
+    assert batch.fields["memory_ids"].dtype == torch.int64

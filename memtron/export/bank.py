@@ -17,7 +17,6 @@ import math
 import os
 import shutil
 from collections.abc import Iterable, Iterator, Mapping
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -147,38 +146,25 @@ def write_bank(out: str | Path, tables: Mapping[str, TableRows],
         raise BankError(f"{out}: exists (pass overwrite=True to replace it)")
     if not tables:
         raise BankError(f"{out}: no tables to write")
-    with staged_directory(out) as tmp:
-        manifest = {"format": BANK_FORMAT, "version": BANK_VERSION,
-                    "tables": {name: _write_table(tmp, name, table, block_bytes)
-                               for name, table in tables.items()},
-                    "source": source or {}}
-        write_manifest(tmp, manifest)
-    return manifest
-
-
-def write_manifest(directory: Path, manifest: dict[str, Any]) -> None:
-    """``manifest.json`` of a bank, synced to disk."""
-    with open(directory / BANK_MANIFEST, "w") as f:
-        json.dump(manifest, f, indent=1)
-        f.flush()
-        os.fsync(f.fileno())
-
-
-@contextmanager
-def staged_directory(out: Path) -> Iterator[Path]:
-    """A fresh temporary sibling of ``out`` to write into; renamed to ``out`` (replacing it)
-    when the block exits cleanly, removed when it raises."""
     tmp = out.parent / f".tmp-{out.name}-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     try:
-        yield tmp
+        manifest = {"format": BANK_FORMAT, "version": BANK_VERSION,
+                    "tables": {name: _write_table(tmp, name, table, block_bytes)
+                               for name, table in tables.items()},
+                    "source": source or {}}
+        with open(tmp / BANK_MANIFEST, "w") as f:
+            json.dump(manifest, f, indent=1)
+            f.flush()
+            os.fsync(f.fileno())
         if out.exists():
             shutil.rmtree(out)
         os.replace(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    return manifest
 
 
 def _read_blocks(reader: CheckpointReader, key: str) -> Iterator[torch.Tensor]:

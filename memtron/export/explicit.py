@@ -29,14 +29,9 @@ import torch
 
 from memtron.data.jsonl import jsonl_rows
 from memtron.data.prepare import iter_documents
+from memtron.data.shards import building_dir
 from memtron.data.tokenizer import Tokenizer, load_tokenizer
-from memtron.export.bank import (
-    DEFAULT_BLOCK_BYTES,
-    TableRows,
-    staged_directory,
-    write_bank,
-    write_manifest,
-)
+from memtron.export.bank import DEFAULT_BLOCK_BYTES, TableRows, write_bank
 from memtron.infer.store import BANK_FORMAT, BANK_MANIFEST, BANK_VERSION
 from memtron.model.memory.explicit import (
     CODEBOOKS,
@@ -207,7 +202,10 @@ def _merge_parts(parts: list[Path], tmp: Path, source: dict[str, Any]) -> dict[s
         shutil.rmtree(part)
     manifest = {"format": BANK_FORMAT, "version": BANK_VERSION, "tables": tables,
                 "source": source}
-    write_manifest(tmp, manifest)
+    with open(tmp / BANK_MANIFEST, "w") as f:
+        json.dump(manifest, f, indent=1)
+        f.flush()
+        os.fsync(f.fileno())
     return manifest
 
 
@@ -280,7 +278,7 @@ def build_explicit_store(ckpt: str | Path, references: str | Path, out: str | Pa
             f"{PQ_CENTROIDS} centroids of {pq_sub_dim} dims, fitted on {len(sample):,} "
             f"references ({time.perf_counter() - t0:.1f} s)")
 
-    with staged_directory(out) as tmp:
+    with building_dir(out) as tmp:
         t0 = time.perf_counter()
         n_parts = min(workers, len(chunks))
         cuts = [round(i * len(chunks) / n_parts) for i in range(n_parts + 1)]
