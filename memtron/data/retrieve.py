@@ -50,7 +50,7 @@ def retrieve_shards(shards: str | Path, store: str | Path, r: int = 5, chunk: in
     if r < 1 or chunk < 1:
         raise ValueError(f"r ({r}) and chunk ({chunk}) must be >= 1")
     index, _ = read_index(shards)
-    meta = ExplicitStore.open(store).manifest
+    meta = ExplicitStore.open(store, verify=True).manifest  # a batch job: check every file
     if index.get("tokenizer") != meta["tokenizer"]:
         raise ValueError(f"{Path(shards) / 'index.json'}: tokenizer {index.get('tokenizer')!r},"
                          f" but {store} was built with {meta['tokenizer']!r}")
