@@ -151,7 +151,7 @@ def test_encoded_memories_are_the_post_rope_kv_of_the_kept_tokens(checkpoint, re
     k, v, pos = encode_references(model, [token_lists[:3], token_lists[3:]], LAYERS, M)
     assert k.shape == (6, 2, 2, M, 8) and pos.shape == (6, 2, 2, M)
     for r, tokens in enumerate(token_lists):  # one at a time: no padding, plain forward
-        x = model.embed(torch.tensor([tokens]))
+        x = model.embed(torch.as_tensor(tokens, dtype=torch.long)[None])
         rope = model.rope(torch.arange(len(tokens)))
         with torch.no_grad():
             for layer, block in enumerate(model.blocks[: max(LAYERS) + 1]):
@@ -227,12 +227,15 @@ def test_pq_and_int8_errors_on_gaussian_vectors():
     torch.testing.assert_close(pq.decode(pq.encode(small)), small)
 
 
-def test_retrieving_a_references_own_text_returns_its_memory(stores, references):
+def test_retrieving_a_references_own_text_returns_its_memory(stores, references, monkeypatch):
     chunks, _ = read_references(references, ByteTokenizer(), REF_LEN)
     retriever = Retriever.load(stores["bf16"])
     ids = retriever.retrieve([c.text for c in chunks], r=3)
     assert ids.shape == (len(chunks), 3) and ids.dtype == torch.int64
     assert torch.equal(ids[:, 0], torch.arange(len(chunks)))
+    exact = Retriever.load(stores["bf16"], use_faiss=False)
+    monkeypatch.setattr(Retriever, "SCORE_BLOCK", 50)  # one query per block
+    assert torch.equal(exact.retrieve([c.text for c in chunks], r=3), ids)
     by_tokens = retriever.retrieve([c.tokens for c in chunks], r=1)  # decoded by the tokenizer
     assert torch.equal(by_tokens[:, 0], torch.arange(len(chunks)))
     spans = ExplicitStore.open(stores["bf16"]).spans(torch.arange(len(chunks)))
@@ -245,8 +248,12 @@ def test_faiss_and_numpy_indexes_return_the_same_ids(stores):
     fast = Retriever.load(stores["bf16"], use_faiss=True)
     queries = ["amber basalt", "zinc walnut topaz", "harbor3 indigo", "kelp", "quartz7 onyx7"]
     assert torch.equal(exact.retrieve(queries, 4), fast.retrieve(queries, 4))
-    ties = np.tile(exact.embeddings[:1], (1, 1))  # the same vector twice would tie: by id
-    assert exact.search(ties, 2)[1].tolist() == fast.search(ties, 2)[1].tolist()
+    # duplicated memories tie exactly: both indexes rank them by id, through the cut at r
+    rows = np.repeat(exact.embeddings[:6], [1, 3, 1, 2, 1, 1], axis=0)
+    queries = exact.embeddings[[1, 3]]
+    ids = {flag: Retriever(exact.embedder, rows, use_faiss=flag).search(queries, 2)[1].tolist()
+           for flag in (False, True)}
+    assert ids[False] == ids[True] == [[1, 2], [5, 6]]
 
 
 def test_store_refuses_corruption_and_other_models(stores, tmp_path):

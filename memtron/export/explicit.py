@@ -25,6 +25,7 @@ from multiprocessing import get_context
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from memtron.data.jsonl import jsonl_rows
@@ -59,6 +60,7 @@ from memtron.model.memory.explicit import (
 from memtron.train.checkpoint import CheckpointReader, resolve_checkpoint, sha256_file
 
 MAX_REF_LEN = 32767  # positions are stored as int16
+PROGRESS_S = 5.0  # seconds between progress lines of a worker
 
 
 @dataclass
@@ -66,7 +68,7 @@ class Chunk:
     """One reference chunk: its document, its tokens and its characters in the document."""
 
     doc: int
-    tokens: list[int]
+    tokens: np.ndarray  # int32: a fifth of the memory of a list of Python ints
     char_start: int
     char_end: int
     text: str
@@ -105,23 +107,22 @@ def read_references(path: str | Path, tokenizer: Tokenizer, ref_len: int,
         doc = len(docs)
         docs.append({"doc": doc, "id": doc_id, "first": len(chunks)})
         for start, end in chunk_bounds(len(tokens), ref_len):
-            piece = tokens[start:end]
             char_start = len(tokenizer.decode(tokens[:start])) if start else 0
-            chunk_text = tokenizer.decode(piece)
-            chunks.append(Chunk(doc, piece, char_start, char_start + len(chunk_text),
-                                chunk_text))
+            chunk_text = tokenizer.decode(tokens[start:end])
+            chunks.append(Chunk(doc, np.asarray(tokens[start:end], dtype=np.int32), char_start,
+                                char_start + len(chunk_text), chunk_text))
         docs[-1]["n_chunks"] = len(chunks) - docs[-1]["first"]
     if not chunks:
         raise ValueError(f"{path}: no non-empty reference documents")
     return chunks, docs
 
 
-def _batches(chunks: Sequence[list[int]], batch_size: int) -> Iterator[list[list[int]]]:
+def _batches(chunks: Sequence[np.ndarray], batch_size: int) -> Iterator[list[np.ndarray]]:
     for start in range(0, len(chunks), batch_size):
         yield list(chunks[start:start + batch_size])
 
 
-def _encode_vectors(model: torch.nn.Module, batch: list[list[int]], layers: list[int], m: int
+def _encode_vectors(model: torch.nn.Module, batch: list[np.ndarray], layers: list[int], m: int
                     ) -> tuple[torch.Tensor, torch.Tensor]:
     """One batch -> (vectors [B, n_vectors, D] fp32 on CPU, positions [B, n_layers*KV*m])."""
     device = next(model.parameters()).device
@@ -135,7 +136,7 @@ def _encode_vectors(model: torch.nn.Module, batch: list[list[int]], layers: list
 class _PartJob:
     ckpt: str
     device: str
-    chunks: list[list[int]]
+    chunks: list[np.ndarray]
     layers: list[int]
     m: int
     meta: dict[str, Any]
@@ -157,29 +158,38 @@ def _encode_part(job: _PartJob) -> dict[str, Any]:
         torch.set_num_threads(job.threads)
     model = load_model(job.ckpt, device=job.device).model
     codec = make_codec(job.meta, job.codebooks)
-    positions: list[torch.Tensor] = []
-    n = len(job.chunks)
-    started, done = time.perf_counter(), 0
+    n, width = len(job.chunks), codec.layout.n_vectors // 2
+    # Positions are written after the memories (a bank writes its tables in turn): they wait
+    # in a file next to the part, not in RAM.
+    Path(job.out).parent.mkdir(parents=True, exist_ok=True)
+    spill = Path(f"{job.out}.positions.npy")
+    positions = np.lib.format.open_memmap(spill, mode="w+", dtype=np.int16, shape=(n, width))
+    started = last = time.perf_counter()
+    done = 0
 
     def rows() -> Iterator[torch.Tensor]:
-        nonlocal done
+        nonlocal done, last
         for batch in _batches(job.chunks, job.batch_size):
             vectors, pos = _encode_vectors(model, batch, job.layers, job.m)
-            positions.append(pos.to(torch.int16))
+            positions[done:done + len(batch)] = pos.numpy()
             done += len(batch)
-            if job.progress:
-                rate = done / max(time.perf_counter() - started, 1e-9)
-                print(f"  part {job.index}: {done:,}/{n:,} references ({rate:,.1f}/s)",
-                      file=sys.stderr, flush=True)
+            now = time.perf_counter()
+            if job.progress and (now - last >= PROGRESS_S or done == n):
+                last = now
+                print(f"  part {job.index}: {done:,}/{n:,} references "
+                      f"({done / max(now - started, 1e-9):,.1f}/s)", file=sys.stderr, flush=True)
             yield codec.encode(vectors)
 
     def position_rows() -> Iterator[torch.Tensor]:
-        yield from positions  # filled while the memories were written (tables go in order)
+        for start in range(0, n, job.batch_size):
+            yield torch.from_numpy(np.array(positions[start:start + job.batch_size]))
 
     tables = {MEMORIES: TableRows(n, codec.row_dim(), codec.row_dtype, rows()),
-              POSITIONS: TableRows(n, codec.layout.n_vectors // 2, torch.int16,
-                                   position_rows())}
-    return write_bank(job.out, tables, block_bytes=job.block_bytes)
+              POSITIONS: TableRows(n, width, torch.int16, position_rows())}
+    try:
+        return write_bank(job.out, tables, block_bytes=job.block_bytes)
+    finally:
+        spill.unlink(missing_ok=True)  # the mapping, if still open, keeps its pages until freed
 
 
 def _merge_parts(parts: list[Path], tmp: Path, source: dict[str, Any]) -> dict[str, Any]:

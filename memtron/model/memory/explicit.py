@@ -125,7 +125,7 @@ def pad_references(batch: Sequence[Sequence[int]] | torch.Tensor,
         raise ValueError("every reference needs at least one token")
     tokens = torch.zeros(len(batch), max(lengths), dtype=torch.long)
     for row, ids in enumerate(batch):
-        tokens[row, : len(ids)] = torch.as_tensor(list(ids), dtype=torch.long)
+        tokens[row, : len(ids)] = torch.from_numpy(np.asarray(ids, dtype=np.int64))
     valid = torch.arange(max(lengths))[None, :] < torch.tensor(lengths)[:, None]
     return tokens.to(device), (None if bool(valid.all()) else valid.to(device))
 
@@ -615,6 +615,7 @@ class Retriever:
     EMBEDDINGS = "embeddings.npy"
     EMBEDDER = "embedder"  # save_embedder's stem: embedder.json (+ embedder.npy)
     META = "retriever.json"
+    SCORE_BLOCK = 1 << 24  # exact search: query x memory scores held at once (64 MiB)
 
     def __init__(self, embedder: Any, embeddings: np.ndarray, tokenizer: Any = None,
                  use_faiss: bool | None = None) -> None:
@@ -698,16 +699,29 @@ class Retriever:
         if not 1 <= r <= len(self):
             raise ValueError(f"r={r}: must lie in [1, {len(self)}] (memories in the store)")
         queries = np.ascontiguousarray(queries, dtype=np.float32)
-        if self._index is not None:
-            # ask for a few more so that ties at the cut are resolved by id, as numpy does
-            extra = min(len(self), r + 8)
-            scores, ids = self._index.search(queries, extra)
-        else:
-            scores = queries @ self.embeddings.T
-            ids = np.broadcast_to(np.arange(len(self)), scores.shape)
+        if self._index is None:
+            return self._exact_search(queries, r)
+        # ask for a few more so that ties at the cut are resolved by id, as numpy does
+        scores, ids = self._index.search(queries, min(len(self), r + 8))
         order = np.lexsort((ids, -scores), axis=-1)[:, :r]
         return (np.take_along_axis(scores, order, -1),
-                np.take_along_axis(np.asarray(ids), order, -1).astype(np.int64))
+                np.take_along_axis(ids, order, -1).astype(np.int64))
+
+    def _exact_search(self, queries: np.ndarray, r: int) -> tuple[np.ndarray, np.ndarray]:
+        """Blocks of queries (at most SCORE_BLOCK scores at a time); per query, the memories
+        scoring at least its r-th best score, sorted by (score desc, id)."""
+        n, total = len(queries), len(self)
+        out_scores = np.empty((n, r), dtype=np.float32)
+        out_ids = np.empty((n, r), dtype=np.int64)
+        step = max(1, self.SCORE_BLOCK // total)
+        for start in range(0, n, step):
+            scores = queries[start:start + step] @ self.embeddings.T
+            kth = np.partition(scores, total - r, axis=1)[:, total - r]
+            for row, (line, cut) in enumerate(zip(scores, kth)):
+                cand = np.flatnonzero(line >= cut)
+                best = cand[np.lexsort((cand, -line[cand]))[:r]]
+                out_scores[start + row], out_ids[start + row] = line[best], best
+        return out_scores, out_ids
 
     def retrieve(self, chunks: Sequence[Sequence[int]] | Sequence[str], r: int) -> torch.Tensor:
         """Top-``r`` memory ids int64 [n_chunks, r] for chunks given as token lists (decoded
