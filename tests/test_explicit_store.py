@@ -279,12 +279,27 @@ def test_store_refuses_corruption_and_other_models(stores, tmp_path):
     (store / BANK_MANIFEST).write_text(json.dumps(manifest))
     with pytest.raises(ExplicitStoreError, match=BANK_MANIFEST):
         ExplicitStore.open(store)
-    # retriever files
+    # retriever files; the reference list
     embeddings = store / "retriever" / "embeddings.npy"
     raw = bytearray(embeddings.read_bytes())
     raw[-4] ^= 0x55
     embeddings.write_bytes(bytes(raw))
     with pytest.raises(ExplicitStoreError, match="embeddings.npy"):
+        Retriever.load(store)
+    shutil.rmtree(store)
+    shutil.copytree(stores["bf16"], store)
+    refs = store / "references.jsonl"
+    refs.write_text(refs.read_text().replace("doc-1", "doc-X"))
+    with pytest.raises(ExplicitStoreError, match="references.jsonl"):
+        ExplicitStore.open(store, verify=True)
+    # a retriever of another store
+    shutil.rmtree(store / "retriever")
+    shutil.copytree(stores["int8"].parent / "pq" / "retriever", store / "retriever")
+    Retriever.load(store)  # same references: fits
+    manifest = json.loads((store / BANK_MANIFEST).read_text())
+    manifest["source"]["explicit"]["n_memories"] += 1
+    (store / BANK_MANIFEST).write_text(json.dumps(manifest))
+    with pytest.raises(ExplicitStoreError, match="retriever.json.*mismatched"):
         Retriever.load(store)
     # a different model
     good = ExplicitStore.open(stores["bf16"])

@@ -448,6 +448,11 @@ class ExplicitStore:
                     bank.verify()
                 except BankError as e:
                     raise ExplicitStoreError(str(e)) from e
+                for name, digest in bank.manifest.get("source", {}).get("files", {}).items():
+                    file = Path(where) / name
+                    if not file.is_file() or sha256_file(file) != digest:
+                        raise ExplicitStoreError(f"{file}: missing or checksum mismatch "
+                                                 "(corrupt or modified)")
         missing = [t for t in (MEMORIES, POSITIONS, SPANS, META) if t not in bank.tables]
         if missing:
             raise ExplicitStoreError(f"{manifest_name}: not an explicit-memory store (no "
@@ -685,12 +690,16 @@ class Retriever:
         if embeddings.ndim != 2 or embeddings.shape != (meta.get("n"), embedder.dim):
             raise ExplicitStoreError(f"{directory / cls.EMBEDDINGS}: shape {embeddings.shape},"
                                      f" expected ({meta.get('n')}, {embedder.dim})")
+        manifest = store_dir / BANK_MANIFEST
+        try:
+            store_meta = json.loads(manifest.read_text())["source"]["explicit"]
+            spec, n_memories = store_meta["tokenizer"], store_meta["n_memories"]
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise ExplicitStoreError(f"{manifest}: no source.explicit description ({e})") from e
+        if embeddings.shape[0] != n_memories:
+            raise ExplicitStoreError(f"{meta_file}: indexes {embeddings.shape[0]} memories, "
+                                     f"{manifest} holds {n_memories} (mismatched manifest)")
         if tokenizer is None:
-            manifest = store_dir / BANK_MANIFEST
-            try:
-                spec = json.loads(manifest.read_text())["source"]["explicit"]["tokenizer"]
-            except (OSError, ValueError, KeyError, TypeError) as e:
-                raise ExplicitStoreError(f"{manifest}: no source.explicit.tokenizer ({e})") from e
             tokenizer = load_tokenizer(spec)
         return cls(embedder, embeddings, tokenizer, use_faiss)
 
