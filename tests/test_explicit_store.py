@@ -301,6 +301,10 @@ def test_store_refuses_corruption_and_other_models(stores, tmp_path):
     (store / BANK_MANIFEST).write_text(json.dumps(manifest))
     with pytest.raises(ExplicitStoreError, match="retriever.json.*mismatched"):
         Retriever.load(store)
+    alone = tmp_path / "copy"  # a copy of retriever/ alone, for a store read from a server
+    shutil.copytree(store / "retriever", alone / "retriever")
+    ids = Retriever.load(alone).retrieve([[ord(c) for c in "amber0 basalt0"]], 2)
+    assert ids.shape == (1, 2)
     # a different model
     good = ExplicitStore.open(stores["bf16"])
     same = _config()

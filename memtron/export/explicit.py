@@ -321,7 +321,7 @@ def build_explicit_store(ckpt: str | Path, references: str | Path, out: str | Pa
             for doc in docs:
                 f.write(json.dumps(doc) + "\n")
         t0 = time.perf_counter()
-        retriever = Retriever.build([c.text for c in chunks], embedder, embed_dim)
+        retriever = Retriever.build([c.text for c in chunks], embedder, embed_dim, tokenizer)
         retriever.save(tmp / RETRIEVER_DIR)
         log(f"retriever: {embedder} embeddings [{len(chunks):,}, {retriever.embedder.dim}] "
             f"({time.perf_counter() - t0:.1f} s)")

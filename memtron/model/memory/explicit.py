@@ -640,7 +640,8 @@ class Retriever:
     @classmethod
     def build(cls, texts: Sequence[str], embedder: str = "hashed", dim: int = 256,
               tokenizer: Any = None) -> Retriever:
-        """Fit the embedder (document frequencies) on the memories' texts and embed them."""
+        """Fit the embedder (document frequencies) on the memories' texts and embed them;
+        ``tokenizer`` decodes token chunks at retrieval (its spec is saved with the index)."""
         from memtron.data.embed import HashedNgramEmbedder, make_embedder
 
         emb = make_embedder(embedder, dim)
@@ -658,15 +659,17 @@ class Retriever:
         save_embedder(self.embedder, directory / self.EMBEDDER)
         files = sorted(p.name for p in directory.iterdir() if p.name != self.META)
         sums = {name: sha256_file(directory / name) for name in files}
-        (directory / self.META).write_text(json.dumps({"files": sums,
-                                                       "n": len(self)}, indent=1))
+        spec = getattr(self.tokenizer, "spec", None)
+        (directory / self.META).write_text(json.dumps({"files": sums, "n": len(self),
+                                                       "tokenizer": spec}, indent=1))
         return sums
 
     @classmethod
     def load(cls, store_dir: str | Path, use_faiss: bool | None = None,
              tokenizer: Any = None) -> Retriever:
-        """The retriever saved in a store directory (checksums verified); its tokenizer is the
-        one the store records, unless given."""
+        """The retriever saved in a store directory (checksums verified; its memory count
+        checked against the store's manifest when the directory holds one); its tokenizer is
+        the one it was built with, unless given."""
         from memtron.data.embed import load_embedder
         from memtron.data.tokenizer import load_tokenizer
 
@@ -690,16 +693,19 @@ class Retriever:
         if embeddings.ndim != 2 or embeddings.shape != (meta.get("n"), embedder.dim):
             raise ExplicitStoreError(f"{directory / cls.EMBEDDINGS}: shape {embeddings.shape},"
                                      f" expected ({meta.get('n')}, {embedder.dim})")
+        spec = meta.get("tokenizer")
         manifest = store_dir / BANK_MANIFEST
-        try:
-            store_meta = json.loads(manifest.read_text())["source"]["explicit"]
-            spec, n_memories = store_meta["tokenizer"], store_meta["n_memories"]
-        except (OSError, ValueError, KeyError, TypeError) as e:
-            raise ExplicitStoreError(f"{manifest}: no source.explicit description ({e})") from e
-        if embeddings.shape[0] != n_memories:
-            raise ExplicitStoreError(f"{meta_file}: indexes {embeddings.shape[0]} memories, "
-                                     f"{manifest} holds {n_memories} (mismatched manifest)")
-        if tokenizer is None:
+        if manifest.is_file():  # a whole store, not a copy of its retriever/ alone
+            try:
+                store_meta = json.loads(manifest.read_text())["source"]["explicit"]
+                spec, n_memories = store_meta["tokenizer"], store_meta["n_memories"]
+            except (OSError, ValueError, KeyError, TypeError) as e:
+                raise ExplicitStoreError(f"{manifest}: no source.explicit description ({e})"
+                                         ) from e
+            if embeddings.shape[0] != n_memories:
+                raise ExplicitStoreError(f"{meta_file}: indexes {embeddings.shape[0]} memories,"
+                                         f" {manifest} holds {n_memories} (mismatched manifest)")
+        if tokenizer is None and spec is not None:
             tokenizer = load_tokenizer(spec)
         return cls(embedder, embeddings, tokenizer, use_faiss)
 
