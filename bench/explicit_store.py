@@ -28,7 +28,13 @@ import torch
 from memtron.config import load_config
 from memtron.data.synthetic import generate_corpus
 from memtron.data.tokenizer import load_tokenizer
-from memtron.export.explicit import build_explicit_store, read_references, store_bytes
+from memtron.export.explicit import (
+    build_explicit_store,
+    dense_kv_bytes,
+    read_references,
+    size_per_reference,
+    store_bytes,
+)
 from memtron.infer.model import load_model
 from memtron.model.memory.explicit import ExplicitStore, encode_references
 from memtron.model.transformer import build_model
@@ -85,7 +91,7 @@ def main() -> None:
             sizes = store_bytes(manifest)
             files = list((root / dtype / "retriever").iterdir())
             embeddings = sum(f.stat().st_size for f in files if f.name == "embeddings.npy")
-            results[dtype] = {"tables": sizes, "embeddings": embeddings,
+            results[dtype] = {"manifest": manifest, "tables": sizes, "embeddings": embeddings,
                               "retriever_fixed": sum(f.stat().st_size for f in files)
                               - embeddings}
         meta = manifest["source"]["explicit"]
@@ -95,8 +101,7 @@ def main() -> None:
         chunks, _ = read_references(refs, tok, args.ref_len)
         raw = sum(len(c.text.encode()) for c in chunks) / n
         tokens = sum(len(c.tokens) for c in chunks) / n
-        per_token = len(meta["layers"]) * 2 * meta["n_kv_heads"] * meta["head_dim"] * 2
-        dense_real, dense_nominal = tokens * per_token, args.ref_len * per_token
+        dense_real, dense_nominal = dense_kv_bytes(meta, tokens), dense_kv_bytes(meta, args.ref_len)
 
         k, v, _ = encode_references(loaded.model, [[c.tokens for c in chunks[i:i + 32]]
                                                    for i in range(0, n, 32)],
@@ -117,15 +122,14 @@ def main() -> None:
     print(header)
     rows = {}
     for dtype, r in results.items():
-        memories = r["tables"]["memories"] / n
+        size = size_per_reference(r["manifest"], raw, tokens)
+        memories = size["memory_bytes"]
         # per reference: positions, spans and its retrieval embedding; fixed: the embedder's
         # IDF table, pq codebooks and the store description
         overhead = (r["tables"]["positions"] + r["tables"]["spans"] + r["embeddings"]) / n
         fixed = (sum(b for t, b in r["tables"].items()
                      if t not in ("memories", "positions", "spans")) + r["retriever_fixed"])
-        rows[dtype] = {"memory_bytes": memories, "per_reference_overhead_bytes": overhead,
-                       "fixed_bytes": fixed,
-                       "vs_text": memories / raw, "dense_over_memory": dense_real / memories,
+        rows[dtype] = {**size, "per_reference_overhead_bytes": overhead, "fixed_bytes": fixed,
                        "dense_ref_len_over_memory": dense_nominal / memories,
                        "relative_l2_error": r["relative_l2_error"]}
         print(f"{dtype:6} {memories:11,.0f} {overhead:11,.0f} {fixed / 1024:10,.0f} "

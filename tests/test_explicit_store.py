@@ -13,7 +13,12 @@ import torch
 from memtron.cli import main
 from memtron.config import load_config
 from memtron.data.tokenizer import ByteTokenizer
-from memtron.export.explicit import build_explicit_store, chunk_bounds, read_references
+from memtron.export.explicit import (
+    build_explicit_store,
+    chunk_bounds,
+    read_references,
+    size_per_reference,
+)
 from memtron.infer.model import load_model
 from memtron.infer.store import BANK_MANIFEST
 from memtron.model.memory.explicit import (
@@ -177,6 +182,12 @@ def test_store_round_trip_bf16_exact_int8_pq_bounded(checkpoint, references, sto
     assert fk.dtype == torch.float32 and fk.shape == k.shape
     assert torch.equal(fk, k.bfloat16().float()) and torch.equal(fv, v.bfloat16().float())
     assert torch.equal(bf16.positions(ids), pos.cpu())
+    manifest = json.loads((stores["bf16"] / BANK_MANIFEST).read_text())
+    size = size_per_reference(manifest, text_bytes=10.0, tokens=20.0)
+    row = 2 * len(LAYERS) * 2 * M * 8 * 2  # K and V, layers, kv heads, m, head_dim, bf16
+    assert row <= size["memory_bytes"] < row + 200  # + each block file's header, amortised
+    assert size["dense_kv_bytes"] == 20 * len(LAYERS) * 2 * 2 * 8 * 2
+    assert size["dense_kv_bytes_ref_len"] == REF_LEN / 20 * size["dense_kv_bytes"]
     # int8: every element within half a quantisation step of its vector's scale
     ik, iv = ExplicitStore.open(stores["int8"]).fetch(ids)
     for got, ref in ((ik, k), (iv, v)):

@@ -336,3 +336,24 @@ def store_bytes(manifest: dict[str, Any]) -> dict[str, int]:
     """Bytes on disk per table of a store manifest."""
     return {name: sum(b["bytes"] for b in spec["blocks"])
             for name, spec in manifest["tables"].items()}
+
+
+def dense_kv_bytes(meta: dict[str, Any], tokens: float) -> float:
+    """Bytes of the unsparsified bf16 K and V of ``tokens`` reference tokens in the store's
+    memory layers: what a memory replaces (``tokens x layers x 2 x kv_heads x head_dim x 2``)."""
+    return tokens * len(meta["layers"]) * 2 * meta["n_kv_heads"] * meta["head_dim"] * 2
+
+
+def size_per_reference(manifest: dict[str, Any], text_bytes: float, tokens: float
+                       ) -> dict[str, float]:
+    """Bytes per memory of a store (its rows, and every table) against the mean reference's
+    raw text (``text_bytes``) and its dense KV at its mean length (``tokens``) and at
+    ``ref_len``."""
+    meta = manifest["source"]["explicit"]
+    n, sizes = meta["n_memories"], store_bytes(manifest)
+    memory = sizes[MEMORIES] / n
+    dense = dense_kv_bytes(meta, tokens)
+    return {"memory_bytes": memory, "store_bytes": sum(sizes.values()) / n,
+            "text_bytes": text_bytes, "dense_kv_bytes": dense,
+            "dense_kv_bytes_ref_len": dense_kv_bytes(meta, meta["ref_len"]),
+            "memory_over_text": memory / text_bytes, "dense_over_memory": dense / memory}
