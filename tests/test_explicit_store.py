@@ -216,6 +216,20 @@ def test_store_round_trip_bf16_exact_int8_pq_bounded(checkpoint, references, sto
         ck, cv = cached.fetch(pick)
         assert torch.equal(ck, fk[pick]) and torch.equal(cv, fv[pick])
     assert cached.stats["cache_hits"] > 0
+    # threads sharing one store (a prefetcher and the main loop) get the right memories
+    from concurrent.futures import ThreadPoolExecutor
+
+    def fetch_many(seed: int) -> bool:
+        gen = torch.Generator().manual_seed(seed)
+        for _ in range(20):
+            pick = torch.randint(0, len(chunks), (7,), generator=gen)
+            got_k, got_v = cached.fetch(pick)
+            if not (torch.equal(got_k, fk[pick]) and torch.equal(got_v, fv[pick])):
+                return False
+        return True
+
+    with ThreadPoolExecutor(4) as pool:
+        assert all(pool.map(fetch_many, range(4)))
 
 
 def test_pq_and_int8_errors_on_gaussian_vectors():

@@ -32,6 +32,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import threading
 from collections import OrderedDict
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, is_dataclass
@@ -421,6 +422,9 @@ class ExplicitStore:
         self.dtype = dtype or getattr(torch, meta["model_dtype"])
         self.cache_rows = cache_rows
         self._cache: OrderedDict[int, torch.Tensor] = OrderedDict()
+        # one fetch at a time: a prefetching thread and the main thread may share a store, and
+        # neither the LRU nor an HTTP session is safe to use from two threads at once
+        self._lock = threading.Lock()
         self.stats = {"requests": 0, "memories": 0, "cache_hits": 0, "rows_fetched": 0,
                       "bytes_fetched": 0}
 
@@ -539,7 +543,11 @@ class ExplicitStore:
 
     def fetch(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """k, v [n, n_layers, KV, m, D] in ``dtype`` (CPU) for ``ids`` int64 [n] (any order,
-        repeats allowed); deduplicates, serves hits from the LRU cache."""
+        repeats allowed); deduplicates, serves hits from the LRU cache. Thread-safe."""
+        with self._lock:
+            return self._fetch(ids)
+
+    def _fetch(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         ids = ids.reshape(-1).to(device="cpu", dtype=torch.long)
         n_mem = len(self)
         if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= n_mem):
@@ -574,12 +582,14 @@ class ExplicitStore:
     def positions(self, ids: torch.Tensor) -> torch.Tensor:
         """Positions [n, n_layers, KV, m] int64 of the kept tokens in their references."""
         lay = self.codec.layout
-        rows = self.position_rows.fetch(ids.reshape(-1))
+        with self._lock:
+            rows = self.position_rows.fetch(ids.reshape(-1))
         return rows.long().view(-1, lay.n_layers, lay.n_kv_heads, lay.m)
 
     def spans(self, ids: torch.Tensor) -> torch.Tensor:
         """(document index, char start, char end) [n, 3] of each memory's reference text."""
-        return self.span_rows.fetch(ids.reshape(-1))
+        with self._lock:
+            return self.span_rows.fetch(ids.reshape(-1))
 
 
 def _check_meta(meta: Any, where: str) -> None:
