@@ -12,7 +12,7 @@ from torch import nn
 
 from memtron.config import Config, MemoryConfig, ModelConfig
 from memtron.model.attention import CausalSelfAttention, RotaryEmbedding
-from memtron.model.forward import ForwardContext, KVCache
+from memtron.model.forward import ForwardContext, KVCache, MemoryKV
 from memtron.model.memory.product_key import ProductKeyMemory
 from memtron.model.memory.values import LocalValueTable, ValueTable
 
@@ -41,8 +41,9 @@ class Block(nn.Module):
         self.memory = memory
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
-                mask: torch.Tensor | None, cache: KVCache | None) -> torch.Tensor:
-        x = x + self.attn(self.attn_norm(x), rope, mask, cache)
+                mask: torch.Tensor | None, cache: KVCache | None,
+                memory: MemoryKV | None = None) -> torch.Tensor:
+        x = x + self.attn(self.attn_norm(x), rope, mask, cache, memory)
         h = self.mlp_norm(x)
         if self.ffn is not None:
             x = x + self.ffn(h)
@@ -121,11 +122,15 @@ class Transformer(nn.Module):
         training forward (positions 0..L-1, causal, no cache)."""
         ctx = ctx or ForwardContext()
         length = tokens.shape[1]
-        rope = self.rope(ctx.resolve_positions(length, tokens.device))
+        positions = ctx.resolve_positions(length, tokens.device)
+        rope = self.rope(positions)
         mask = ctx.attention_mask(length, tokens.device)
+        if ctx.explicit is not None:
+            ctx.explicit.check(positions)
         x = self.embed(tokens)
-        for block in self.blocks:
-            x = block(x, rope, mask, ctx.cache)
+        for i, block in enumerate(self.blocks):
+            memory = None if ctx.explicit is None else ctx.explicit.layer(i, positions)
+            x = block(x, rope, mask, ctx.cache, memory)
         if ctx.cache is not None:
             ctx.cache.advance(length)
         x = self.head_input(self.norm(x))

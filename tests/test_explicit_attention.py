@@ -1,0 +1,158 @@
+"""Explicit (Memory^3) memories in attention: the chunk-masked memory attention equals full
+attention over the explicitly concatenated [memories; context] keys, forward and backward; ring
+attention with memories (cp=2) equals one process; generation with memories equals the
+training-time forward; two-stage training switches exactly at ``memory.explicit.start_step``."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from memtron.model.attention import apply_rope, rope_tables, sdpa_attention
+from memtron.model.forward import ExplicitKV, MemoryKV
+from memtron.model.memory.explicit_kv import explicit_kv
+from memtron.parallel.context import ring_attention, zigzag_indices
+from memtron.parallel.launch import init_distributed, shutdown_distributed
+from memtron.parallel.state import build_parallel_state, destroy_parallel_state
+from tests.multiproc import run_ranks
+
+
+def _inputs(b=2, h=4, kv=2, length=40, d=8, n_chunks=3, slots=6, seed=0):
+    g = torch.Generator().manual_seed(seed)
+
+    def rand(*shape):
+        return torch.randn(*shape, generator=g, dtype=torch.float64)
+
+    return (rand(b, h, length, d), rand(b, kv, length, d), rand(b, kv, length, d),
+            rand(b, kv, n_chunks * slots, d), rand(b, kv, n_chunks * slots, d))
+
+
+def _brute_force(q, k, v, mk, mv, query_chunk, slots, context_mask=None):
+    """Query by query: keys = [the slots of its chunk; the context keys it may see], one
+    softmax over them (the explicitly concatenated sequence), in float64."""
+    b, h, n_q, d = q.shape
+    group = h // k.shape[1]
+    out = torch.zeros_like(q)
+    for bi in range(b):
+        for hi in range(h):
+            kvh = hi // group
+            for i in range(n_q):
+                c = int(query_chunk[bi, i] if query_chunk.dim() == 2 else query_chunk[i])
+                seen = (context_mask[bi if context_mask.shape[0] > 1 else 0, 0, i]
+                        if context_mask is not None else torch.arange(k.shape[2]) <= i)
+                keys = torch.cat([mk[bi, kvh, c * slots:(c + 1) * slots], k[bi, kvh][seen]])
+                values = torch.cat([mv[bi, kvh, c * slots:(c + 1) * slots], v[bi, kvh][seen]])
+                p = torch.softmax(keys @ q[bi, hi, i] / math.sqrt(d), dim=0)
+                out[bi, hi, i] = p @ values
+    return out
+
+
+@pytest.mark.parametrize("kv", [2, 4])
+def test_memory_attention_equals_concatenated_full_attention(kv):
+    chunk, slots, length = 16, 6, 40  # 3 chunks, the last one partial
+    q, k, v, mk, mv = (t.requires_grad_(True) for t in _inputs(kv=kv, length=length,
+                                                                 slots=slots))
+    query_chunk = torch.arange(length) // chunk
+    grad = torch.randn(q.shape, generator=torch.Generator().manual_seed(3), dtype=q.dtype)
+    ours = sdpa_attention(q, k, v, None, memory=MemoryKV(mk, mv, slots, query_chunk))
+    ours.backward(grad)
+    got = [t.grad.clone() for t in (q, k, v, mk, mv)]
+    for t in (q, k, v, mk, mv):
+        t.grad = None
+    ref = _brute_force(q, k, v, mk, mv, query_chunk, slots)
+    ref.backward(grad)
+    torch.testing.assert_close(ours, ref, rtol=1e-7, atol=1e-9)
+    for name, g, t in zip(["q", "k", "v", "mk", "mv"], got, (q, k, v, mk, mv)):
+        torch.testing.assert_close(g, t.grad, rtol=1e-7, atol=1e-9, msg=f"d{name}")
+    # the memories matter, and only a query's own chunk's: perturbing chunk 2's memories
+    # leaves chunks 0 and 1 alone
+    with torch.no_grad():
+        mk2 = mk.clone()
+        mk2[:, :, 2 * slots:] += 1.0
+        moved = sdpa_attention(q, k, v, None, memory=MemoryKV(mk2, mv, slots, query_chunk))
+    assert torch.equal(moved[:, :, :2 * chunk], ours.detach()[:, :, :2 * chunk])
+    assert (moved[:, :, 2 * chunk:] - ours.detach()[:, :, 2 * chunk:]).abs().max() > 1e-3
+
+
+def test_memory_attention_with_cache_mask_and_row_positions():
+    """Generation's case: queries after cached keys, per-row positions (left padding) and a
+    padding mask; still the concatenated attention, query by query."""
+    slots, chunk = 4, 8
+    q, k, v, mk, mv = _inputs(length=20, n_chunks=3, slots=slots)
+    q = q[:, :, -5:]  # 5 new queries at cache positions 15..19
+    pads = torch.tensor([0, 3])
+    columns = torch.arange(20)
+    valid = columns[None, :] >= pads[:, None]
+    positions = (columns[None, :] - pads[:, None]).clamp_min(0)[:, -5:]
+    causal = columns[None, :] <= torch.arange(15, 20)[:, None]
+    mask = (causal[None] & valid[:, None, :])[:, None]
+    query_chunk = positions // chunk
+    ours = sdpa_attention(q, k, v, mask, memory=MemoryKV(mk, mv, slots, query_chunk))
+    torch.testing.assert_close(ours, _brute_force(q, k, v, mk, mv, query_chunk, slots, mask))
+
+
+def test_memory_keys_share_one_interval_before_the_context():
+    """Re-rotating a memory key (rotated at its reference position t) by -ref_len scores like
+    the context rotated at p + ref_len: memories sit at [-ref_len, 0) for every query."""
+    d, theta, ref_len = 16, 10000.0, 128
+    g = torch.Generator().manual_seed(0)
+    raw_q, raw_k = torch.randn(5, d, generator=g), torch.randn(3, d, generator=g)
+    cos_t, sin_t = rope_tables(torch.tensor([0, 37, 127]), d, theta)
+    k_mem = apply_rope(raw_k, cos_t, sin_t)  # post-RoPE at the reference's own positions
+    memories = explicit_kv(k_mem.view(1, 1, 3, 1, 1, 1, d), k_mem.view(1, 1, 3, 1, 1, 1, d),
+                           [0], chunk=64, ref_len=ref_len, theta=theta)
+    assert isinstance(memories, ExplicitKV) and memories.keys.shape == (1, 1, 1, 1, 3, d)
+    p = torch.tensor([0, 1, 63, 100, 250])
+    cos_p, sin_p = rope_tables(p, d, theta)
+    cos_s, sin_s = rope_tables(p + ref_len, d, theta)
+    q_at_p = apply_rope(raw_q, cos_p, sin_p)
+    q_after = apply_rope(raw_q, cos_s, sin_s)
+    rerotated = memories.keys[0, 0, 0, 0]
+    torch.testing.assert_close(q_at_p @ rerotated.T, q_after @ k_mem.T, rtol=1e-4, atol=1e-4)
+
+
+def _ring_rank(rank: int, cp: int, length: int, chunk: int, slots: int) -> dict:
+    init_distributed(timeout_s=60)
+    try:
+        from memtron.config import load_config
+
+        cfg = load_config(None, [f"parallel.cp={cp}", f"data.seq_len={length}",
+                                 "parallel.ep=1"])
+        state = build_parallel_state(cfg)
+        q, k, v, mk, mv = (t.float() for t in _inputs(length=length,
+                                                      n_chunks=-(-length // chunk),
+                                                      slots=slots))
+        idx = zigzag_indices(length, cp, state.cp_rank)
+        ql, kl, vl = (t[:, :, idx].clone().requires_grad_(True) for t in (q, k, v))
+        mk, mv = mk.requires_grad_(True), mv.requires_grad_(True)
+        out = ring_attention(ql, kl, vl, state.cp_group, cp, state.cp_rank,
+                             MemoryKV(mk, mv, slots, idx // chunk))
+        grad = torch.randn(2, 4, length, 8, generator=torch.Generator().manual_seed(5))
+        out.backward(grad[:, :, idx])
+        return {"idx": idx, "out": out.detach(), "dq": ql.grad, "dk": kl.grad, "dv": vl.grad,
+                "dmk": mk.grad, "dmv": mv.grad}
+    finally:
+        destroy_parallel_state()
+        shutdown_distributed()
+
+
+@pytest.mark.parametrize("chunk", [8, 20])  # runs shorter than, and across, zigzag chunks
+def test_ring_attention_with_memories_equals_one_process(chunk):
+    cp, length, slots = 2, 48, 5
+    q, k, v, mk, mv = (t.float().requires_grad_(True)
+                       for t in _inputs(length=length, n_chunks=-(-length // chunk),
+                                        slots=slots))
+    ref = sdpa_attention(q, k, v, None, memory=MemoryKV(mk, mv, slots,
+                                                        torch.arange(length) // chunk))
+    ref.backward(torch.randn(2, 4, length, 8, generator=torch.Generator().manual_seed(5)))
+    results = run_ranks(cp, _ring_rank, cp, length, chunk, slots)
+    for r in results:
+        idx = r["idx"]
+        torch.testing.assert_close(r["out"], ref.detach()[:, :, idx], rtol=1e-5, atol=1e-5)
+        for name, full in (("dq", q.grad), ("dk", k.grad), ("dv", v.grad)):
+            torch.testing.assert_close(r[name], full[:, :, idx], rtol=1e-5, atol=1e-5)
+    # memory gradients stay on their rank: the ranks' parts add up to the whole
+    for name, full in (("dmk", mk.grad), ("dmv", mv.grad)):
+        torch.testing.assert_close(sum(r[name] for r in results), full, rtol=1e-5, atol=1e-5)
