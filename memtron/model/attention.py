@@ -102,17 +102,24 @@ class CausalSelfAttention(nn.Module):
         self.wv = nn.Linear(d_model, n_kv_heads * self.head_dim, bias=False)
         self.wo = nn.Linear(n_heads * self.head_dim, d_model, bias=False)
 
+    def rotated_qkv(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """x [B, L, d_model] -> q [B, H, L, D], k and v [B, KV, L, D], q and k rotated: what
+        the backend attends with, and what explicit memories store (model/memory/explicit.py)."""
+        b, length, _ = x.shape
+        x = self.input_hook(x)
+        q = self.wq(x).view(b, length, -1, self.head_dim).transpose(1, 2)
+        k = self.wk(x).view(b, length, -1, self.head_dim).transpose(1, 2)
+        v = self.wv(x).view(b, length, -1, self.head_dim).transpose(1, 2)
+        return apply_rope(q, *rope), apply_rope(k, *rope), v
+
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
                 mask: torch.Tensor | None = None, cache: KVCache | None = None,
                 memory: MemoryKV | None = None) -> torch.Tensor:
         """``memory``: this layer's explicit memories (memory layers only); they are not
         written to the cache, so a generation step passes the memories of its chunks anew."""
         b, length, _ = x.shape
-        x = self.input_hook(x)
-        q = self.wq(x).view(b, length, -1, self.head_dim).transpose(1, 2)
-        k = self.wk(x).view(b, length, -1, self.head_dim).transpose(1, 2)
-        v = self.wv(x).view(b, length, -1, self.head_dim).transpose(1, 2)
-        q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        q, k, v = self.rotated_qkv(x, rope)
         if cache is not None:
             k, v = cache.update(self.layer_index, k, v)
         if memory is None:
