@@ -3,7 +3,8 @@
 Prompts of different lengths run as one left-padded batch: each row's RoPE positions start at
 0 at its first real token and padding keys are masked, so a row generates exactly what it would
 alone. The prompt is read in one forward (prefill); every new token then costs one forward of
-a single position over the cache.
+a single position over the cache. With explicit memories (``explicit``), every chunk of 64
+positions attends to its retrieved memories in the memory layers (see ``infer/explicit.py``).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from memtron.infer.explicit import ChunkMemories, ExplicitGeneration
 from memtron.model.forward import ForwardContext, autocast
 from memtron.model.transformer import Transformer
 
@@ -79,12 +81,13 @@ def next_token(logits: torch.Tensor, cfg: SamplingConfig,
 @torch.no_grad()
 def generate(model: Transformer, prompts: list[list[int]], cfg: SamplingConfig, eos_id: int,
              pad_id: int | None = None, dtype: str = "fp32",
-             on_tokens: Callable[[torch.Tensor], None] | None = None) -> GenerationResult:
+             on_tokens: Callable[[torch.Tensor], None] | None = None,
+             explicit: ExplicitGeneration | None = None) -> GenerationResult:
     """Continue every prompt (token ids) with up to ``cfg.max_new_tokens`` tokens.
 
     ``on_tokens(ids [B])`` sees each step's new tokens as they come (for streaming). Rows stop
     at ``eos_id`` (when ``cfg.stop_at_eos``) or when the context (``model.cfg.max_seq_len``)
-    is full.
+    is full. ``explicit``: explicit memories, retrieved per chunk as the rows reach it.
     """
     cfg.check()
     if not prompts or any(not p for p in prompts):
@@ -115,9 +118,14 @@ def generate(model: Transformer, prompts: list[list[int]], cfg: SamplingConfig, 
                               prompt_tokens=sum(len(p) for p in prompts))
     done = torch.zeros(batch, dtype=torch.bool, device=device)
     start = time.perf_counter()
+    memories, histories = None, [list(p) for p in prompts]
+    if explicit is not None:
+        memories = ChunkMemories(explicit, batch, total, device)
+        memories.prompt(prompts)
     with autocast(device, dtype):
-        logits = model(tokens, ForwardContext(positions=positions[:, :longest], cache=cache,
-                                              key_valid=key_valid))[:, -1]
+        logits = model(tokens, ForwardContext(
+            positions=positions[:, :longest], cache=cache, key_valid=key_valid,
+            explicit=memories.kv(longest - 1) if memories else None))[:, -1]
     _synchronize(device)
     result.prefill_s = time.perf_counter() - start
     start = time.perf_counter()
@@ -136,9 +144,15 @@ def generate(model: Transformer, prompts: list[list[int]], cfg: SamplingConfig, 
         length += 1
         if bool(done.all()) or length - longest >= cfg.max_new_tokens or length >= total:
             break
+        ctx = ForwardContext(positions=positions[:, length - 1:length], cache=cache,
+                             key_valid=key_valid)
+        if memories is not None:
+            at = positions[:, length - 1].tolist()
+            memories.step(histories, at)
+            ctx.explicit = memories.kv(max(at))
+            for history, token in zip(histories, new.tolist()):
+                history.append(token)
         with autocast(device, dtype):
-            ctx = ForwardContext(positions=positions[:, length - 1:length], cache=cache,
-                                 key_valid=key_valid)
             logits = model(new[:, None], ctx)[:, -1]
     _synchronize(device)
     result.decode_s = time.perf_counter() - start
