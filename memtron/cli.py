@@ -15,6 +15,8 @@
   memtron export hf CKPT OUT               Hugging Face model directory
   memtron import hf HF_DIR CKPT_DIR        Hugging Face (memtron or Llama) -> checkpoint
   memtron serve-memory BANK_DIR            HTTP row-fetch server over a bank
+  memtron memory build-explicit --ckpt CKPT --references FILE --out STORE   explicit memories
+  memtron data retrieve --shards DIR --store STORE   memory ids of every 64-token chunk
 """
 
 from __future__ import annotations
@@ -455,6 +457,87 @@ def _add_export_parsers(sub) -> None:
     p.set_defaults(func=_cmd_serve_memory)
 
 
+def _cmd_build_explicit(args: argparse.Namespace) -> int:
+    from memtron.export.explicit import build_explicit_store, store_bytes
+
+    try:
+        layers = [int(x) for x in args.layers.split(",")] if args.layers else None
+        manifest = build_explicit_store(
+            args.ckpt, args.references, args.out, m=args.m, ref_len=args.ref_len,
+            layers=layers, dtype=args.dtype, batch_size=args.batch_size, workers=args.workers,
+            device=_device(args.device), pq_sub_dim=args.pq_sub_dim, pq_train=args.pq_train,
+            embedder=args.embedder, embed_dim=args.embed_dim, text_key=args.text_key,
+            overwrite=args.overwrite, progress=not args.quiet)
+    except ValueError as e:  # bad arguments or reference file; the message names them
+        print(f"memtron: error: {e}", file=sys.stderr)
+        return 2
+    meta = manifest["source"]["explicit"]
+    sizes = store_bytes(manifest)
+    n = meta["n_memories"]
+    print(f"wrote {args.out}: {n:,} memories ({meta['dtype']}, layers {meta['layers']}, "
+          f"{meta['n_kv_heads']} kv heads x top-{meta['m']} of <= {meta['ref_len']} tokens); "
+          f"memories {sizes['memories'] / 2**20:,.2f} MiB = {sizes['memories'] / n:,.0f} "
+          f"bytes per memory")
+    return 0
+
+
+def _cmd_data_retrieve(args: argparse.Namespace) -> int:
+    from memtron.data.retrieve import retrieve_shards
+
+    summary = retrieve_shards(args.shards, args.store, r=args.r, chunk=args.chunk,
+                              batch_size=args.batch_size,
+                              use_faiss={"auto": None, "faiss": True, "numpy": False}[args.index],
+                              progress=not args.quiet)
+    print(json.dumps(summary, indent=1))
+    return 0
+
+
+def _add_explicit_parsers(sub, data) -> None:
+    memory = sub.add_parser("memory", help="build memory stores").add_subparsers(
+        dest="memory_command", required=True)
+    p = memory.add_parser("build-explicit", help="references -> explicit-memory store",
+                          description="Encode reference chunks (<= --ref-len tokens) with the "
+                          "checkpoint's model, keep the top-m tokens per (memory layer, KV "
+                          "head) by attention received, and write their post-RoPE K and V as "
+                          "a checksummed row-block store (mmap or `serve-memory`) with a "
+                          "retrieval index.")
+    p.add_argument("--ckpt", required=True, help="run dir (latest checkpoint) or checkpoint dir")
+    p.add_argument("--references", required=True, help=".jsonl (text, optional id), .txt "
+                   "(blank-line separated documents) or .parquet")
+    p.add_argument("--out", required=True, help="store directory to write")
+    p.add_argument("--m", type=int, default=8, help="tokens kept per layer and KV head")
+    p.add_argument("--ref-len", type=int, default=128, help="tokens per reference chunk")
+    p.add_argument("--layers", help="memory layers, e.g. 0,1,2 (default: the first half)")
+    p.add_argument("--dtype", choices=["bf16", "int8", "pq"], default="bf16")
+    p.add_argument("--pq-sub-dim", type=int, default=4, help="pq: dims per sub-vector code")
+    p.add_argument("--pq-train", type=int, default=1024,
+                   help="pq: references whose encodings fit the codebooks")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--workers", type=int, default=1,
+                   help="processes, each encoding a slice of the references")
+    p.add_argument("--device", default="auto", help="auto (cuda if present), cpu, cuda, cuda:N")
+    p.add_argument("--embedder", default="hashed",
+                   help="retrieval embedder: hashed, or a local sentence-model directory")
+    p.add_argument("--embed-dim", type=int, default=256, help="hashed embedder width")
+    p.add_argument("--text-key", default="text")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing store")
+    p.add_argument("--quiet", action="store_true", help="no progress on stderr")
+    p.set_defaults(func=_cmd_build_explicit)
+
+    p = data.add_parser("retrieve", help="precompute explicit-memory ids of training shards",
+                        description="For every --chunk-token chunk of every sample, the top-r "
+                        "memory ids of STORE's retriever, stored with the samples as field "
+                        "memory_ids int64 [seq_len / chunk, r].")
+    p.add_argument("--shards", required=True, help="prepared shard directory (index.json)")
+    p.add_argument("--store", required=True, help="explicit-memory store directory")
+    p.add_argument("--r", type=int, default=5, help="memories per chunk")
+    p.add_argument("--chunk", type=int, default=64, help="tokens per chunk")
+    p.add_argument("--batch-size", type=int, default=1024, help="chunks embedded at a time")
+    p.add_argument("--index", choices=["auto", "faiss", "numpy"], default="auto")
+    p.add_argument("--quiet", action="store_true", help="no progress on stderr")
+    p.set_defaults(func=_cmd_data_retrieve)
+
+
 def _add_infer_parsers(sub) -> None:
     p = sub.add_parser("generate", help="generate text from a checkpoint (KV cache)",
                        description="Load a checkpoint saved at any layout into this process "
@@ -564,6 +647,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_prepare)
 
     _add_eval_parsers(sub)
+    _add_explicit_parsers(sub, data)
     _add_submit_parser(sub)
     _add_infer_parsers(sub)
     _add_export_parsers(sub)

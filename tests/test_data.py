@@ -16,8 +16,9 @@ import numpy as np
 import pytest
 import torch
 
-from memtron.data.loader import DataError, ShardLoader, eval_batches
+from memtron.data.loader import Batch, DataError, ShardLoader, eval_batches
 from memtron.data.prepare import prepare
+from memtron.data.shards import add_sample_field
 from memtron.data.synthetic import generate_corpus, load_questions
 from memtron.data.tokenizer import ByteTokenizer, HFTokenizer, load_tokenizer
 from tests.conftest import save_word_level_tokenizer
@@ -279,9 +280,13 @@ def _rows(batches) -> list[tuple[int, ...]]:
     return [tuple(row) for batch in batches for row in batch.tolist()]
 
 
-def _take(loader, n: int) -> list[torch.Tensor]:
+def _take_batches(loader, n: int) -> list[Batch]:
     it = iter(loader)
     return [next(it) for _ in range(n)]
+
+
+def _take(loader, n: int) -> list[torch.Tensor]:
+    return [b.tokens for b in _take_batches(loader, n)]
 
 
 def test_loader_one_epoch_covers_every_sample_once(shards):
@@ -331,12 +336,13 @@ def test_dp_batches_together_are_the_single_process_batch(shards):
 
 def test_eval_batches_deterministic_and_split(shards):
     path, index = shards
-    first = list(eval_batches(path, 4, SEQ, n_batches=3))
+    first = [b.tokens for b in eval_batches(path, 4, SEQ, n_batches=3)]
     assert len(first) == 3
-    assert all(torch.equal(a, b) for a, b in zip(first, eval_batches(path, 4, SEQ, 3)))
+    again = [b.tokens for b in eval_batches(path, 4, SEQ, 3)]
+    assert all(torch.equal(a, b) for a, b in zip(first, again, strict=True))
     assert _rows(first) == _rows([torch.from_numpy(np.stack(_read_shards(path)[:12]))])
-    r0 = _rows(eval_batches(path, 4, SEQ, 100, dp_rank=0, dp_size=2))
-    r1 = _rows(eval_batches(path, 4, SEQ, 100, dp_rank=1, dp_size=2))
+    r0 = _rows(b.tokens for b in eval_batches(path, 4, SEQ, 100, dp_rank=0, dp_size=2))
+    r1 = _rows(b.tokens for b in eval_batches(path, 4, SEQ, 100, dp_rank=1, dp_size=2))
     assert len(r0) == len(r1) == index["n_samples"] // 8 * 4
     assert not set(r0) & set(r1)
 
@@ -352,7 +358,7 @@ def test_loader_exact_resume(shards, workers_before, workers_after):
 
     before = ShardLoader(path, num_workers=workers_before, **args)
     it = iter(before)
-    got = [next(it) for _ in range(consumed)]  # workers have prefetched beyond this
+    got = [next(it).tokens for _ in range(consumed)]  # workers have prefetched beyond this
     state = json.loads(json.dumps(before.state_dict()))
     assert state["samples_consumed"] == consumed * 6 and state["epoch"] == 0
     del it
@@ -422,3 +428,152 @@ def test_index_problems_raise_data_error(shards, tmp_path):
         ShardLoader(tmp_path, 4, SEQ)
     with pytest.raises(DataError, match="one global batch"):
         ShardLoader(path, 1000, SEQ)
+
+
+# ----------------------------------------------------------------------------- sample fields
+
+
+@pytest.fixture
+def field_shards(shard_copy):
+    """The shards with field ``sample_id`` int64 [2] = (i, -i) for sample i, and an extra file
+    in the directory that rewriting must keep."""
+    (shard_copy / "tree").mkdir()
+    (shard_copy / "tree" / "note.txt").write_text("kept")
+    n = json.loads((shard_copy / "index.json").read_text())["n_samples"]
+    add_sample_field(shard_copy, "sample_id", (np.array([i, -i]) for i in range(n)))
+    return shard_copy
+
+
+def _check_ids(batch: Batch, samples: list[np.ndarray]) -> list[int]:
+    """The batch's sample ids, after checking each row's tokens are that sample's."""
+    ids = batch.fields["sample_id"]
+    assert ids.dtype == torch.int64 and ids.shape == (batch.tokens.shape[0], 2)
+    assert torch.equal(ids[:, 1], -ids[:, 0])
+    for row, i in zip(batch.tokens, ids[:, 0].tolist(), strict=True):
+        assert row.tolist() == samples[i].tolist()
+    return ids[:, 0].tolist()
+
+
+def test_sample_field_round_trip(field_shards):
+    samples = [s for s in _read_shards(field_shards) if s.shape == (SEQ + 1,)]
+    index = json.loads((field_shards / "index.json").read_text())
+    assert index["version"] == 2
+    assert index["fields"] == {"sample_id": {"shape": [2], "dtype": "int64"}}
+    assert (field_shards / "tree" / "note.txt").read_text() == "kept"
+    assert not list(field_shards.parent.glob(".*tmp*"))  # no temp dir left
+    unshuffled = ShardLoader(field_shards, 4, SEQ, shuffle=False)
+    assert unshuffled.fields == {"sample_id": (2,)}
+    ids = [i for b in _take_batches(unshuffled, unshuffled.batches_per_epoch)
+           for i in _check_ids(b, samples)]
+    assert ids == list(range(len(ids)))
+    assert [i for b in eval_batches(field_shards, 4, SEQ, 3) for i in _check_ids(b, samples)] \
+        == list(range(12))
+    # replace it through a per-shard function; a second field sits beside it
+    add_sample_field(field_shards, "sample_id",
+                     lambda tokens, first: np.stack([np.arange(first, first + len(tokens)),
+                                                     -np.arange(first, first + len(tokens))]).T)
+    add_sample_field(field_shards, "bank_path",
+                     lambda tokens, first: tokens[:, :3].astype(np.int64))
+    shuffled = ShardLoader(field_shards, 4, SEQ, seed=3)
+    for batch in _take_batches(shuffled, shuffled.batches_per_epoch):
+        _check_ids(batch, samples)
+        assert torch.equal(batch.fields["bank_path"], batch.tokens[:, :3])
+    moved = batch.to("cpu")
+    assert torch.equal(moved.fields["bank_path"], batch.fields["bank_path"])
+
+
+def test_sample_fields_follow_dp_split_workers_and_resume(field_shards):
+    samples = [s for s in _read_shards(field_shards) if s.shape == (SEQ + 1,)]
+    single = _take_batches(ShardLoader(field_shards, 4, SEQ, seed=2), 6)
+    for t, reference in enumerate(single):
+        ranks = [_take_batches(ShardLoader(field_shards, 2, SEQ, dp_rank=r, dp_size=2,
+                                           seed=2, num_workers=2), t + 1)[t] for r in range(2)]
+        ids = [_check_ids(b, samples) for b in ranks]
+        assert ids[0] + ids[1] == _check_ids(reference, samples)
+    before = ShardLoader(field_shards, 2, SEQ, dp_rank=1, dp_size=2, seed=2, num_workers=2)
+    _take_batches(before, 4)
+    after = ShardLoader(field_shards, 2, SEQ, dp_rank=1, dp_size=2, seed=2)
+    after.load_state_dict(before.state_dict())
+    assert _check_ids(_take_batches(after, 1)[0], samples) == _check_ids(single[4], samples)[2:]
+
+
+def test_version_1_index_without_fields_still_reads(shard_copy):
+    index_path = shard_copy / "index.json"
+    index = json.loads(index_path.read_text())
+    del index["fields"]
+    index_path.write_text(json.dumps({**index, "version": 1}))
+    batch = _take_batches(ShardLoader(shard_copy, 4, SEQ), 1)[0]
+    assert batch.fields == {} and batch.tokens.shape == (4, SEQ + 1)
+
+
+def _rewrite_member(directory: Path, shard: str, member_name: str, payload: bytes | None):
+    """Replace (or, with None, drop) one tar member and re-checksum the shard in the index, so
+    that only the content check can catch it."""
+    path = directory / shard
+    members = []
+    with tarfile.open(path) as tar:
+        for m in tar:
+            members.append((m, tar.extractfile(m).read()))
+    with tarfile.open(path, "w") as tar:
+        for m, data in members:
+            if m.name == member_name:
+                if payload is None:
+                    continue
+                data = payload
+            m.size = len(data)
+            tar.addfile(m, io.BytesIO(data))
+    index = json.loads((directory / "index.json").read_text())
+    for entry in index["shards"]:
+        if entry["name"] == shard:
+            data = path.read_bytes()
+            entry.update(bytes=len(data), sha256=hashlib.sha256(data).hexdigest())
+    (directory / "index.json").write_text(json.dumps(index))
+
+
+def _npy(array: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    np.save(buffer, array)
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize(("payload", "match"), [
+    (_npy(np.array([1, 2, 3])), r"shard-00001\.tar: field 'sample_id' of sample 0000000017 "
+                                r"has shape \(3,\)"),
+    (_npy(np.array([1.0, 2.0])), r"shard-00001\.tar: field 'sample_id'.*float64"),
+    (None, r"shard-00001\.tar: sample 0000000017 lacks 'sample_id'"),
+])
+def test_mismatched_field_raises_naming_the_shard(field_shards, payload, match):
+    _rewrite_member(field_shards, "shard-00001.tar", "0000000017.sample_id.npy", payload)
+    loader = ShardLoader(field_shards, 4, SEQ, shuffle=False)
+    with pytest.raises(DataError, match=match):
+        _take_batches(loader, loader.batches_per_epoch)
+
+
+def test_field_not_in_index_and_corrupt_field_shard_are_named(field_shards):
+    index_path = field_shards / "index.json"
+    index = json.loads(index_path.read_text())
+    index_path.write_text(json.dumps({**index, "fields": {}}))
+    with pytest.raises(DataError, match=r"shard-00000\.tar: unexpected member "
+                                        r"'0000000000\.sample_id\.npy'"):
+        _take_batches(ShardLoader(field_shards, 4, SEQ, shuffle=False), 1)
+    index_path.write_text(json.dumps(index))
+    target = field_shards / "shard-00002.tar"
+    data = bytearray(target.read_bytes())
+    data[-2000] ^= 0xFF
+    target.write_bytes(bytes(data))
+    with pytest.raises(DataError, match=r"shard-00002\.tar.*sha256"):
+        add_sample_field(field_shards, "other", (np.zeros(1) for _ in range(1000)))
+
+
+def test_add_sample_field_bad_values_are_refused(shard_copy):
+    before = {p.name: p.read_bytes() for p in shard_copy.iterdir()}
+    with pytest.raises(ValueError, match="ran out at sample 5"):
+        add_sample_field(shard_copy, "f", (np.zeros(2) for _ in range(5)))
+    with pytest.raises(ValueError, match=r"shard-00000\.tar: field 'f'.*shape \(3,\)"):
+        add_sample_field(shard_copy, "f", (np.zeros(2 + (i == 3)) for i in range(1000)))
+    with pytest.raises(ValueError, match="more values"):
+        add_sample_field(shard_copy, "f", (np.zeros(2) for _ in range(1000)))
+    with pytest.raises(ValueError, match="bad sample field name"):
+        add_sample_field(shard_copy, "a.b", [])
+    assert {p.name: p.read_bytes() for p in shard_copy.iterdir()} == before  # untouched
+    assert not list(shard_copy.parent.glob(".*tmp*"))

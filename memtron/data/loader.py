@@ -1,4 +1,8 @@
-"""Resumable stream of token batches from prepared shards, split by data-parallel rank.
+"""Resumable stream of batches from prepared shards, split by data-parallel rank.
+
+A batch is a :class:`Batch`: the tokens ``[B, seq_len + 1]`` and the per-sample fields the
+shards carry (``bank_path``, ``memory_ids``...; format in :mod:`memtron.data.shards`). Fields
+travel with their sample's row, so everything below holds for them as for the tokens.
 
 Design (the whole of it):
   * Epoch order: per epoch, the shard order is permuted from ``(seed, epoch)`` and the rows
@@ -26,108 +30,49 @@ Design (the whole of it):
 from __future__ import annotations
 
 import hashlib
-import io
 import itertools
-import json
-import tarfile
 import traceback
 from collections import OrderedDict
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
+from dataclasses import field as dataclass_field
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from memtron.data.prepare import INDEX_FORMAT, INDEX_NAME, INDEX_VERSION
+from memtron.data.shards import (  # noqa: F401 (DataError: re-exported for callers)
+    INDEX_NAME,
+    DataError,
+    field_specs,
+    load_shard,
+    read_index,
+)
 
 STATE_VERSION = 2
 SHARDS_CACHED = 2  # a batch can straddle two shards; more would only cost memory
 
 
-class DataError(RuntimeError):
-    """A shard or index is missing, corrupt or inconsistent; the message names the file."""
+@dataclass
+class Batch:
+    """One micro-batch: ``tokens`` ``LongTensor[B, seq_len + 1]`` (inputs and shifted targets)
+    and the samples' named per-sample ``fields`` (e.g. ``bank_path`` ``[B, levels]``), each
+    ``[B, *shape]``. Integer fields arrive as int64, others in their stored dtype."""
+
+    tokens: torch.Tensor
+    fields: dict[str, torch.Tensor] = dataclass_field(default_factory=dict)
+
+    def to(self, device: torch.device | str, non_blocking: bool = False) -> Batch:
+        return Batch(self.tokens.to(device, non_blocking=non_blocking),
+                     {k: v.to(device, non_blocking=non_blocking)
+                      for k, v in self.fields.items()})
 
 
-@dataclass(frozen=True)
-class _Shard:
-    path: Path
-    n_samples: int
-    nbytes: int
-    sha256: str
-
-
-def _read_index(directory: str | Path, seq_len: int) -> tuple[dict, list[_Shard]]:
-    """Parse and check ``index.json``; shard files must exist with the recorded sizes."""
-    index_path = Path(directory) / INDEX_NAME
-    try:
-        index = json.loads(index_path.read_text())
-    except FileNotFoundError:
-        raise DataError(
-            f"{index_path}: no such file (run `prepare` on the raw data first)"
-        ) from None
-    except (OSError, json.JSONDecodeError) as e:
-        raise DataError(f"{index_path}: unreadable index: {e}") from e
-    if not isinstance(index, dict) or index.get("format") != INDEX_FORMAT:
-        raise DataError(f"{index_path}: not a {INDEX_FORMAT} index")
-    if index.get("version") != INDEX_VERSION:
-        raise DataError(f"{index_path}: version {index.get('version')!r}, this code reads "
-                        f"{INDEX_VERSION}")
-    for key in ("seq_len", "dtype", "n_samples", "shards"):
-        if key not in index:
-            raise DataError(f"{index_path}: missing key {key!r}")
-    if index["dtype"] not in ("uint16", "int32"):
-        raise DataError(f"{index_path}: dtype {index['dtype']!r} is not uint16 or int32")
-    if index["seq_len"] != seq_len:
-        raise DataError(f"{index_path}: seq_len is {index['seq_len']} but {seq_len} was "
-                        "requested (re-run prepare with this seq_len)")
-    shards = []
-    for i, entry in enumerate(index["shards"]):
-        try:
-            shard = _Shard(Path(directory) / entry["name"], int(entry["n_samples"]),
-                           int(entry["bytes"]), str(entry["sha256"]))
-        except (KeyError, TypeError, ValueError) as e:
-            raise DataError(f"{index_path}: shards[{i}] is malformed: {e!r}") from e
-        if not shard.path.is_file():
-            raise DataError(f"{shard.path}: shard listed in {index_path} is missing")
-        size = shard.path.stat().st_size
-        if size != shard.nbytes:
-            raise DataError(f"{shard.path}: {size} bytes, {index_path} says {shard.nbytes} "
-                            "(truncated or overwritten shard)")
-        shards.append(shard)
-    if sum(s.n_samples for s in shards) != index["n_samples"]:
-        raise DataError(f"{index_path}: n_samples disagrees with the sum over shards")
-    return index, shards
-
-
-def _load_shard(shard: _Shard, sample_len: int, dtype: np.dtype) -> np.ndarray:
-    """All samples of one shard as a [n, sample_len] array, after checking size and sha256."""
-    try:
-        data = shard.path.read_bytes()
-    except OSError as e:
-        raise DataError(f"{shard.path}: cannot read shard: {e}") from e
-    if len(data) != shard.nbytes:
-        raise DataError(f"{shard.path}: {len(data)} bytes, index says {shard.nbytes} "
-                        "(truncated or overwritten shard)")
-    if hashlib.sha256(data).hexdigest() != shard.sha256:
-        raise DataError(f"{shard.path}: sha256 mismatch with the index (corrupt shard)")
-    samples = []
-    try:
-        with tarfile.open(fileobj=io.BytesIO(data), mode="r:") as tar:
-            for member in tar:
-                if member.isfile() and member.name.endswith(".npy"):
-                    payload = tar.extractfile(member).read()
-                    samples.append(np.load(io.BytesIO(payload), allow_pickle=False))
-    except (tarfile.TarError, ValueError, OSError) as e:
-        raise DataError(f"{shard.path}: unreadable tar shard: {e}") from e
-    if len(samples) != shard.n_samples:
-        raise DataError(f"{shard.path}: {len(samples)} samples, index says {shard.n_samples}")
-    for sample in samples:
-        if sample.shape != (sample_len,) or sample.dtype != dtype:
-            raise DataError(f"{shard.path}: sample of shape {sample.shape} {sample.dtype}, "
-                            f"expected ({sample_len},) {dtype}")
-    return np.stack(samples)
+def _field_tensor(values: np.ndarray) -> torch.Tensor:
+    if values.dtype.kind in "ui":
+        return torch.from_numpy(values.astype(np.int64))
+    return torch.from_numpy(np.ascontiguousarray(values))
 
 
 class _BatchReader:
@@ -142,7 +87,8 @@ class _BatchReader:
             raise ValueError(f"dp_rank {dp_rank} is not in [0, dp_size={dp_size})")
         if seed < 0:
             raise ValueError(f"seed must be >= 0, got {seed}")
-        self.index, self.shards = _read_index(path, seq_len)
+        self.index, self.shards = read_index(path, seq_len)
+        self.fields = field_specs(self.index)
         self.index_path = Path(path) / INDEX_NAME
         self.sample_len = seq_len + 1
         self.dtype = np.dtype(self.index["dtype"])
@@ -163,7 +109,9 @@ class _BatchReader:
             "".join(s.sha256 for s in self.shards).encode()
         ).hexdigest()[:16]
         self._layout: tuple[int, np.ndarray, np.ndarray] | None = None
-        self._cache: OrderedDict[tuple[int, int], tuple[np.ndarray, np.ndarray]] = OrderedDict()
+        # (epoch, shard) -> (tokens, fields, row order)
+        self._cache: OrderedDict[tuple[int, int], tuple[np.ndarray, dict[str, np.ndarray],
+                                                        np.ndarray]] = OrderedDict()
 
     def _epoch_layout(self, epoch: int) -> tuple[np.ndarray, np.ndarray]:
         """Shard visiting order of an epoch and where each starts in the epoch order."""
@@ -176,35 +124,41 @@ class _BatchReader:
             self._layout = (epoch, order, starts)
         return self._layout[1], self._layout[2]
 
-    def _shard_rows(self, epoch: int, shard: int) -> tuple[np.ndarray, np.ndarray]:
-        """(samples, row order) of a shard in an epoch, from the small LRU cache."""
+    def _shard_rows(self, epoch: int,
+                    shard: int) -> tuple[np.ndarray, dict[str, np.ndarray], np.ndarray]:
+        """(tokens, fields, row order) of a shard in an epoch, from the small LRU cache."""
         key = (epoch, shard)
         if key in self._cache:
             self._cache.move_to_end(key)
             return self._cache[key]
         cached = next((v for (_, s), v in self._cache.items() if s == shard), None)
-        samples = cached[0] if cached else _load_shard(
-            self.shards[shard], self.sample_len, self.dtype)
+        samples, fields = cached[:2] if cached else load_shard(
+            self.shards[shard], self.sample_len, self.dtype, self.fields)
         rows = np.arange(len(samples))
         if self.shuffle:
             rows = np.random.default_rng([self.seed, epoch, 1, shard]).permutation(rows)
-        self._cache[key] = (samples, rows)
+        self._cache[key] = (samples, fields, rows)
         while len(self._cache) > SHARDS_CACHED:
             self._cache.popitem(last=False)
-        return samples, rows
+        return samples, fields, rows
 
-    def batch(self, t: int) -> torch.Tensor:
+    def batch(self, t: int) -> Batch:
         epoch, b = divmod(t, self.batches_per_epoch)
         order, starts = self._epoch_layout(epoch)
         positions = (b * self.global_batch_size + self.rank_offset
                      + np.arange(self.micro_batch_size))
         slots = np.searchsorted(starts, positions, side="right") - 1
         out = np.empty((self.micro_batch_size, self.sample_len), dtype=np.int64)
+        fields = {name: np.empty((self.micro_batch_size, *spec.shape), dtype=spec.dtype)
+                  for name, spec in self.fields.items()}
         for slot in np.unique(slots):
             mask = slots == slot
-            samples, rows = self._shard_rows(epoch, int(order[slot]))
-            out[mask] = samples[rows[positions[mask] - starts[slot]]]
-        return torch.from_numpy(out)
+            samples, shard_fields, rows = self._shard_rows(epoch, int(order[slot]))
+            picked = rows[positions[mask] - starts[slot]]
+            out[mask] = samples[picked]
+            for name, values in shard_fields.items():
+                fields[name][mask] = values[picked]
+        return Batch(torch.from_numpy(out), {k: _field_tensor(v) for k, v in fields.items()})
 
 
 class _WorkerStream(IterableDataset):
@@ -214,7 +168,7 @@ class _WorkerStream(IterableDataset):
         self.reader = reader
         self.first_batch = first_batch
 
-    def __iter__(self) -> Iterator[torch.Tensor]:
+    def __iter__(self) -> Iterator[Batch]:
         info = get_worker_info()
         worker, n_workers = (info.id, info.num_workers) if info is not None else (0, 1)
         t = self.first_batch + worker
@@ -224,7 +178,8 @@ class _WorkerStream(IterableDataset):
 
 
 class ShardLoader:
-    """Endless, resumable ``LongTensor[micro_batch_size, seq_len + 1]`` batches for one dp rank.
+    """Endless, resumable :class:`Batch` es (``tokens`` ``[micro_batch_size, seq_len + 1]`` and
+    the shards' per-sample fields) for one dp rank.
 
     See the module docstring for the split and resume design. Iterate one iterator at a time:
     each ``iter()`` continues from the batches handed out so far, so call ``load_state_dict``
@@ -258,8 +213,13 @@ class ShardLoader:
     def epoch(self) -> int:
         return self._batches_yielded // self.batches_per_epoch
 
-    def __iter__(self) -> Iterator[torch.Tensor]:
-        batches: Iterable[torch.Tensor]
+    @property
+    def fields(self) -> dict[str, tuple[int, ...]]:
+        """Per-sample field name -> shape of what each batch carries in ``Batch.fields``."""
+        return {name: spec.shape for name, spec in self._reader.fields.items()}
+
+    def __iter__(self) -> Iterator[Batch]:
+        batches: Iterable[Batch]
         if self.num_workers == 0:
             batches = map(self._reader.batch, itertools.count(self._batches_yielded))
         else:
@@ -313,7 +273,7 @@ def eval_batches(
     n_batches: int,
     dp_rank: int = 0,
     dp_size: int = 1,
-) -> Iterator[torch.Tensor]:
+) -> Iterator[Batch]:
     """The first ``n_batches`` batches of this rank's unshuffled pass: the same every call.
 
     Stops early (at the same batch on every rank) when the pass holds fewer batches.

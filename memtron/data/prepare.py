@@ -3,8 +3,9 @@
 Documents are tokenized, each followed by ``eos_id``, concatenated in input order and cut into
 non-overlapping samples of ``seq_len + 1`` tokens (inputs and shifted targets of one training
 row); the last partial sample is dropped. Each sample is one ``<key>.npy`` member of a tar
-shard. ``index.json`` records sizes and sha256 checksums, so the loader can refuse a corrupt
-or truncated shard by name instead of training on garbage.
+shard, plus one ``<key>.<field>.npy`` member per per-sample field (see
+:mod:`memtron.data.shards`). ``index.json`` records sizes and sha256 checksums, so the loader
+can refuse a corrupt or truncated shard by name instead of training on garbage.
 
 Input formats:
   * ``.txt``: one document per paragraph; paragraphs are separated by blank lines and keep
@@ -15,23 +16,22 @@ Input formats:
 
 from __future__ import annotations
 
-import hashlib
 import json
-import os
-import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
-import webdataset
 
 from memtron.data.jsonl import jsonl_rows
+from memtron.data.shards import (
+    INDEX_FORMAT,
+    INDEX_NAME,
+    INDEX_VERSION,
+    ShardSink,
+    building_dir,
+)
 from memtron.data.tokenizer import load_tokenizer
 
-INDEX_NAME = "index.json"
-INDEX_FORMAT = "memtron-token-shards"
-INDEX_VERSION = 1
-SHARD_NAME = "shard-{:05d}.tar"
 SUFFIXES = (".txt", ".jsonl", ".parquet")
 
 
@@ -94,51 +94,6 @@ def iter_documents(path: str | Path, text_key: str = "text") -> Iterator[str]:
         raise ValueError(f"{file}: not valid UTF-8: {e}") from e
 
 
-class _ShardSink:
-    """Writes samples into numbered tar shards and records each shard's size and sha256."""
-
-    def __init__(self, directory: Path, samples_per_shard: int):
-        self.directory = directory
-        self.samples_per_shard = samples_per_shard
-        self.shards: list[dict] = []
-        self.n_samples = 0
-        self._writer: webdataset.TarWriter | None = None
-        self._in_shard = 0
-
-    def add(self, sample: np.ndarray) -> None:
-        if self._writer is None:
-            name = SHARD_NAME.format(len(self.shards))
-            # mtime fixed so that the same input gives byte-identical shards and checksums
-            self._writer = webdataset.TarWriter(str(self.directory / name), mtime=0)
-            self.shards.append({"name": name})
-        self._writer.write({"__key__": f"{self.n_samples:010d}", "npy": sample})
-        self.n_samples += 1
-        self._in_shard += 1
-        if self._in_shard == self.samples_per_shard:
-            self._finish_shard()
-
-    def _finish_shard(self) -> None:
-        assert self._writer is not None
-        self._writer.close()
-        self._writer = None
-        shard = self.shards[-1]
-        data = (self.directory / shard["name"]).read_bytes()
-        shard.update(n_samples=self._in_shard, bytes=len(data),
-                     sha256=hashlib.sha256(data).hexdigest())
-        self._in_shard = 0
-
-    def __enter__(self) -> _ShardSink:
-        return self
-
-    def __exit__(self, exc_type: type[BaseException] | None, *_: object) -> None:
-        if self._writer is None:
-            return
-        if exc_type is None:
-            self._finish_shard()  # the last, partial shard
-        else:
-            self._writer.close()
-
-
 def prepare(
     inputs: list[str | Path],
     out_dir: str | Path,
@@ -168,15 +123,10 @@ def prepare(
     dtype = np.dtype(np.uint16 if tok.vocab_size <= 65535 else np.int32)
     sample_len = seq_len + 1
 
-    out = Path(out_dir)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    try:
+    with building_dir(out_dir) as tmp:
         pending: list[int] = []
         sources = []
-        with _ShardSink(tmp, samples_per_shard) as sink:
+        with ShardSink(tmp, samples_per_shard) as sink:
             for file in files:
                 n_documents = 0
                 for document in iter_documents(file, text_key):
@@ -211,17 +161,8 @@ def prepare(
             "n_tokens": sink.n_samples * sample_len,
             "dropped_tokens": len(pending),
             "sources": sources,
+            "fields": {},
             "shards": sink.shards,
         }
         (tmp / INDEX_NAME).write_text(json.dumps(index, indent=1) + "\n")
-        if out.exists():
-            old = out.parent / f".{out.name}.old-{os.getpid()}"
-            out.rename(old)
-            tmp.rename(out)
-            shutil.rmtree(old)
-        else:
-            tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return index

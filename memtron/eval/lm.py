@@ -46,8 +46,8 @@ def lm_loss(model: Transformer, shards: str | Path, seq_len: int, batch_size: in
     """Token-weighted mean loss, its perplexity and the number of tokens scored."""
     device = next(model.parameters()).device
     total, count = 0.0, 0
-    for tokens in eval_batches(shards, batch_size, seq_len, max_batches or 2**62):
-        tokens = tokens.to(device)
+    for batch in eval_batches(shards, batch_size, seq_len, max_batches or 2**62):
+        tokens = batch.tokens.to(device)
         logits = model(tokens[:, :-1]).float()
         total += float(F.cross_entropy(logits.flatten(0, 1), tokens[:, 1:].flatten(),
                                        reduction="sum"))

@@ -24,7 +24,7 @@ import torch
 import torch.distributed as dist
 
 from memtron.config import Config, ConfigError, config_from_dict
-from memtron.data.loader import ShardLoader, eval_batches
+from memtron.data.loader import Batch, ShardLoader, eval_batches
 from memtron.data.prepare import INDEX_NAME
 from memtron.data.synthetic import load_questions
 from memtron.data.tokenizer import load_tokenizer
@@ -245,10 +245,11 @@ class Trainer:
     def _autocast(self) -> contextlib.AbstractContextManager:
         return autocast(self.device, self.cfg.train.dtype)
 
-    def _loss(self, tokens: torch.Tensor) -> torch.Tensor:
+    def _loss(self, batch: Batch) -> torch.Tensor:
         """Mean next-token loss over this rank's tokens of a [B, L + 1] batch (its zigzag
-        chunks under context parallelism; the vocab shard under tensor parallelism)."""
-        tokens = tokens.to(self.device, non_blocking=True)
+        chunks under context parallelism; the vocab shard under tensor parallelism).
+        ``batch.fields`` holds the per-sample fields (e.g. ``bank_path`` [B, levels])."""
+        tokens = batch.tokens.to(self.device, non_blocking=True)
         inputs, targets = tokens[:, :-1], tokens[:, 1:]
         if self.positions is not None:
             inputs, targets = inputs[:, self.positions], targets[:, self.positions]
@@ -360,10 +361,10 @@ class Trainer:
         cfg = self.cfg
         self.model.eval()
         losses = []
-        for tokens in eval_batches(cfg.data.valid, cfg.data.micro_batch_size, cfg.data.seq_len,
-                                   cfg.train.eval_batches, dp_rank=self.state.dp_rank,
-                                   dp_size=self.state.dp):
-            losses.append(self._loss(tokens).item())
+        for batch in eval_batches(cfg.data.valid, cfg.data.micro_batch_size, cfg.data.seq_len,
+                                  cfg.train.eval_batches, dp_rank=self.state.dp_rank,
+                                  dp_size=self.state.dp):
+            losses.append(self._loss(batch).item())
         result: dict[str, Any] = {}
         if losses:
             result["loss"] = average_scalar(sum(losses) / len(losses), self.state.dp_cp_group)
