@@ -48,7 +48,7 @@ class ExplicitConfig:
     # Two-stage training: the steps before start_step train without memory, the continual stage
     # from start_step on reads each sample's `memory_ids` field and attends to those memories.
     start_step: int = 0
-    cache: int = 1024  # decoded memories kept in the LRU cache (0 = none)
+    cache: int = 4096  # decoded memories kept in the store's LRU cache (0 = none)
     prefetch: int = 2  # batches whose memories a background thread fetches ahead
 
     def resolved_layers(self, n_layers: int) -> list[int]:
@@ -345,10 +345,6 @@ def _validate_explicit(cfg: Config) -> None:
                  f"layer {layer} out of range for model.n_layers={n_layers}")
         _require(layer not in x.layers[:i], f"memory.explicit.layers[{i}]",
                  f"layer {layer} listed twice")
-    if x.store:
-        _require(cfg.data.seq_len % x.chunk == 0, "memory.explicit.chunk",
-                 f"{x.chunk} does not divide data.seq_len={cfg.data.seq_len} (each sample "
-                 "holds the memory ids of seq_len / chunk chunks)")
 
 
 def validate(cfg: Config) -> None:

@@ -161,53 +161,64 @@ def test_ring_attention_with_memories_equals_one_process(chunk):
 # --------------------------------------------------------------------------- model level
 
 
-class MemoryTable:
-    """An in-memory explicit-memory store (the ExplicitStore read contract: ``manifest`` and
-    ``fetch(ids) -> k, v [n, n_mem_layers, KV, m, D]``) of random memories, scaled so that they
-    move the logits."""
-
-    def __init__(self, n: int, layers: list[int], kv: int, m: int, d: int, ref_len: int = 16,
-                 scale: float = 3.0, seed: int = 0) -> None:
-        g = torch.Generator().manual_seed(seed)
-        self.k = torch.randn(n, len(layers), kv, m, d, generator=g) * scale
-        self.v = torch.randn(n, len(layers), kv, m, d, generator=g) * scale
-        self.manifest = {"layers": layers, "n_kv_heads": kv, "head_dim": d, "m": m,
-                         "ref_len": ref_len, "dtype": "fp32"}
-        self.fetches: list[int] = []
-
-    def fetch(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        self.fetches.append(int(ids.numel()))
-        return self.k[ids], self.v[ids]
+CHUNK, R, M, REF_LEN, LAYERS = 8, 2, 3, 16, [0, 1]
+MODEL = ["model.n_layers=3", "model.d_model=32", "model.n_heads=4", "model.n_kv_heads=2",
+         "model.d_ff=64", "model.max_seq_len=48", "data.seq_len=48", "model.init_std=0.3",
+         f"memory.explicit.chunk={CHUNK}", f"memory.explicit.r={R}",
+         "memory.explicit.layers=[0,1]"]
+WORDS = ["amber", "basalt", "cobalt", "delta", "ember", "fjord", "garnet", "harbor", "indigo",
+         "jasper", "kelp", "lumen"]
 
 
-CHUNK, R, N_MEMORIES = 8, 2, 11
+@pytest.fixture(scope="module")
+def built(tmp_path_factory) -> dict:
+    """A model with large random weights (its greedy continuations vary, and memories move
+    them), its checkpoint, and an explicit-memory store built from it over a small reference
+    corpus."""
+    import json
 
-
-def _explicit_model(seed: int = 0):
-    """Three layers, explicit memories in the first two, chunks of 8 tokens."""
     from memtron.config import load_config
-    from memtron.model.memory.explicit_kv import ExplicitMemories
+    from memtron.export.explicit import build_explicit_store
     from memtron.model.transformer import build_model
+    from memtron.train.checkpoint import save_checkpoint
 
-    torch.manual_seed(seed)
-    cfg = load_config(None, [
-        "model.n_layers=3", "model.d_model=32", "model.n_heads=4", "model.n_kv_heads=2",
-        "model.d_ff=64", "model.max_seq_len=48", "data.seq_len=48",
-        f"memory.explicit.chunk={CHUNK}", f"memory.explicit.r={R}",
-        "memory.explicit.layers=[0,1]", "memory.explicit.store=table"])
-    model = build_model(cfg).eval()
-    x = cfg.memory.explicit
-    layers = x.resolved_layers(cfg.model.n_layers)
-    store = MemoryTable(N_MEMORIES, layers, 2, 3, 8)
-    return model, ExplicitMemories(store, layers, x.chunk, cfg.model.rope_theta, cache=4), store
+    root = tmp_path_factory.mktemp("explicit")
+    cfg = load_config(None, MODEL)
+    torch.manual_seed(0)
+    model = build_model(cfg)
+    ckpt = save_checkpoint(root / "run" / "checkpoints", 1, {"model": model.state_dict()},
+                           {"config": cfg.to_dict(), "data_state": None}, keep_last=1)
+    refs = root / "refs.jsonl"
+    g = torch.Generator().manual_seed(0)
+    with open(refs, "w") as f:
+        for i in range(12):
+            words = torch.randint(0, len(WORDS), (int(torch.randint(3, 9, (), generator=g)),),
+                                  generator=g)
+            f.write(json.dumps({"id": i, "text": " ".join(f"{WORDS[w]}{i}" for w in words)})
+                    + "\n")
+    store = root / "store"
+    build_explicit_store(ckpt, refs, store, m=M, ref_len=REF_LEN, layers=LAYERS,
+                         dtype="bf16", batch_size=8, progress=False)
+    return {"cfg": cfg, "model": model.eval(), "ckpt": ckpt, "store": store, "refs": refs}
 
 
-def test_cached_forward_with_memories_equals_training_forward():
+def _memories(built: dict, cache_rows: int = 0):
+    from memtron.model.memory.explicit import ExplicitStore
+    from memtron.model.memory.explicit_kv import ExplicitMemories
+
+    store = ExplicitStore.open(built["store"], cache_rows=cache_rows)
+    store.check_model(built["cfg"].model)
+    x = built["cfg"].memory.explicit
+    return ExplicitMemories(store, x.resolved_layers(3), x.chunk, built["cfg"].model.rope_theta)
+
+
+def test_cached_forward_with_memories_equals_training_forward(built):
     from memtron.model.forward import ForwardContext
 
-    model, memories, _ = _explicit_model()
+    model, memories = built["model"], _memories(built)
+    n_memories = len(memories.store)
     tokens = torch.randint(0, 256, (3, 30), generator=torch.Generator().manual_seed(1))
-    ids = torch.randint(0, N_MEMORIES, (3, 4, R), generator=torch.Generator().manual_seed(2))
+    ids = torch.randint(0, n_memories, (3, 4, R), generator=torch.Generator().manual_seed(2))
     explicit = memories.kv(ids)
     with torch.no_grad():
         full = model(tokens, ForwardContext(explicit=explicit))
@@ -221,7 +232,7 @@ def test_cached_forward_with_memories_equals_training_forward():
     assert (plain - full).abs().max() > 1e-2  # the memories matter to these logits
     # a memory id picks its own K/V: another memory in chunk 2 changes chunk 2 onwards only
     other = ids.clone()
-    other[:, 2] = (other[:, 2] + 1) % N_MEMORIES
+    other[:, 2] = (other[:, 2] + 1) % n_memories
     with torch.no_grad():
         moved = model(tokens, ForwardContext(explicit=memories.kv(other)))
     torch.testing.assert_close(moved[:, :2 * CHUNK], full[:, :2 * CHUNK], atol=1e-6, rtol=0)
@@ -230,17 +241,7 @@ def test_cached_forward_with_memories_equals_training_forward():
         model(torch.zeros(1, 33, dtype=torch.long), ForwardContext(explicit=memories.kv(ids)))
 
 
-def _retrieve(windows: list[list[int]]) -> torch.Tensor:
-    """A deterministic retriever over token windows (the policy is under test, not the
-    index): ids from a hash of the window."""
-    out = []
-    for w in windows:
-        h = sum((i + 1) * t for i, t in enumerate(w)) + 7 * len(w)
-        out.append([(h + 5 * j) % N_MEMORIES for j in range(R)])
-    return torch.tensor(out)
-
-
-def _chunk_ids(prompt: list[int], seq: list[int]) -> torch.Tensor:
+def _chunk_ids(retrieve, prompt: list[int], seq: list[int]) -> torch.Tensor:
     """The training-time memory ids of every chunk of ``seq`` (prompt + generated): a chunk
     the prompt reaches is retrieved with its prompt text, a later one with the chunk before."""
     windows = []
@@ -249,29 +250,35 @@ def _chunk_ids(prompt: list[int], seq: list[int]) -> torch.Tensor:
             windows.append(prompt[j * CHUNK:(j + 1) * CHUNK])
         else:
             windows.append(seq[(j - 1) * CHUNK:j * CHUNK])
-    return _retrieve(windows)[None]
+    return retrieve(windows)[None]
 
 
-def test_generation_with_memories_equals_training_forward():
+def test_generation_with_memories_equals_training_forward(built):
     from memtron.infer.explicit import ExplicitGeneration
     from memtron.infer.generate import SamplingConfig, generate
     from memtron.model.forward import ForwardContext
+    from memtron.model.memory.explicit import Retriever
 
-    model, memories, store = _explicit_model()
+    model, memories = built["model"], _memories(built, cache_rows=4)
+    retriever = Retriever.load(built["store"], use_faiss=False)
+
+    def retrieve(windows: list[list[int]]) -> torch.Tensor:
+        return retriever.retrieve(windows, R)
+
     prompts = [[256, *b"Bo"], [256, *b"The birthplace of"], [256, *b"Cy works as"]]
     n_new = 22  # rows cross chunk boundaries at different steps (left padding)
     result = generate(model, prompts, SamplingConfig(max_new_tokens=n_new, greedy=True,
                                                      stop_at_eos=False), 256,
-                      explicit=ExplicitGeneration(memories, _retrieve, R))
+                      explicit=ExplicitGeneration(memories, retrieve, R))
     stats = memories.stats()  # the LRU (4 memories) misses and hits during generation
-    assert stats["memories_fetched"] == sum(store.fetches) > 0
-    assert 0 < stats["cache_hit_rate"] < 1
-    assert stats["bytes_fetched"] == stats["memories_fetched"] * 2 * store.k[0].nbytes
+    assert stats["memories_fetched"] > 0 and 0 < stats["cache_hit_rate"] < 1
+    assert stats["bytes_fetched"] == stats["memories_fetched"] * memories.store.rows.dim * 2
+    memories = _memories(built)
     for prompt, generated in zip(prompts, result.tokens):
         seq = list(prompt)
         with torch.no_grad():  # greedy by one full training-time forward per token
             for _ in range(n_new):
-                ctx = ForwardContext(explicit=memories.kv(_chunk_ids(prompt, seq)))
+                ctx = ForwardContext(explicit=memories.kv(_chunk_ids(retrieve, prompt, seq)))
                 seq.append(int(model(torch.tensor([seq]), ctx)[0, -1].argmax()))
         assert generated == seq[len(prompt):]
     without = generate(model, prompts, SamplingConfig(max_new_tokens=n_new, greedy=True,
