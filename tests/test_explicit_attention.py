@@ -284,3 +284,63 @@ def test_generation_with_memories_equals_training_forward(built):
     without = generate(model, prompts, SamplingConfig(max_new_tokens=n_new, greedy=True,
                                                       stop_at_eos=False), 256)
     assert without.tokens != result.tokens  # the memories changed what was generated
+
+
+# --------------------------------------------------------------------------- two-stage training
+
+
+@pytest.fixture(scope="module")
+def staged(tiny_corpus, tmp_path_factory) -> dict:
+    """Stage 1 (no memory, 8 steps), a store built from its step-4 checkpoint over the
+    validation documents, and training shards carrying each chunk's memory ids."""
+    import shutil
+
+    from memtron.cli import main
+    from memtron.config import load_config
+    from memtron.train.trainer import train
+    from tests.conftest import tiny_overrides
+
+    root = tmp_path_factory.mktemp("staged")
+    shards = root / "train"
+    shutil.copytree(tiny_corpus / "train", shards)
+    base = tiny_overrides(tiny_corpus, root / "plain", **{
+        "data.train": shards, "train.steps": 8, "checkpoint.every": 4, "checkpoint.keep_last": 2,
+        "data.questions": "''"})
+    plain = train(load_config(None, base))
+    store = root / "store"
+    assert main(["memory", "build-explicit", "--ckpt", str(root / "plain" / "checkpoints"
+                                                             / "step-00000004"),
+                 "--references", str(tiny_corpus / "raw" / "valid.jsonl"), "--out", str(store),
+                 "--m", "2", "--ref-len", "16", "--batch-size", "16", "--device", "cpu",
+                 "--quiet"]) == 0
+    assert main(["data", "retrieve", "--shards", str(shards), "--store", str(store), "--r", "2",
+                 "--chunk", "8", "--index", "numpy", "--quiet"]) == 0
+    explicit = [f"memory.explicit.store={store}", "memory.explicit.r=2",
+                "memory.explicit.chunk=8", "memory.explicit.start_step=4",
+                "checkpoint.every=3", "checkpoint.keep_last=3"]
+    return {"root": root, "base": base, "plain": plain, "explicit": explicit}
+
+
+def _with(overrides: list[str], *extra: str) -> list[str]:
+    keys = {e.split("=", 1)[0] for e in extra}
+    return [o for o in overrides if o.split("=", 1)[0] not in keys] + list(extra)
+
+
+def test_two_stage_training_switches_at_start_step_and_resumes_exactly(staged):
+    from memtron.config import load_config
+    from memtron.train.trainer import train
+
+    root, plain = staged["root"], staged["plain"]
+    assert sorted(plain.losses) == list(range(1, 9))
+    overrides = _with(staged["base"], *staged["explicit"], f"train.run_dir={root / 'two'}")
+    two = train(load_config(None, overrides))
+    # stage 1 is the run without memory, bit for bit; the continual stage sees memories
+    assert [two.losses[s] for s in range(1, 5)] == [plain.losses[s] for s in range(1, 5)]
+    assert all(two.losses[s] != plain.losses[s] for s in range(5, 9))
+    # resume before the switch (step 3) and after it (step 6): the same losses
+    for step in (3, 6):
+        ckpt = root / "two" / "checkpoints" / f"step-{step:08d}"
+        resumed = train(load_config(None, _with(
+            overrides, f"train.run_dir={root / f'resumed{step}'}", f"checkpoint.resume={ckpt}")))
+        assert sorted(resumed.losses) == list(range(step + 1, 9))
+        assert all(resumed.losses[s] == two.losses[s] for s in resumed.losses), step
