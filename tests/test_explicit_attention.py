@@ -318,7 +318,9 @@ def staged(tiny_corpus, tmp_path_factory) -> dict:
     explicit = [f"memory.explicit.store={store}", "memory.explicit.r=2",
                 "memory.explicit.chunk=8", "memory.explicit.start_step=4",
                 "checkpoint.every=3", "checkpoint.keep_last=3"]
-    return {"root": root, "base": base, "plain": plain, "explicit": explicit}
+    overrides = _with(base, *explicit, f"train.run_dir={root / 'two'}")
+    two = train(load_config(None, overrides))  # both stages: memories from step 4
+    return {"root": root, "plain": plain, "two": two, "overrides": overrides, "store": store}
 
 
 def _with(overrides: list[str], *extra: str) -> list[str]:
@@ -330,10 +332,8 @@ def test_two_stage_training_switches_at_start_step_and_resumes_exactly(staged):
     from memtron.config import load_config
     from memtron.train.trainer import train
 
-    root, plain = staged["root"], staged["plain"]
-    assert sorted(plain.losses) == list(range(1, 9))
-    overrides = _with(staged["base"], *staged["explicit"], f"train.run_dir={root / 'two'}")
-    two = train(load_config(None, overrides))
+    root, plain, two, overrides = (staged[k] for k in ("root", "plain", "two", "overrides"))
+    assert sorted(plain.losses) == sorted(two.losses) == list(range(1, 9))
     # stage 1 is the run without memory, bit for bit; the continual stage sees memories
     assert [two.losses[s] for s in range(1, 5)] == [plain.losses[s] for s in range(1, 5)]
     assert all(two.losses[s] != plain.losses[s] for s in range(5, 9))
@@ -344,3 +344,26 @@ def test_two_stage_training_switches_at_start_step_and_resumes_exactly(staged):
             overrides, f"train.run_dir={root / f'resumed{step}'}", f"checkpoint.resume={ckpt}")))
         assert sorted(resumed.losses) == list(range(step + 1, 9))
         assert all(resumed.losses[s] == two.losses[s] for s in resumed.losses), step
+
+
+def test_generate_cli_with_explicit_memories_reports_fetches(staged, capsys):
+    from memtron.cli import main
+
+    store, run = str(staged["store"]), staged["two"].run_dir
+    args = ["generate", "--ckpt", str(run), "--prompt", "Ada was born in", "--max-new-tokens",
+            "15", "--greedy", "--device", "cpu"]
+    assert main([*args, "--explicit", store]) == 0
+    err = capsys.readouterr().err
+    line = next(x for x in err.splitlines() if x.startswith("explicit memories ("))
+    # 16 prompt tokens (2 chunks of 8, retrieved at prefill), then up to 15 new ones in a
+    # 32-token context: chunks 2 and 3 are retrieved when reached, unless eos came first.
+    # Each memory is fetched once; re-reads (the forward's memories are rebuilt when a chunk
+    # is reached) are cache hits.
+    import re
+
+    found = re.match(r"explicit memories \(.*\): (\d+) retrievals of 2, (\d+) memories "
+                     r"fetched \(.* MiB\), cache hit rate (.*)%", line)
+    assert found and 2 <= int(found[1]) <= 4 and 1 <= int(found[2]) <= 2 * int(found[1]), line
+    assert float(found[3]) > 0, line
+    assert main([*args, "--explicit", "http://127.0.0.1:9"]) == 2
+    assert "--retriever" in capsys.readouterr().err

@@ -14,9 +14,12 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 import torch
 
+from memtron.config import Config
 from memtron.model.forward import ExplicitKV
 from memtron.model.memory.explicit_kv import ExplicitMemories
 
@@ -31,6 +34,34 @@ class ExplicitGeneration:
     memories: ExplicitMemories
     retrieve: RetrieveFn
     r: int
+
+
+def open_explicit(spec: str, cfg: Config, tokenizer: Any, retriever_dir: str | None = None,
+                  cache_rows: int | None = None, token: str | None = None) -> ExplicitGeneration:
+    """Explicit memories for generation with the model of ``cfg``: the store at ``spec`` (a
+    store directory or a ``memtron serve-memory`` URL, checked against the model) and the
+    retriever saved in ``retriever_dir`` (default: the store directory; required for a URL).
+    r, chunk and the memory layers are the checkpoint's ``memory.explicit``."""
+    from memtron.infer.generate import GenerationError
+    from memtron.model.memory.explicit import ExplicitStore, Retriever
+
+    x = cfg.memory.explicit
+    remote = spec.startswith(("http://", "https://"))
+    if remote and not retriever_dir:
+        raise GenerationError(f"--explicit {spec}: a memory server serves memories, not the "
+                         "retriever; pass --retriever STORE_DIR (a local copy of the store's "
+                         "retriever/)")
+    store = ExplicitStore.open(spec, cache_rows=x.cache if cache_rows is None else cache_rows,
+                               token=token)
+    store.check_model(cfg.model)
+    retriever = Retriever.load(Path(retriever_dir or spec), tokenizer=tokenizer)
+    memories = ExplicitMemories(store, x.resolved_layers(cfg.model.n_layers), x.chunk,
+                                cfg.model.rope_theta)
+
+    def retrieve(windows: list[list[int]]) -> torch.Tensor:
+        return retriever.retrieve(windows, x.r)
+
+    return ExplicitGeneration(memories, retrieve, x.r)
 
 
 class ChunkMemories:

@@ -54,6 +54,7 @@ class GenerationResult:
     prefill_s: float = 0.0
     decode_s: float = 0.0
     truncated: list[bool] = field(default_factory=list)  # stopped by the context length
+    retrievals: int = 0  # explicit-memory retrievals (one per row and chunk)
 
     @property
     def decode_tokens_per_s(self) -> float:
@@ -157,6 +158,7 @@ def generate(model: Transformer, prompts: list[list[int]], cfg: SamplingConfig, 
     _synchronize(device)
     result.decode_s = time.perf_counter() - start
     result.new_tokens = sum(len(t) for t in result.tokens)
+    result.retrievals = memories.retrievals if memories is not None else 0
     result.truncated = [not finished and len(t) < cfg.max_new_tokens
                         for t, finished in zip(result.tokens, done.tolist())]
     return result

@@ -15,6 +15,7 @@ from typing import Any, Protocol
 
 import torch
 
+from memtron.config import ConfigError
 from memtron.model.attention import apply_rope, rope_tables
 from memtron.model.forward import ExplicitKV
 
@@ -53,7 +54,7 @@ class ExplicitMemories:
                  heads: slice | None = None) -> None:
         stored = list(store.manifest["layers"])
         if stored != list(layers):
-            raise ValueError(f"memory.explicit.layers: {list(layers)}, but the store holds "
+            raise ConfigError(f"memory.explicit.layers: {list(layers)}, but the store holds "
                              f"memories of layers {stored}")
         self.store, self.layers, self.chunk, self.theta = store, tuple(layers), chunk, theta
         self.ref_len = int(store.manifest["ref_len"])
