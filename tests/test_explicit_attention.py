@@ -367,3 +367,62 @@ def test_generate_cli_with_explicit_memories_reports_fetches(staged, capsys):
     assert float(found[3]) > 0, line
     assert main([*args, "--explicit", "http://127.0.0.1:9"]) == 2
     assert "--retriever" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------- tensor parallel
+
+
+def _tp_forward(model, memories, tokens, ids, state=None):
+    """Loss, full-vocab logits and q/k weight gradients of the two memory layers, with
+    memories."""
+    from memtron.model.forward import ForwardContext
+    from memtron.parallel.tensor import parallel_lm_loss
+
+    logits = model(tokens[:, :-1], ForwardContext(explicit=memories.kv(ids)))
+    if state is None:
+        from memtron.model.transformer import lm_loss
+
+        loss = lm_loss(logits, tokens[:, 1:])
+    else:
+        parts = [torch.empty_like(logits) for _ in range(state.tp)]
+        torch.distributed.all_gather(parts, logits.detach().contiguous(), group=state.tp_group)
+        loss = parallel_lm_loss(logits, tokens[:, 1:], state)  # (overwrites the logits)
+        logits = torch.cat(parts, dim=-1)  # vocab shards, in rank order
+    loss.backward()
+    return {"loss": loss.detach(), "logits": logits.detach(),
+            "wq": model.blocks[0].attn.wq.weight.grad.clone(),
+            "wk": model.blocks[1].attn.wk.weight.grad.clone()}
+
+
+def _tp_rank(rank: int, store: str, tokens: torch.Tensor, ids: torch.Tensor) -> dict:
+    from memtron.config import load_config
+    from memtron.model.transformer import build_model
+    from memtron.parallel.tensor import parallelize_tensor
+    from memtron.train.explicit import open_training_memories
+
+    init_distributed(timeout_s=60)
+    try:
+        cfg = load_config(None, [*MODEL, "parallel.tp=2", f"memory.explicit.store={store}"])
+        state = build_parallel_state(cfg)
+        torch.manual_seed(0)  # the fixture's model, split over tp
+        model = parallelize_tensor(build_model(cfg), state)
+        memories = open_training_memories(cfg, state)  # this rank's KV head of 2
+        return {"tp_rank": state.tp_rank, **_tp_forward(model, memories, tokens, ids, state)}
+    finally:
+        destroy_parallel_state()
+        shutdown_distributed()
+
+
+def test_tensor_parallel_memories_equal_one_process(built):
+    tokens = torch.randint(0, 256, (2, 25), generator=torch.Generator().manual_seed(4))
+    ids = torch.randint(0, 20, (2, 3, R), generator=torch.Generator().manual_seed(5))
+    model = built["model"]
+    model.zero_grad()
+    ref = _tp_forward(model.train(), _memories(built), tokens, ids)
+    model.eval().zero_grad()
+    for r in run_ranks(2, _tp_rank, str(built["store"]), tokens, ids):
+        torch.testing.assert_close(r["loss"], ref["loss"], rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(r["logits"], ref["logits"], rtol=1e-4, atol=1e-5)
+        for name in ("wq", "wk"):  # column-parallel: rank i holds rows (heads) slice i
+            torch.testing.assert_close(r[name], ref[name].chunk(2, 0)[r["tp_rank"]],
+                                       rtol=1e-4, atol=1e-6)
