@@ -195,13 +195,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--ref-len", type=int, default=128)
     p.add_argument("--device", default="cpu")
     p.add_argument("--quick", action="store_true",
-                   help="200 entities, 1,500 documents, 200 + 200 steps (minutes on a CPU)")
+                   help="200 entities, 1,500 documents, a 4-layer d_model=64 model, micro-batch "
+                   "8, 150 + 150 steps (minutes on a CPU)")
     p.add_argument("--work", help="working directory (default: a temporary one, removed)")
     p.add_argument("--out", help="JSON results file")
     p.add_argument("--smoke", action="store_true", help="a pipeline check, seconds: no result")
     args = p.parse_args(argv)
     if args.quick:
-        args.entities, args.docs, args.questions, args.stage1, args.stage2 = 200, 1500, 60, 200, 200
+        args.entities, args.docs, args.questions, args.stage1, args.stage2 = 200, 1500, 60, 150, 150
+        args.override = ["model.d_model=64", "model.d_ff=192", "memory.value_dim=64",
+                         "data.micro_batch_size=8", "optim.warmup_steps=20", *args.override]
     if args.smoke:
         args.entities, args.docs, args.questions, args.stage1, args.stage2 = 40, 120, 5, 4, 4
     return args

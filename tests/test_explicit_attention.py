@@ -126,13 +126,23 @@ def _ring_rank(rank: int, cp: int, length: int, chunk: int, slots: int) -> dict:
                                                       slots=slots))
         idx = zigzag_indices(length, cp, state.cp_rank)
         ql, kl, vl = (t[:, :, idx].clone().requires_grad_(True) for t in (q, k, v))
-        mk, mv = mk.requires_grad_(True), mv.requires_grad_(True)
+        # this rank holds the memories of its own positions' chunks only
+        n_chunks = mk.shape[2] // slots
+        held = (idx // chunk).unique()
+        mk_held, mv_held = (t.unflatten(2, (n_chunks, slots))[None, :, :, held]
+                            .clone().requires_grad_(True) for t in (mk, mv))
+        memories = ExplicitKV(mk_held, mv_held, (0,), chunk, held)
+        memories.check(idx)
         out = ring_attention(ql, kl, vl, state.cp_group, cp, state.cp_rank,
-                             MemoryKV(mk, mv, slots, idx // chunk))
+                             memories.layer(0, idx))
         grad = torch.randn(2, 4, length, 8, generator=torch.Generator().manual_seed(5))
         out.backward(grad[:, :, idx])
+        full = [torch.zeros(2, 2, n_chunks, slots, 8) for _ in range(2)]
+        for f, t in zip(full, (mk_held, mv_held)):
+            f[:, :, held] = t.grad[0]
         return {"idx": idx, "out": out.detach(), "dq": ql.grad, "dk": kl.grad, "dv": vl.grad,
-                "dmk": mk.grad, "dmv": mv.grad}
+                "dmk": full[0].flatten(2, 3), "dmv": full[1].flatten(2, 3),
+                "held": held.tolist()}
     finally:
         destroy_parallel_state()
         shutdown_distributed()
@@ -153,6 +163,11 @@ def test_ring_attention_with_memories_equals_one_process(chunk):
         torch.testing.assert_close(r["out"], ref.detach()[:, :, idx], rtol=1e-5, atol=1e-5)
         for name, full in (("dq", q.grad), ("dk", k.grad), ("dv", v.grad)):
             torch.testing.assert_close(r[name], full[:, :, idx], rtol=1e-5, atol=1e-5)
+    assert sorted(set(results[0]["held"]) | set(results[1]["held"])) == list(
+        range(-(-length // chunk)))
+    for r in results:  # a rank holds only its own positions' chunks
+        assert r["held"] == sorted(set((r["idx"] // chunk).tolist()))
+        assert len(r["held"]) < -(-length // chunk) or chunk > length // 4
     # memory gradients stay on their rank: the ranks' parts add up to the whole
     for name, full in (("dmk", mk.grad), ("dmv", mv.grad)):
         torch.testing.assert_close(sum(r[name] for r in results), full, rtol=1e-5, atol=1e-5)
@@ -237,7 +252,7 @@ def test_cached_forward_with_memories_equals_training_forward(built):
         moved = model(tokens, ForwardContext(explicit=memories.kv(other)))
     torch.testing.assert_close(moved[:, :2 * CHUNK], full[:, :2 * CHUNK], atol=1e-6, rtol=0)
     assert (moved[:, 2 * CHUNK:] - full[:, 2 * CHUNK:]).abs().max() > 1e-3
-    with pytest.raises(ValueError, match="cover 4 chunks"):
+    with pytest.raises(ValueError, match=r"cover 4 chunks .* need chunk\(s\) \[4\]"):
         model(torch.zeros(1, 33, dtype=torch.long), ForwardContext(explicit=memories.kv(ids)))
 
 

@@ -88,6 +88,8 @@ class ExplicitKV:
     attention layer ``layers[i]``; chunk j covers RoPE positions ``[j * chunk, (j + 1) * chunk)``,
     so a query's chunk is its position // chunk (zigzag positions under context parallelism and
     cached positions in generation give the right chunk with no extra bookkeeping).
+    ``chunks``: the (ascending) chunk numbers held, when only some are (a context-parallel rank
+    holds the chunks of its own positions); None = chunks 0..n_chunks-1.
 
     Positions: the memories' keys were rotated at their references' own positions
     ``0..ref_len-1``; :func:`memtron.model.memory.explicit_kv.explicit_kv` rotates them by
@@ -101,6 +103,14 @@ class ExplicitKV:
     values: torch.Tensor
     layers: tuple[int, ...]
     chunk: int = 64
+    chunks: torch.Tensor | None = None
+
+    def query_chunks(self, positions: torch.Tensor) -> torch.Tensor:
+        """The index among the held chunks of each query's chunk (position // chunk)."""
+        query_chunk = torch.div(positions, self.chunk, rounding_mode="floor")
+        if self.chunks is not None:
+            query_chunk = torch.searchsorted(self.chunks.to(positions.device), query_chunk)
+        return query_chunk
 
     def layer(self, index: int, positions: torch.Tensor) -> MemoryKV | None:
         """The memories of attention layer ``index`` for queries at ``positions`` ([L] or
@@ -109,17 +119,18 @@ class ExplicitKV:
             return None
         i = self.layers.index(index)
         k, v = self.keys[i], self.values[i]
-        query_chunk = torch.div(positions, self.chunk, rounding_mode="floor")
-        return MemoryKV(k.flatten(2, 3), v.flatten(2, 3), k.shape[3], query_chunk)
+        return MemoryKV(k.flatten(2, 3), v.flatten(2, 3), k.shape[3],
+                        self.query_chunks(positions))
 
     def check(self, positions: torch.Tensor) -> None:
         """Every query must have its chunk's memories (a missing chunk is a caller bug)."""
-        n_chunks = self.keys.shape[3]
-        last = int(positions.max()) // self.chunk if positions.numel() else -1
-        if last >= n_chunks:
-            raise ValueError(f"explicit memories cover {n_chunks} chunks of {self.chunk} "
-                             f"tokens; a query at position {int(positions.max())} needs chunk "
-                             f"{last}")
+        needed = torch.div(positions, self.chunk, rounding_mode="floor").unique()
+        held = (self.chunks.to(needed.device) if self.chunks is not None
+                else torch.arange(self.keys.shape[3], device=needed.device))
+        missing = needed[~torch.isin(needed, held)]
+        if missing.numel():
+            raise ValueError(f"explicit memories cover {held.numel()} chunks of {self.chunk} "
+                             f"tokens; queries need chunk(s) {missing.tolist()[:8]} too")
 
 
 @dataclass

@@ -62,11 +62,14 @@ class MemoryPrefetcher:
     """``(Batch, ExplicitKV | None)`` pairs from ``loader``: memories for the batches of steps
     ``>= start_step`` (``grad_accum`` micro-batches a step), fetched ``depth`` batches ahead by
     a background thread. :meth:`state_dict` is the loader's position after the batches handed
-    out (the queued ones excluded); load the loader's state before iterating."""
+    out (the queued ones excluded); load the loader's state before iterating. ``positions``:
+    this rank's token positions under context parallelism (only their chunks are fetched)."""
 
     def __init__(self, loader: ShardLoader, memories: ExplicitMemories, start_step: int,
-                 grad_accum: int, depth: int, device: torch.device) -> None:
+                 grad_accum: int, depth: int, device: torch.device,
+                 positions: torch.Tensor | None = None) -> None:
         self.loader, self.memories, self.device = loader, memories, device
+        self.positions = positions
         self.first_batch = start_step * grad_accum
         self._queue: queue.Queue = queue.Queue(maxsize=depth)
         self._stop = threading.Event()
@@ -96,7 +99,8 @@ class MemoryPrefetcher:
             for n, batch in enumerate(self.loader, start=first):
                 explicit = None
                 if n >= self.first_batch:
-                    explicit = self.memories.kv(batch.fields[MEMORY_FIELD], self.device)
+                    explicit = self.memories.kv(batch.fields[MEMORY_FIELD], self.device,
+                                                self.positions)
                 if not self._put((batch, explicit)):
                     return
         except BaseException as error:  # handed to the consumer, raised there

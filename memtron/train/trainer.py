@@ -386,7 +386,8 @@ class Trainer:
             explicit = None  # memories in the continual stage, if the shards name them
             if (self.explicit is not None and self.step >= cfg.memory.explicit.start_step
                     and MEMORY_FIELD in batch.fields):
-                explicit = self.explicit.kv(batch.fields[MEMORY_FIELD], self.device)
+                explicit = self.explicit.kv(batch.fields[MEMORY_FIELD], self.device,
+                                            self.positions)
             losses.append(self._loss(batch, explicit).item())
         result: dict[str, Any] = {}
         if losses:
@@ -412,7 +413,8 @@ class Trainer:
             return ((batch, None) for batch in self.loader)
         x = self.cfg.memory.explicit
         self.prefetcher = MemoryPrefetcher(self.loader, self.explicit, x.start_step,
-                                           self.cfg.train.grad_accum, x.prefetch, self.device)
+                                           self.cfg.train.grad_accum, x.prefetch, self.device,
+                                           self.positions)
         return iter(self.prefetcher)
 
     def _on_signal(self, signum: int, _frame: Any) -> None:
