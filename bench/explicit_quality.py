@@ -57,6 +57,7 @@ def overrides(data: Path, shards: Path, run_dir: Path, steps: int, every: int,
     return [f"data.train={shards}", f"data.valid={data / 'valid'}",
             f"data.questions={data / 'questions.jsonl'}", f"train.steps={steps}",
             f"train.run_dir={run_dir}", f"checkpoint.every={every}", "checkpoint.keep_last=4",
+            "checkpoint.resume=none",
             "train.eval_every=0", "logging.tensorboard=false", "logging.progress=false",
             *extra]
 

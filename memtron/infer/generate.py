@@ -126,7 +126,7 @@ def generate(model: Transformer, prompts: list[list[int]], cfg: SamplingConfig, 
     with autocast(device, dtype):
         logits = model(tokens, ForwardContext(
             positions=positions[:, :longest], cache=cache, key_valid=key_valid,
-            explicit=memories.kv(longest - 1) if memories else None))[:, -1]
+            explicit=None if memories is None else memories.kv(longest - 1)))[:, -1]
     _synchronize(device)
     result.prefill_s = time.perf_counter() - start
     start = time.perf_counter()
