@@ -382,8 +382,15 @@ def _cmd_generate(args: argparse.Namespace) -> int:
         sys.stdout.write(rows[0]["prompt"])
         sys.stdout.flush()
     bank_path = loaded.bank_paths([r["prompt"] for r in rows])  # each prompt down the tree
+    explicit = None
+    if args.explicit:
+        from memtron.infer.explicit import open_explicit
+
+        explicit = open_explicit(args.explicit, loaded.config, tokenizer, args.retriever,
+                                 args.explicit_cache, token)
     result = generate(loaded.model, prompts, sampling, tokenizer.eos_id, dtype=args.dtype,
-                      on_tokens=_Streamer(tokenizer) if stream else None, bank_path=bank_path)
+                      on_tokens=_Streamer(tokenizer) if stream else None, bank_path=bank_path,
+                      explicit=explicit)
     for row, tokens, cut in zip(rows, result.tokens, result.truncated):
         completion = tokenizer.decode(tokens)
         if stream:
@@ -412,6 +419,12 @@ def _cmd_generate(args: argparse.Namespace) -> int:
               f"{stats['rows_requested']:,.0f} rows requested, {stats['rows_fetched']:,.0f} "
               f"fetched ({stats['bytes_fetched'] / 2**20:,.1f} MiB), cache hit rate "
               f"{stats['cache_hit_rate']:.1%}", file=sys.stderr)
+    if explicit is not None:
+        x = explicit.memories.stats()
+        print(f"explicit memories ({args.explicit}): {result.retrievals} retrievals of "
+              f"{explicit.r}, {x['memories_fetched']:,} memories fetched "
+              f"({x['bytes_fetched'] / 2**20:,.2f} MiB), cache hit rate "
+              f"{x['cache_hit_rate']:.1%}", file=sys.stderr)
     return 0
 
 
@@ -635,6 +648,14 @@ def _add_infer_parsers(sub) -> None:
                    "(default: $MEMTRON_MEMORY_TOKEN)")
     p.add_argument("--cache-rows", type=int, default=65536,
                    help="LRU cache of fetched rows per table (mmap/http values; 0 = off)")
+    p.add_argument("--explicit", metavar="STORE|URL",
+                   help="explicit memories: a store directory (`memtron memory build-explicit`) "
+                   "or a `memtron serve-memory` URL over one; retrieved every "
+                   "memory.explicit.chunk tokens")
+    p.add_argument("--retriever", metavar="STORE_DIR",
+                   help="store directory whose retriever/ to use (default: --explicit)")
+    p.add_argument("--explicit-cache", type=int, default=None,
+                   help="LRU cache of decoded memories (default: memory.explicit.cache)")
     p.add_argument("--device", default="auto", help="auto (cuda if present), cpu, cuda, cuda:N")
     p.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32", help="autocast dtype")
     p.add_argument("--json", action="store_true", help="one JSON line per prompt")

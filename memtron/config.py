@@ -36,8 +36,29 @@ class ModelConfig:
 
 
 @dataclass
+class ExplicitConfig:
+    """Memory^3 explicit memories (DESIGN §6): in the memory layers every ``chunk``-token chunk
+    attends to the K/V of its ``r`` retrieved references besides its causal context."""
+
+    store: str = ""  # explicit-memory store directory or http(s):// URL; "" = no memories
+    r: int = 5  # memories per chunk
+    chunk: int = 64  # tokens per retrieval chunk
+    # attention layers that take memories; [] = the first half of the model's layers
+    layers: list[int] = field(default_factory=list)
+    # Two-stage training: the steps before start_step train without memory, the continual stage
+    # from start_step on reads each sample's `memory_ids` field and attends to those memories.
+    start_step: int = 0
+    cache: int = 4096  # decoded memories kept in the store's LRU cache (0 = none)
+    prefetch: int = 2  # batches whose memories a background thread fetches ahead
+
+    def resolved_layers(self, n_layers: int) -> list[int]:
+        """The memory layers: ``layers``, or the first half of the model's layers."""
+        return list(self.layers) or list(range(max(1, n_layers // 2)))
+
+
+@dataclass
 class MemoryConfig:
-    """Product-key memory layers (DESIGN §3)."""
+    """Product-key memory layers (DESIGN §3), and explicit memories (``memory.explicit``)."""
 
     layers: list[int] = field(default_factory=list)  # block indices that get a memory layer
     placement: Literal["replace", "beside"] = "replace"  # replace the FFN or run beside it
@@ -60,6 +81,7 @@ class MemoryConfig:
     # Storage of value-table rows. bf16 halves the table; its optimizer state stays fp32 and its
     # row updates round stochastically, seeded (train/optim.py, values.store_rows).
     value_dtype: Literal["fp32", "bf16"] = "fp32"
+    explicit: ExplicitConfig = field(default_factory=ExplicitConfig)
 
     @property
     def n_slots(self) -> int:
@@ -330,6 +352,21 @@ def check_world(cfg: Config, world_size: int) -> tuple[int, int, int, int]:
     return p.tp, p.cp, dp, ep
 
 
+def _validate_explicit(cfg: Config) -> None:
+    x, n_layers = cfg.memory.explicit, cfg.model.n_layers
+    for key in ("r", "chunk", "prefetch"):
+        _require(getattr(x, key) > 0, f"memory.explicit.{key}",
+                 f"must be positive, got {getattr(x, key)}")
+    for key in ("start_step", "cache"):
+        _require(getattr(x, key) >= 0, f"memory.explicit.{key}",
+                 f"must be >= 0, got {getattr(x, key)}")
+    for i, layer in enumerate(x.layers):
+        _require(0 <= layer < n_layers, f"memory.explicit.layers[{i}]",
+                 f"layer {layer} out of range for model.n_layers={n_layers}")
+        _require(layer not in x.layers[:i], f"memory.explicit.layers[{i}]",
+                 f"layer {layer} listed twice")
+
+
 def validate(cfg: Config) -> None:
     m, mem, d, o, t, c = cfg.model, cfg.memory, cfg.data, cfg.optim, cfg.train, cfg.checkpoint
     for key, val in [
@@ -385,6 +422,7 @@ def validate(cfg: Config) -> None:
             in_group.add(layer)
 
     _validate_bank(cfg)
+    _validate_explicit(cfg)
 
     _require(o.lr > 0, "optim.lr", "must be positive")
     _require(0 <= o.min_lr_ratio <= 1, "optim.min_lr_ratio", "must be in [0, 1]")

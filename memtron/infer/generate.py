@@ -3,7 +3,8 @@
 Prompts of different lengths run as one left-padded batch: each row's RoPE positions start at
 0 at its first real token and padding keys are masked, so a row generates exactly what it would
 alone. The prompt is read in one forward (prefill); every new token then costs one forward of
-a single position over the cache.
+a single position over the cache. With explicit memories (``explicit``), every chunk of 64
+positions attends to its retrieved memories in the memory layers (see ``infer/explicit.py``).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from memtron.infer.explicit import ChunkMemories, ExplicitGeneration
 from memtron.model.forward import ForwardContext, autocast
 from memtron.model.transformer import Transformer
 
@@ -52,6 +54,7 @@ class GenerationResult:
     prefill_s: float = 0.0
     decode_s: float = 0.0
     truncated: list[bool] = field(default_factory=list)  # stopped by the context length
+    retrievals: int = 0  # explicit-memory retrievals (one per row and chunk)
 
     @property
     def decode_tokens_per_s(self) -> float:
@@ -80,7 +83,8 @@ def next_token(logits: torch.Tensor, cfg: SamplingConfig,
 def generate(model: Transformer, prompts: list[list[int]], cfg: SamplingConfig, eos_id: int,
              pad_id: int | None = None, dtype: str = "fp32",
              on_tokens: Callable[[torch.Tensor], None] | None = None,
-             bank_path: torch.Tensor | None = None) -> GenerationResult:
+             bank_path: torch.Tensor | None = None,
+             explicit: ExplicitGeneration | None = None) -> GenerationResult:
     """Continue every prompt (token ids) with up to ``cfg.max_new_tokens`` tokens.
 
     ``on_tokens(ids [B])`` sees each step's new tokens as they come (for streaming). Rows stop
@@ -88,6 +92,7 @@ def generate(model: Transformer, prompts: list[list[int]], cfg: SamplingConfig, 
     is full. ``bank_path`` [B, levels]: each prompt's node ids in the cluster tree (models with
     a hierarchical bank); every forward fetches those blocks (a store-backed bank serves them
     from its LRU cache after the prefill).
+    ``explicit``: explicit memories, retrieved per chunk as the rows reach it.
     """
     cfg.check()
     if not prompts or any(not p for p in prompts):
@@ -118,9 +123,15 @@ def generate(model: Transformer, prompts: list[list[int]], cfg: SamplingConfig, 
                               prompt_tokens=sum(len(p) for p in prompts))
     done = torch.zeros(batch, dtype=torch.bool, device=device)
     start = time.perf_counter()
+    memories, histories = None, [list(p) for p in prompts]
+    if explicit is not None:
+        memories = ChunkMemories(explicit, batch, total, device)
+        memories.prompt(prompts)
     with autocast(device, dtype):
-        logits = model(tokens, ForwardContext(positions=positions[:, :longest], cache=cache,
-                                              key_valid=key_valid, bank_path=bank_path))[:, -1]
+        logits = model(tokens, ForwardContext(
+            positions=positions[:, :longest], cache=cache, key_valid=key_valid,
+            bank_path=bank_path,
+            explicit=None if memories is None else memories.kv(longest - 1)))[:, -1]
     _synchronize(device)
     result.prefill_s = time.perf_counter() - start
     start = time.perf_counter()
@@ -139,13 +150,20 @@ def generate(model: Transformer, prompts: list[list[int]], cfg: SamplingConfig, 
         length += 1
         if bool(done.all()) or length - longest >= cfg.max_new_tokens or length >= total:
             break
+        ctx = ForwardContext(positions=positions[:, length - 1:length], cache=cache,
+                             key_valid=key_valid, bank_path=bank_path)
+        if memories is not None:
+            at = positions[:, length - 1].tolist()
+            memories.step(histories, at)
+            ctx.explicit = memories.kv(max(at))
+            for history, token in zip(histories, new.tolist()):
+                history.append(token)
         with autocast(device, dtype):
-            ctx = ForwardContext(positions=positions[:, length - 1:length], cache=cache,
-                                 key_valid=key_valid, bank_path=bank_path)
             logits = model(new[:, None], ctx)[:, -1]
     _synchronize(device)
     result.decode_s = time.perf_counter() - start
     result.new_tokens = sum(len(t) for t in result.tokens)
+    result.retrievals = memories.retrievals if memories is not None else 0
     result.truncated = [not finished and len(t) < cfg.max_new_tokens
                         for t, finished in zip(result.tokens, done.tolist())]
     return result

@@ -3,6 +3,11 @@
 The attention itself goes through one backend call, ``backend(q, k, v, mask)``: the local
 backend is SDPA; context parallelism swaps in ring attention (``memtron.parallel.context``), so
 the math here stays single-process.
+
+Explicit memories (DESIGN §6): in a memory layer the backend also gets a :class:`MemoryKV`, and
+query i attends, in one softmax, to the memory slots of its own chunk (all of them) and to its
+causal context, c_i being its chunk:
+    out_i = softmax([q_i K_mem(c_i)^T, q_i K_ctx(<=i)^T] / sqrt(D)) [V_mem(c_i); V_ctx].
 """
 
 from __future__ import annotations
@@ -11,7 +16,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from memtron.model.forward import KVCache
+from memtron.model.forward import KVCache, MemoryKV
+
+
+def rope_tables(positions: torch.Tensor, head_dim: int,
+                theta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin [len(positions), head_dim/2] (fp32, computed in fp64) of the rotation by
+    ``positions`` (any integers, negative ones included)."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim))
+    angles = positions.to(torch.float64)[:, None] * inv_freq.to(positions.device)[None, :]
+    return angles.cos().float(), angles.sin().float()
 
 
 class RotaryEmbedding(nn.Module):
@@ -21,11 +35,9 @@ class RotaryEmbedding(nn.Module):
 
     def __init__(self, head_dim: int, max_len: int, theta: float) -> None:
         super().__init__()
-        inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64)
-                                    / head_dim))
-        angles = torch.arange(max_len, dtype=torch.float64)[:, None] * inv_freq[None, :]
-        self.register_buffer("cos", angles.cos().float(), persistent=False)
-        self.register_buffer("sin", angles.sin().float(), persistent=False)
+        cos, sin = rope_tables(torch.arange(max_len), head_dim, theta)
+        self.register_buffer("cos", cos, persistent=False)
+        self.register_buffer("sin", sin, persistent=False)
 
     def forward(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """positions [L] -> cos, sin [L, D/2]; [B, L] -> [B, 1, L, D/2] (broadcast over heads)."""
@@ -42,10 +54,32 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return rotated.to(x.dtype)
 
 
+def memory_mask(memory: MemoryKV, mask: torch.Tensor | None, n_q: int,
+                n_k: int) -> torch.Tensor:
+    """Boolean [B|1, 1, Lq, M + Lk] mask over the keys [memory slots; context]: query i sees
+    the slots of chunk ``memory.query_chunk[i]`` (the chunk-wise mask), then the context keys
+    ``mask`` allows (None = causal, Lq == Lk)."""
+    device = memory.k.device
+    slot_chunk = torch.arange(memory.k.shape[2], device=device) // memory.slots
+    allowed = memory.query_chunk.to(device)[..., :, None] == slot_chunk  # [(B,) Lq, M]
+    allowed = allowed[None, None] if allowed.dim() == 2 else allowed[:, None]
+    if mask is None:
+        mask = torch.ones(n_q, n_k, dtype=torch.bool, device=device).tril()[None, None]
+    batch = max(allowed.shape[0], mask.shape[0])
+    return torch.cat([allowed.expand(batch, 1, n_q, -1),
+                      mask.to(device).expand(batch, 1, n_q, n_k)], dim=-1)
+
+
 def sdpa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                   mask: torch.Tensor | None) -> torch.Tensor:
+                   mask: torch.Tensor | None, memory: MemoryKV | None = None) -> torch.Tensor:
     """The local backend. q [B, H, Lq, D], k/v [B, KV, Lk, D] -> [B, H, Lq, D]; grouped-query
-    when KV < H. ``mask``: boolean allowed pairs [B|1, 1, Lq, Lk]; None = causal, Lq == Lk."""
+    when KV < H. ``mask``: boolean allowed pairs [B|1, 1, Lq, Lk]; None = causal, Lq == Lk.
+    ``memory``: explicit memories, prepended to the keys under :func:`memory_mask` (one
+    softmax over memories and context, as in the math of the module docstring)."""
+    if memory is not None:
+        mask = memory_mask(memory, mask, q.shape[2], k.shape[2])
+        k = torch.cat([memory.k.to(k.dtype), k], dim=2)
+        v = torch.cat([memory.v.to(v.dtype), v], dim=2)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
                                           enable_gqa=q.shape[1] != k.shape[1])
 
@@ -80,10 +114,20 @@ class CausalSelfAttention(nn.Module):
         return apply_rope(q, *rope), apply_rope(k, *rope), v
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
-                mask: torch.Tensor | None = None, cache: KVCache | None = None) -> torch.Tensor:
+                mask: torch.Tensor | None = None, cache: KVCache | None = None,
+                memory: MemoryKV | None = None) -> torch.Tensor:
+        """``memory``: this layer's explicit memories (memory layers only); they are not
+        written to the cache, so a generation step passes the memories of its chunks anew."""
         b, length, _ = x.shape
         q, k, v = self.rotated_qkv(x, rope)
         if cache is not None:
             k, v = cache.update(self.layer_index, k, v)
-        out = self.backend(q, k, v, mask)
+        if memory is None:
+            out = self.backend(q, k, v, mask)
+        else:
+            if memory.k.shape[1] != k.shape[1]:
+                raise ValueError(f"explicit memories have {memory.k.shape[1]} KV heads, layer "
+                                 f"{self.layer_index} computes {k.shape[1]} (under tensor "
+                                 "parallelism give each rank its slice of the heads)")
+            out = self.backend(q, k, v, mask, memory=memory)
         return self.wo(out.transpose(1, 2).reshape(b, length, -1))

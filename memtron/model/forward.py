@@ -2,7 +2,8 @@
 
 One ``Transformer.forward(tokens, ctx)`` serves training, evaluation and generation: the
 ``ForwardContext`` says where the tokens sit in their sequences (positions), which earlier
-keys and values they may attend to (the KV cache) and which keys are padding.
+keys and values they may attend to (the KV cache), which keys are padding, and which explicit
+(Memory^3) memories each 64-token chunk sees in the memory layers.
 """
 
 from __future__ import annotations
@@ -59,11 +60,86 @@ class KVCache:
 
 
 @dataclass
+class MemoryKV:
+    """The explicit memories one attention layer sees (DESIGN §6).
+
+    ``k``, ``v``: [B, KV, n_chunks * slots, D]: the ``slots`` (= r memories x m tokens) keys and
+    values of every chunk, chunk j's at ``[j * slots, (j + 1) * slots)``. Keys are post-RoPE and
+    sit in one shared reference interval before position 0 (see :class:`ExplicitKV`).
+    ``query_chunk``: [L] or [B, L] chunk index of every query; query i sees exactly the slots of
+    chunk ``query_chunk[i]`` (all of them: memories are not causal) besides its causal context.
+    """
+
+    k: torch.Tensor
+    v: torch.Tensor
+    slots: int
+    query_chunk: torch.Tensor
+
+    @property
+    def n_chunks(self) -> int:
+        return self.k.shape[2] // self.slots
+
+
+@dataclass
+class ExplicitKV:
+    """Explicit memories of every ``chunk``-token chunk of a batch, for the memory layers.
+
+    ``keys``, ``values``: [n_mem_layers, B, KV, n_chunks, slots, D], memory layer i being
+    attention layer ``layers[i]``; chunk j covers RoPE positions ``[j * chunk, (j + 1) * chunk)``,
+    so a query's chunk is its position // chunk (zigzag positions under context parallelism and
+    cached positions in generation give the right chunk with no extra bookkeeping).
+    ``chunks``: the (ascending) chunk numbers held, when only some are (a context-parallel rank
+    holds the chunks of its own positions); None = chunks 0..n_chunks-1.
+
+    Positions: the memories' keys were rotated at their references' own positions
+    ``0..ref_len-1``; :func:`memtron.model.memory.explicit_kv.explicit_kv` rotates them by
+    ``-ref_len``, into ``[-ref_len, 0)``, one interval shared by all memories. RoPE scores depend
+    only on position differences, so this equals placing the context after the reference
+    interval (context at ``ref_len + p``) while the context's own queries, keys and KV cache stay
+    at their true positions, as in the layers without memory and the stage trained without it.
+    """
+
+    keys: torch.Tensor
+    values: torch.Tensor
+    layers: tuple[int, ...]
+    chunk: int = 64
+    chunks: torch.Tensor | None = None
+
+    def query_chunks(self, positions: torch.Tensor) -> torch.Tensor:
+        """The index among the held chunks of each query's chunk (position // chunk)."""
+        query_chunk = torch.div(positions, self.chunk, rounding_mode="floor")
+        if self.chunks is not None:
+            query_chunk = torch.searchsorted(self.chunks.to(positions.device), query_chunk)
+        return query_chunk
+
+    def layer(self, index: int, positions: torch.Tensor) -> MemoryKV | None:
+        """The memories of attention layer ``index`` for queries at ``positions`` ([L] or
+        [B, L]); None if it is not a memory layer."""
+        if index not in self.layers:
+            return None
+        i = self.layers.index(index)
+        k, v = self.keys[i], self.values[i]
+        return MemoryKV(k.flatten(2, 3), v.flatten(2, 3), k.shape[3],
+                        self.query_chunks(positions))
+
+    def check(self, positions: torch.Tensor) -> None:
+        """Every query must have its chunk's memories (a missing chunk is a caller bug)."""
+        needed = torch.div(positions, self.chunk, rounding_mode="floor").unique()
+        held = (self.chunks.to(needed.device) if self.chunks is not None
+                else torch.arange(self.keys.shape[3], device=needed.device))
+        missing = needed[~torch.isin(needed, held)]
+        if missing.numel():
+            raise ValueError(f"explicit memories cover {held.numel()} chunks of {self.chunk} "
+                             f"tokens; queries need chunk(s) {missing.tolist()[:8]} too")
+
+
+@dataclass
 class ForwardContext:
     """``positions``: [L] (every row) or [B, L] RoPE positions of the new tokens; default
     ``cache.length + 0..L-1``. ``key_valid``: [B, S] bool over all keys the new tokens may see
     (cached ones first), False for padding; None = no padding. ``cache``: keys and values of
-    earlier tokens, extended by this forward."""
+    earlier tokens, extended by this forward. ``explicit``: the explicit memories the memory
+    layers' chunks attend to (None: no memories)."""
 
     positions: torch.Tensor | None = None
     cache: KVCache | None = None
@@ -71,6 +147,7 @@ class ForwardContext:
     # [B, levels] int64 cluster-tree node ids of each sequence's path: the hierarchical bank
     # blocks it fetches (model/memory/hierarchical.py); None = generic bank block only.
     bank_path: torch.Tensor | None = None
+    explicit: ExplicitKV | None = None
 
     def resolve_positions(self, length: int, device: torch.device) -> torch.Tensor:
         if self.positions is not None:

@@ -13,7 +13,7 @@ from torch import nn
 
 from memtron.config import BankConfig, Config, MemoryConfig, ModelConfig
 from memtron.model.attention import CausalSelfAttention, RotaryEmbedding
-from memtron.model.forward import ForwardContext, KVCache
+from memtron.model.forward import ForwardContext, KVCache, MemoryKV
 from memtron.model.memory.hierarchical import (
     BankTableFactory,
     FetchedBank,
@@ -53,8 +53,9 @@ class Block(nn.Module):
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
                 mask: torch.Tensor | None, cache: KVCache | None,
-                bank: FetchedBank | None = None) -> torch.Tensor:
-        x = x + self.attn(self.attn_norm(x), rope, mask, cache)
+                bank: FetchedBank | None = None,
+                memory: MemoryKV | None = None) -> torch.Tensor:
+        x = x + self.attn(self.attn_norm(x), rope, mask, cache, memory)
         h = self.mlp_norm(x)
         if self.ffn is not None:
             x = x + self.ffn(h)
@@ -154,15 +155,19 @@ class Transformer(nn.Module):
         training forward (positions 0..L-1, causal, no cache)."""
         ctx = ctx or ForwardContext()
         length = tokens.shape[1]
-        rope = self.rope(ctx.resolve_positions(length, tokens.device))
+        positions = ctx.resolve_positions(length, tokens.device)
+        rope = self.rope(positions)
         mask = ctx.attention_mask(length, tokens.device)
+        if ctx.explicit is not None:
+            ctx.explicit.check(positions)
         x = self.embed(tokens)
         bank = None
         if self.bank is not None:
             path = ctx.bank_path
             bank = self.bank.fetch(None if path is None else path.to(tokens.device))
-        for block in self.blocks:
-            x = block(x, rope, mask, ctx.cache, bank)
+        for i, block in enumerate(self.blocks):
+            memory = None if ctx.explicit is None else ctx.explicit.layer(i, positions)
+            x = block(x, rope, mask, ctx.cache, bank, memory)
         if ctx.cache is not None:
             ctx.cache.advance(length)
         x = self.head_input(self.norm(x))

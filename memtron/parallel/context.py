@@ -13,6 +13,13 @@ blocked torch kernel elsewhere), merged into the running result in fp32 with the
 update.
 Backward is a custom autograd function: probabilities are recomputed from the final LSE, and
 dK/dV accumulators ride a second ring with their block until they are back with its owner.
+
+Explicit memories (memory layers, DESIGN §6) are one more, non-causal, block: every rank holds
+the memories of the chunks its own queries lie in (they travel with the batch, never on the
+ring), so the block costs no communication. Each run of queries in one 64-token chunk attends
+to that chunk's slots with the same local kernel; the result is merged by LSE like a ring
+block, and it is computed while the first K/V hop is in flight. Its backward adds to dQ
+locally; the memories' dK/dV stay on the rank.
 """
 
 from __future__ import annotations
@@ -25,6 +32,7 @@ import torch
 import torch.distributed as dist
 
 from memtron.model.attention import CausalSelfAttention, sdpa_attention
+from memtron.model.forward import MemoryKV
 from memtron.parallel.state import ParallelState
 
 KEY_BLOCK = 512  # query and key block of the local kernel: memory ~ KEY_BLOCK^2 per head
@@ -249,17 +257,63 @@ class _Ring:
         return received
 
 
+def chunk_runs(query_chunk: torch.Tensor) -> list[tuple[slice, int]]:
+    """Maximal runs of consecutive queries in one memory chunk: (query slice, chunk)."""
+    chunks = query_chunk.tolist()
+    runs, start = [], 0
+    for i in range(1, len(chunks) + 1):
+        if i == len(chunks) or chunks[i] != chunks[start]:
+            runs.append((slice(start, i), chunks[start]))
+            start = i
+    return runs
+
+
+def _memory_block(q: torch.Tensor, mk: torch.Tensor, mv: torch.Tensor,
+                  runs: list[tuple[slice, int]], slots: int,
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(out, lse) of every query over the memory slots of its chunk (non-causal)."""
+    out = q.new_zeros(q.shape, dtype=torch.float32)
+    lse = q.new_zeros(q.shape[:-1], dtype=torch.float32)
+    for run, c in runs:
+        keys = slice(c * slots, (c + 1) * slots)
+        out[:, :, run], lse[:, :, run] = attention_lse(q[:, :, run], mk[:, :, keys],
+                                                       mv[:, :, keys], causal=False)
+    return out, lse
+
+
+def _memory_block_backward(q: torch.Tensor, mk: torch.Tensor, mv: torch.Tensor,
+                           out: torch.Tensor, lse: torch.Tensor, grad_out: torch.Tensor,
+                           runs: list[tuple[slice, int]], slots: int,
+                           ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """dQ, dK_mem, dV_mem (fp32) of the memory block, from the final out and lse."""
+    dq = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
+    dk = torch.zeros(mk.shape, dtype=torch.float32, device=mk.device)
+    dv = torch.zeros(mv.shape, dtype=torch.float32, device=mv.device)
+    for run, c in runs:
+        keys = slice(c * slots, (c + 1) * slots)
+        g = attention_lse_backward(q[:, :, run], mk[:, :, keys], mv[:, :, keys],
+                                   out[:, :, run], lse[:, :, run], grad_out[:, :, run],
+                                   causal=False)
+        dq[:, :, run] += g[0]
+        dk[:, :, keys] += g[1]
+        dv[:, :, keys] += g[2]
+    return dq, dk, dv
+
+
 class _RingAttention(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, group, cp: int, rank: int):
+    def forward(ctx, q, k, v, mk, mv, group, cp: int, rank: int, runs, slots: int):
         ring = _Ring(group, cp, rank)
         mine = zigzag_chunks(cp, rank)
         q_parts = q.chunk(2, dim=2)
         outs = [None, None]
         lses = [None, None]
         kv = [k, v]
+        memory = None
         for step in range(cp):
             pending = ring.start(kv) if step < cp - 1 else None
+            if step == 0 and mk is not None:  # local, overlapping the first hop
+                memory = _memory_block(q, mk.to(q.dtype), mv.to(q.dtype), runs, slots)
             owner = (rank - step) % cp
             k_parts, v_parts = kv[0].chunk(2, dim=2), kv[1].chunk(2, dim=2)
             for qi, ki, causal in _pairs(mine, zigzag_chunks(cp, owner)):
@@ -271,13 +325,15 @@ class _RingAttention(torch.autograd.Function):
             if pending is not None:
                 kv = _Ring.finish(pending)
         out, lse = torch.cat(outs, dim=2), torch.cat(lses, dim=2)
-        ctx.save_for_backward(q, k, v, out, lse)
-        ctx.group, ctx.cp, ctx.rank = group, cp, rank
+        if memory is not None:
+            out, lse = merge_partial(out, lse, *memory)
+        ctx.save_for_backward(q, k, v, out, lse, mk, mv)
+        ctx.group, ctx.cp, ctx.rank, ctx.runs, ctx.slots = group, cp, rank, runs, slots
         return out.to(q.dtype)
 
     @staticmethod
     def backward(ctx, grad_out):
-        q, k, v, out, lse = ctx.saved_tensors
+        q, k, v, out, lse, mk, mv = ctx.saved_tensors
         cp, rank = ctx.cp, ctx.rank
         ring = _Ring(ctx.group, cp, rank)
         mine = zigzag_chunks(cp, rank)
@@ -289,8 +345,12 @@ class _RingAttention(torch.autograd.Function):
         kv = [k, v]
         grads = [torch.zeros_like(k, dtype=torch.float32),
                  torch.zeros_like(v, dtype=torch.float32)]
+        memory_grads = (None, None, None)
         for step in range(cp):
             pending = ring.start(kv) if step < cp - 1 else None
+            if step == 0 and mk is not None:
+                memory_grads = _memory_block_backward(q, mk.to(q.dtype), mv.to(q.dtype), out,
+                                                      lse, grad_out, ctx.runs, ctx.slots)
             owner = (rank - step) % cp
             k_parts, v_parts = kv[0].chunk(2, dim=2), kv[1].chunk(2, dim=2)
             dk_parts, dv_parts = grads[0].chunk(2, dim=2), grads[1].chunk(2, dim=2)
@@ -304,15 +364,30 @@ class _RingAttention(torch.autograd.Function):
             grads = _Ring.finish(ring.start(grads))
             if pending is not None:
                 kv = _Ring.finish(pending)
-        dq = torch.cat(dq_parts, dim=2).to(q.dtype)
-        return dq, grads[0].to(k.dtype), grads[1].to(v.dtype), None, None, None
+        dq = torch.cat(dq_parts, dim=2)
+        dmk = dmv = None
+        if mk is not None:
+            dq += memory_grads[0]
+            dmk, dmv = memory_grads[1].to(mk.dtype), memory_grads[2].to(mv.dtype)
+        return (dq.to(q.dtype), grads[0].to(k.dtype), grads[1].to(v.dtype), dmk, dmv,
+                None, None, None, None, None)
 
 
 def ring_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                   group: dist.ProcessGroup, cp: int, rank: int) -> torch.Tensor:
+                   group: dist.ProcessGroup, cp: int, rank: int,
+                   memory: MemoryKV | None = None) -> torch.Tensor:
     """Causal attention of this rank's zigzag tokens over the whole sequence.
-    q [B, H, 2c, D], k, v [B, KV, 2c, D] hold chunks (rank, 2cp-1-rank) of the sequence."""
-    return _RingAttention.apply(q, k, v, group, cp, rank)
+    q [B, H, 2c, D], k, v [B, KV, 2c, D] hold chunks (rank, 2cp-1-rank) of the sequence.
+    ``memory``: explicit memories of this rank's queries (``query_chunk`` [2c], the chunks of
+    its zigzag positions), attended as one more non-causal block (module docstring)."""
+    if memory is None:
+        return _RingAttention.apply(q, k, v, None, None, group, cp, rank, None, 0)
+    if memory.query_chunk.dim() != 1:
+        raise ValueError("ring attention takes one position per token for all rows "
+                         f"(query_chunk [L]), got shape {tuple(memory.query_chunk.shape)}")
+    runs = chunk_runs(memory.query_chunk)
+    return _RingAttention.apply(q, k, v, memory.k, memory.v, group, cp, rank, runs,
+                                memory.slots)
 
 
 # --------------------------------------------------------------------------- wiring
@@ -320,17 +395,18 @@ def ring_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
 
 class RingBackend:
     """The attention backend of every layer under cp > 1 (replaces ``sdpa_attention``):
-    causal training attention over the zigzag layout; no cache, padding or prefix."""
+    causal training attention over the zigzag layout, with explicit memories in memory layers;
+    no cache or padding."""
 
     def __init__(self, state: ParallelState) -> None:
         self.group, self.cp, self.rank = state.cp_group, state.cp, state.cp_rank
 
     def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                 mask: torch.Tensor | None) -> torch.Tensor:
+                 mask: torch.Tensor | None, memory: MemoryKV | None = None) -> torch.Tensor:
         if mask is not None:
             raise ValueError("ring attention computes causal attention over whole training "
                              "sequences; masks and KV caches need the local backend")
-        return ring_attention(q, k, v, self.group, self.cp, self.rank)
+        return ring_attention(q, k, v, self.group, self.cp, self.rank, memory)
 
 
 def parallelize_context(model: torch.nn.Module, state: ParallelState) -> torch.nn.Module:

@@ -16,6 +16,7 @@ import signal
 import statistics
 import time
 from collections import deque
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -29,7 +30,7 @@ from memtron.data.prepare import INDEX_NAME
 from memtron.data.synthetic import load_questions
 from memtron.data.tokenizer import load_tokenizer
 from memtron.eval.facts import fact_accuracy
-from memtron.model.forward import ForwardContext, autocast
+from memtron.model.forward import ExplicitKV, ForwardContext, autocast
 from memtron.model.transformer import Transformer, build_model
 from memtron.parallel.bank import bank_table_factory
 from memtron.parallel.context import local_attention, parallelize_context, zigzag_indices
@@ -64,6 +65,12 @@ from memtron.train.checkpoint import (
     newest_valid_checkpoint,
     read_manifest,
     remove_stale_temp,
+)
+from memtron.train.explicit import (
+    MEMORY_FIELD,
+    MemoryPrefetcher,
+    check_memory_field,
+    open_training_memories,
 )
 from memtron.train.metrics import MetricsLogger, flops_per_token
 from memtron.train.optim import (
@@ -126,7 +133,9 @@ def check_bank_data(cfg: Config, index: dict[str, Any], where: Path, key: str) -
 
 
 def _same_architecture(saved: Config, cfg: Config, where: Path) -> None:
-    layout_only = {"parallel", "usage_window"}  # how tables are spread, not what they hold
+    # How tables are spread, not what they hold; explicit memories hold no parameters, so a
+    # run trained without them may continue with them (the two-stage recipe).
+    layout_only = {"parallel", "usage_window", "explicit"}
     for section in ("model", "memory", "bank"):
         old, new = getattr(saved, section).__dict__, getattr(cfg, section).__dict__
         diff = [k for k in new if k not in layout_only and old.get(k) != new[k]]
@@ -176,6 +185,11 @@ class Trainer:
                                   dp_rank=self.state.dp_rank, dp_size=self.state.dp,
                                   num_workers=cfg.data.num_workers, seed=cfg.train.seed)
         self.questions = load_questions(cfg.data.questions) if cfg.data.questions else []
+        self.explicit = None  # explicit memories (memory.explicit.store), fetched per sample
+        self.prefetcher: MemoryPrefetcher | None = None
+        if cfg.memory.explicit.store:
+            check_memory_field(self.loader, cfg, "data.train")
+            self.explicit = open_training_memories(cfg, self.state)
         self.step = 0
         self._stop_signal: int | None = None
         self.checkpoints = CheckpointWriter(self.ckpt_root, cfg.checkpoint.keep_last,
@@ -219,7 +233,8 @@ class Trainer:
         """Checkpoint this step (collective). With ``checkpoint.async_save`` it returns once the
         state is staged, and the write goes on in the background."""
         s = self.state
-        meta = {"config": self.cfg.to_dict(), "data_state": self.loader.state_dict(),
+        data = self.prefetcher.state_dict() if self.prefetcher else self.loader.state_dict()
+        meta = {"config": self.cfg.to_dict(), "data_state": data,
                 "layout": {"world_size": s.world_size, "tp": s.tp, "cp": s.cp, "dp": s.dp,
                            "ep": s.ep},
                 "loss_window": list(self.loss_window)}
@@ -261,17 +276,19 @@ class Trainer:
     def _autocast(self) -> contextlib.AbstractContextManager:
         return autocast(self.device, self.cfg.train.dtype)
 
-    def _loss(self, batch: Batch) -> torch.Tensor:
+    def _loss(self, batch: Batch, explicit: ExplicitKV | None = None) -> torch.Tensor:
         """Mean next-token loss over this rank's tokens of a [B, L + 1] batch (its zigzag
         chunks under context parallelism; the vocab shard under tensor parallelism).
-        ``batch.fields`` holds the per-sample fields (e.g. ``bank_path`` [B, levels])."""
+        ``batch.fields`` holds the per-sample fields (e.g. ``bank_path`` [B, levels]);
+        ``explicit`` the memories of its chunks (continual stage of explicit memory)."""
         tokens = batch.tokens.to(self.device, non_blocking=True)
         inputs, targets = tokens[:, :-1], tokens[:, 1:]
         if self.positions is not None:
             inputs, targets = inputs[:, self.positions], targets[:, self.positions]
         with self._autocast():
             logits = self.model(inputs, ForwardContext(positions=self.positions,
-                                                       bank_path=batch.fields.get("bank_path")))
+                                                       bank_path=batch.fields.get("bank_path"),
+                                                       explicit=explicit))
         return parallel_lm_loss(logits, targets, self.state)
 
     def train_step(self, batches) -> dict[str, float]:
@@ -283,7 +300,7 @@ class Trainer:
         self.model.train()
         total = 0.0
         for _ in range(cfg.train.grad_accum):
-            loss = self._loss(next(batches))
+            loss = self._loss(*next(batches))
             if self.zero is not None:
                 self.zero.backward(loss)  # applies the dense update at the last micro-batch
             else:
@@ -315,6 +332,8 @@ class Trainer:
             self.dense_opt.zero_grad(set_to_none=True)
         self.sparse_opt.zero_grad()
         self.step += 1
+        if self.explicit is not None:
+            metrics.update({f"explicit/{k}": v for k, v in self.explicit.stats().items()})
         return {**metrics, **self._memory_traffic()}
 
     def _agreed_nonfinite(self, values: dict[str, float]) -> list[str]:
@@ -381,7 +400,12 @@ class Trainer:
         for batch in eval_batches(cfg.data.valid, cfg.data.micro_batch_size, cfg.data.seq_len,
                                   cfg.train.eval_batches, dp_rank=self.state.dp_rank,
                                   dp_size=self.state.dp):
-            losses.append(self._loss(batch).item())
+            explicit = None  # memories in the continual stage, if the shards name them
+            if (self.explicit is not None and self.step >= cfg.memory.explicit.start_step
+                    and MEMORY_FIELD in batch.fields):
+                explicit = self.explicit.kv(batch.fields[MEMORY_FIELD], self.device,
+                                            self.positions)
+            losses.append(self._loss(batch, explicit).item())
         result: dict[str, Any] = {}
         if losses:
             result["loss"] = average_scalar(sum(losses) / len(losses), self.state.dp_cp_group)
@@ -399,6 +423,17 @@ class Trainer:
         return result
 
     # ----------------------------------------------------------------------- loop
+    def _batches(self) -> Iterator[tuple[Batch, ExplicitKV | None]]:
+        """(batch, its explicit memories or None) from where the loader stands; with explicit
+        memories configured, through the prefetching loader (memories from start_step on)."""
+        if self.explicit is None:
+            return ((batch, None) for batch in self.loader)
+        x = self.cfg.memory.explicit
+        self.prefetcher = MemoryPrefetcher(self.loader, self.explicit, x.start_step,
+                                           self.cfg.train.grad_accum, x.prefetch, self.device,
+                                           self.positions)
+        return iter(self.prefetcher)
+
     def _on_signal(self, signum: int, _frame: Any) -> None:
         self._stop_signal = signum
 
@@ -462,7 +497,7 @@ class Trainer:
         if resume is not None:
             log.print(f"resumed from {resume} at step {self.step}")
         previous = {s: signal.signal(s, self._on_signal) for s in STOP_SIGNALS}
-        batches = iter(self.loader)
+        batches = self._batches()
         bad_streak = 0
         try:
             stop = None
@@ -517,6 +552,8 @@ class Trainer:
 
                     log.print(requeue_current_job())
         finally:
+            if self.prefetcher is not None:
+                self.prefetcher.close()
             for s, handler in previous.items():
                 signal.signal(s, handler)
             try:
