@@ -136,33 +136,29 @@ def load_model(ckpt: str | Path, values: str = "ram", cache_rows: int = 0,
     stores: list[StoreValueTable] = []
     n_value_tables = 0
 
+    def store_table(where: Bank | HttpBank, spec: str, name: str, n_rows: int,
+                    dim: int) -> StoreValueTable:
+        if name not in where.tables:
+            raise CheckpointError(f"{spec}: has no table {name} (it has "
+                                  f"{sorted(where.tables)})")
+        store = where.table(name)
+        _check_table(name, store, n_rows, dim, spec)
+        stores.append(StoreValueTable(store, cache_rows))
+        return stores[-1]
+
     def make_table(n_rows: int, dim: int, seed: int) -> ValueTable:
         if source is None:
             return LocalValueTable(n_rows, dim, seed,
                                    dtype=STORAGE_DTYPES[cfg.memory.value_dtype])
         nonlocal n_value_tables
-        name = f"table{n_value_tables}"  # the Transformer names its tables in creation order
-        n_value_tables += 1
-        if name not in source.tables:
-            raise CheckpointError(f"{values}: has no table {name} (it has "
-                                  f"{sorted(source.tables)})")
-        store = source.table(name)
-        _check_table(name, store, n_rows, dim, values)
-        stores.append(StoreValueTable(store, cache_rows))
-        return stores[-1]
+        n_value_tables += 1  # the Transformer names its tables in creation order
+        return store_table(source, values, f"table{n_value_tables - 1}", n_rows, dim)
 
     def make_bank_table(level: int, n_rows: int, dim: int, seed: int,
                         std: torch.Tensor) -> ValueTable:
         if blocks is None:
             return BankTable(n_rows, dim, seed, std, dtype=STORAGE_DTYPES[cfg.memory.value_dtype])
-        name = table_name(level)
-        if name not in blocks.tables:
-            raise CheckpointError(f"{bank}: has no bank table {name} (it has "
-                                  f"{sorted(blocks.tables)})")
-        store = blocks.table(name)
-        _check_table(name, store, n_rows, dim, bank)
-        stores.append(StoreValueTable(store, cache_rows))
-        return stores[-1]
+        return store_table(blocks, bank, table_name(level), n_rows, dim)
 
     # Dense weights are small; store tables hold no rows (and so have no state-dict keys).
     model = build_model(cfg, make_table, make_bank_table)
