@@ -74,7 +74,7 @@ class BankConfig:
     adds the blocks on its root-to-leaf path to those layers' FFNs."""
 
     layers: list[int] = field(default_factory=list)  # blocks whose FFN gets a bank; [] = none
-    levels: int = 4  # tree depth below the root (must match the tree)
+    levels: int = 4  # tree depth below the root (must match the tree); 0 = generic block only
     branching: int = 16  # children per node (must match the tree)
     # Neurons per node block, per level from the root's children down (often larger deeper).
     block_sizes: list[int] = field(default_factory=list)
@@ -440,7 +440,9 @@ def _validate_bank(cfg: Config) -> None:
                  f"layer {layer} has no FFN to extend (a memory layer with "
                  "memory.placement=replace)")
         seen.add(layer)
-    _require(b.levels >= 1, "bank.levels", f"must be >= 1, got {b.levels}")
+    _require(b.levels >= 0, "bank.levels", f"must be >= 0, got {b.levels}")
+    _require(b.levels or b.generic_size, "bank.levels",
+             "0 levels (no tree blocks) needs bank.generic_size > 0")
     _require(b.branching >= 2, "bank.branching", f"must be >= 2, got {b.branching}")
     _require(len(b.block_sizes) == b.levels, "bank.block_sizes",
              f"needs one size per level (bank.levels={b.levels}), got {b.block_sizes}")

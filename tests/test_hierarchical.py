@@ -155,6 +155,10 @@ def test_no_path_uses_the_generic_block_only():
                            if not k.startswith(("value_tables", "bank"))})
     torch.testing.assert_close(model(tokens), plain(tokens))
     assert not torch.allclose(with_generic, plain(tokens))
+    generic_only = _bank_model(levels=0, block_sizes=[])  # the generic-only baseline
+    assert generic_only.bank.tables == [] and generic_only.bank.generic is not None
+    torch.testing.assert_close(generic_only(tokens, ForwardContext(bank_path=_paths(
+        model.bank.cfg))), generic_only(tokens))
 
 
 def test_bad_paths_and_configs_are_named():
@@ -167,7 +171,8 @@ def test_bad_paths_and_configs_are_named():
     for override, key in [("bank.block_sizes=[4]", "bank.block_sizes"),
                           ("bank.layers=[9]", "bank.layers[0]"),
                           ("bank.branching=1", "bank.branching"),
-                          ("bank.layers=[]", "bank.generic_size")]:
+                          ("bank.layers=[]", "bank.generic_size"),
+                          ("bank.levels=0", "bank.block_sizes")]:
         with pytest.raises(ConfigError, match=key.replace("[", r"\[").replace("]", r"\]")):
             load_config(None, ["bank.layers=[0]", "bank.levels=2", "bank.block_sizes=[2,4]",
                                "bank.generic_size=2", override])

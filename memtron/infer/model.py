@@ -38,7 +38,7 @@ class LoadedModel:
 
     def bank_paths(self, texts: list[str]) -> torch.Tensor | None:
         """[n, levels] node ids of each text's path down the tree (None without a bank)."""
-        if self.model.bank is None:
+        if self.tree is None:  # no bank, or a generic-only one
             return None
         return torch.from_numpy(self.tree.route(texts)).long()
 
@@ -168,6 +168,6 @@ def load_model(ckpt: str | Path, values: str = "ram", cache_rows: int = 0,
     except Exception as e:  # DCP raises several types; name the checkpoint either way
         raise CheckpointError(f"{path}: cannot load the model: {e}") from e
     model = model.to(device).eval()
-    tree_ = load_tree(cfg, tree, blocks) if cfg.bank.layers else None
+    tree_ = load_tree(cfg, tree, blocks) if cfg.bank.layers and cfg.bank.levels else None
     return LoadedModel(model, cfg, path, reader.step, stores, tree_)
 

@@ -107,7 +107,7 @@ def check_inputs(cfg: Config) -> None:
         if index.get("tokenizer") != tokenizer.spec:
             raise ConfigError(f"data.tokenizer: {tokenizer.spec!r}, but {index_path} was "
                               f"tokenized with {index.get('tokenizer')!r}")
-        if cfg.bank.layers:
+        if cfg.bank.layers and cfg.bank.levels:
             check_bank_data(cfg, index, index_path, f"data.{key}")
     if cfg.data.questions and not Path(cfg.data.questions).is_file():
         raise ConfigError(f"data.questions: {cfg.data.questions} does not exist")

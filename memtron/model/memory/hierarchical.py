@@ -138,8 +138,8 @@ class HierarchicalBank(nn.Module):
     def fetch(self, path: torch.Tensor | None) -> FetchedBank:
         """path [B, levels] int64 node ids -> the blocks of every bank layer for this forward
         (one row fetch per level). ``None``: no context path (e.g. a question with no routing):
-        only the generic block applies."""
-        if path is None:
+        only the generic block applies (as in a bank of 0 levels)."""
+        if path is None or not self.cfg.levels:  # levels 0: a generic-only bank
             return FetchedBank(self, [])
         if path.dim() != 2 or path.shape[1] != self.cfg.levels:
             raise ValueError(f"bank path: expected [batch, {self.cfg.levels}] node ids, got "
