@@ -232,12 +232,47 @@ def _cmd_cluster(args: argparse.Namespace) -> int:
     print(f"tree {args.levels} levels x {args.branching} branches ({tree.n_nodes} nodes) fitted "
           f"on {tree.info['sample_size']} of {tree.info['documents_seen']} documents; "
           f"wrote {args.out}")
-    print("level  nodes  docs/node min  mean  max  worst sibling deviation  "
-          f"within {args.tolerance:.0%} (+1 doc)")
-    for level, b in enumerate(tree.info["corpus_balance"], 1):
-        print(f"{level:5d}  {b['nodes']:5d}  {b['min']:13d}  {b['mean']:4.0f}  {b['max']:3d}  "
-              f"{b['max_sibling_deviation']:23.1%}  {'yes' if b['within_tolerance'] else 'no'}")
+    for title, rows in (("fitting sample (balanced unless identical documents)", "balance"),
+                        ("whole corpus (routed)", "corpus_balance")):
+        print(f"{title}:\n  level    nodes  docs/node: min     mean      max  worst sibling "
+              f"deviation  within {args.tolerance:.0%} (+1 doc)")
+        for level, b in enumerate(tree.info[rows], 1):
+            print(f"  {level:5d} {b['nodes']:8d} {b['min']:15d} {b['mean']:8.1f} {b['max']:8d} "
+                  f"{b['max_sibling_deviation']:24.1%}  "
+                  f"{'yes' if b['within_tolerance'] else 'no'}")
     return 0
+
+
+def _cmd_fetch(args: argparse.Namespace) -> int:
+    from memtron.infer.bank import HierarchicalBank
+
+    bank = HierarchicalBank.open(args.bank, tree=args.tree, token=args.token)
+    fetched = bank.fetch(args.text)
+    if args.json:
+        print(json.dumps([{"text": f.text, "path": f.path, "tables": f.tables, "rows": f.rows,
+                           "bytes": f.nbytes} for f in fetched], indent=1))
+        return 0
+    for f in fetched:
+        print(f"text {f.text[:60]!r}{'...' if len(f.text) > 60 else ''}")
+        print(f"  path (node ids, root to leaf): {' -> '.join(map(str, f.path))}")
+        for level, (node, table, row, block, nbytes) in enumerate(
+                zip(f.path, f.tables, f.rows, f.blocks, f.nbytes, strict=True), 1):
+            print(f"  level {level}  node {node:<8d} {table} row {row:<8d} "
+                  f"{block.numel()} x {str(block.dtype).removeprefix('torch.')}  {nbytes} bytes")
+        print(f"  fetched {sum(f.nbytes)} bytes in {len(f.blocks)} blocks from {args.bank}")
+    return 0
+
+
+def _add_fetch_parser(sub) -> None:
+    p = sub.add_parser("fetch", help="route text through the cluster tree and fetch its "
+                       "hierarchical-bank blocks")
+    p.add_argument("--bank", required=True,
+                   help="bank dir (memtron export bank) or memtron serve-memory URL")
+    p.add_argument("--text", action="append", required=True, help="text to route (repeatable)")
+    p.add_argument("--tree", help="cluster tree dir (default: the one the bank names)")
+    p.add_argument("--token", help="bearer token of the memory server")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=_cmd_fetch)
 
 
 def _cmd_submit(args: argparse.Namespace) -> int:
@@ -625,6 +660,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_submit_parser(sub)
     _add_infer_parsers(sub)
     _add_export_parsers(sub)
+    _add_fetch_parser(sub)
     return parser
 
 

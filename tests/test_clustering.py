@@ -188,7 +188,8 @@ def test_cli_cluster_prints_balance_and_prepare_uses_it(corpus, tmp_path, capsys
     assert f"fitted on {len(docs)} of {len(docs)} documents" in out
     assert "within 10%" in out
     rows = [line.split() for line in out.splitlines() if line.split()[:1] in (["1"], ["2"])]
-    assert [r[1] for r in rows] == ["4", "16"] and all(r[-1] == "yes" for r in rows)
+    assert [r[1] for r in rows] == ["4", "16"] * 2  # the sample, then the whole corpus
+    assert all(r[-1] == "yes" for r in rows)  # the sample is the corpus here
     manifest = json.loads((tmp_path / "tree" / "tree.json").read_text())
     assert len(manifest["info"]["corpus_balance"]) == 2
     assert main(["data", "prepare", str(path), "--out", str(tmp_path / "data"), "--seq-len",

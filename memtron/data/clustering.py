@@ -62,9 +62,13 @@ def _sqdist(x: np.ndarray, centroids: np.ndarray) -> np.ndarray:
     """``[n, b]`` squared distances of rows ``x [n, d]`` to ``centroids`` ``[n or 1, b, d]``.
 
     Computed elementwise (not as a matmul), so a row's distances do not depend on which other
-    rows share the call: the fit and routing get bit-identical numbers."""
-    diff = x[:, None, :] - centroids
-    return np.square(diff).sum(-1, dtype=np.float32)
+    rows share the call: the fit and routing get bit-identical numbers. Rows go
+    :data:`ROUTE_CHUNK` at a time to bound the ``[rows, b, d]`` temporary."""
+    out = np.empty((len(x), centroids.shape[1]), dtype=np.float32)
+    for i in range(0, len(x), ROUTE_CHUNK):
+        c = centroids if len(centroids) == 1 else centroids[i:i + ROUTE_CHUNK]
+        out[i:i + ROUTE_CHUNK] = np.square(x[i:i + ROUTE_CHUNK, None, :] - c).sum(-1)
+    return out
 
 
 def _kmeanspp(x: np.ndarray, k: int, rng: np.random.Generator) -> np.ndarray:
@@ -72,12 +76,12 @@ def _kmeanspp(x: np.ndarray, k: int, rng: np.random.Generator) -> np.ndarray:
     if len(x) > 64 * k:
         x = x[rng.choice(len(x), 64 * k, replace=False)]
     centers = [x[rng.integers(len(x))]]
-    closest = np.square(x - centers[0]).sum(1)
+    closest = np.square(x - centers[0]).sum(1, dtype=np.float64)  # float64: p must sum to 1
     for _ in range(1, k):
         total = closest.sum()
         i = rng.choice(len(x), p=closest / total) if total > 0 else rng.integers(len(x))
         centers.append(x[i])
-        closest = np.minimum(closest, np.square(x - x[i]).sum(1))
+        closest = np.minimum(closest, np.square(x - x[i]).sum(1, dtype=np.float64))
     return np.stack(centers).astype(np.float32)
 
 
