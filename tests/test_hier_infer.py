@@ -16,10 +16,10 @@ from memtron.data.prepare import prepare
 from memtron.data.synthetic import generate_corpus
 from memtron.data.tokenizer import ByteTokenizer
 from memtron.export.bank import export_bank
-from memtron.infer.generate import GenerationError, SamplingConfig, generate
+from memtron.infer.generate import SamplingConfig, generate
 from memtron.infer.model import load_model
 from memtron.infer.server import running_server
-from memtron.infer.store import open_bank
+from memtron.infer.store import BankError, open_bank
 from memtron.model.forward import ForwardContext
 from memtron.train.trainer import Trainer
 from tests.conftest import TINY_SEQ_LEN, tiny_overrides
@@ -114,7 +114,7 @@ def test_cli_generate_with_bank_and_tree_checks(trained, tmp_path, capsys):
     other = tmp_path / "other-tree"
     build_tree(["a b c", "d e f", "g h i", "j k l"] * 4, 2, 2,
                HashedNgramEmbedder(dim=8)).save(other)
-    with pytest.raises(GenerationError, match="not the tree the bank"):
+    with pytest.raises(BankError, match="not the tree the bank"):
         load_model(result.checkpoint, bank=str(bank_dir), tree=other)
     assert open_bank(bank_dir).manifest["source"]["bank"]["tree_sha256"]
 
