@@ -130,3 +130,19 @@ def test_bank_needs_clustered_data(trained, tiny_corpus, tmp_path):
         **BANK, "bank.branching": 3}))
     with pytest.raises(ConfigError, match="bank.levels"):
         Trainer(cfg)
+
+
+def test_frozen_anchor_trains_only_the_bank(trained, tmp_path):
+    """With bank.freeze_anchor the trainer moves the fetched blocks and nothing else."""
+    from memtron.config import load_config
+
+    root, _ = trained
+    cfg = load_config(None, tiny_overrides(root, tmp_path / "frozen", **{
+        **BANK, "bank.generic_size": 0, "bank.freeze_anchor": "true", "memory.layers": "[]",
+        "train.steps": 2}))
+    trainer = Trainer(cfg)
+    before = {k: v.clone() for k, v in trainer.model.state_dict().items()}
+    trainer.run()
+    after = trainer.model.state_dict()
+    moved = {k for k in before if not torch.equal(before[k], after[k])}
+    assert moved == {"value_tables.bank0.weight", "value_tables.bank1.weight"}
