@@ -80,6 +80,9 @@ class BankConfig:
     block_sizes: list[int] = field(default_factory=list)
     generic_size: int = 0  # neurons of a block every sequence uses (a dense parameter); 0 = off
     freeze_anchor: bool = False  # train only the bank (blocks and the generic block)
+    # Block rows learn at optim.lr * lr_mult (sparse row optimizer); value tables use
+    # optim.memory_lr_mult. Blocks are FFN weights at the anchor's init scale: 1 is the default.
+    lr_mult: float = 1.0
 
     def nodes_per_level(self) -> list[int]:
         return [self.branching ** (level + 1) for level in range(self.levels)]
@@ -449,6 +452,7 @@ def _validate_bank(cfg: Config) -> None:
     for i, size in enumerate(b.block_sizes):
         _require(size > 0, f"bank.block_sizes[{i}]", f"must be positive, got {size}")
     _require(b.generic_size >= 0, "bank.generic_size", "must be >= 0 (0 = no generic block)")
+    _require(b.lr_mult > 0, "bank.lr_mult", f"must be positive, got {b.lr_mult}")
     _require(not (b.freeze_anchor and mem.layers), "bank.freeze_anchor",
              "freezing an anchor with product-key memory layers is not supported (their "
              "value tables train through the sparse optimizer)")

@@ -165,7 +165,8 @@ class Trainer:
                                             self.state.cp_rank).to(self.device)
         self.layout = CheckpointLayout(self.state)
         self.tables = dict(self.model.value_tables.items())
-        self.dense_opt, self.sparse_opt = build_optimizers(self.model, self.tables, cfg.optim)
+        self.dense_opt, self.sparse_opt = build_optimizers(self.model, self.tables, cfg.optim,
+                                                           cfg.bank.lr_mult)
         self.dense_params = [p for g in self.dense_opt.param_groups for p in g["params"]]
         self.zero: DeepSpeedZero | None = None
         if cfg.train.engine == "deepspeed":

@@ -25,6 +25,7 @@ files addressed by node, RowStore fetches at inference. Only fetched rows ever g
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 
 import torch
@@ -35,6 +36,7 @@ from memtron.config import BankConfig
 from memtron.model.memory.values import LocalValueTable, ValueTable
 
 TABLE_PREFIX = "bank"  # level l's table is value_tables[f"bank{l}"]
+BANK_TABLE = re.compile(TABLE_PREFIX + r"\d+")  # the names of level tables
 INIT_ROWS = 64  # rows drawn per host buffer in init_bank_rows
 
 
