@@ -96,12 +96,15 @@ class BankConfig:
     adds the blocks on its root-to-leaf path to those layers' FFNs."""
 
     layers: list[int] = field(default_factory=list)  # blocks whose FFN gets a bank; [] = none
-    levels: int = 4  # tree depth below the root (must match the tree)
+    levels: int = 4  # tree depth below the root (must match the tree); 0 = generic block only
     branching: int = 16  # children per node (must match the tree)
     # Neurons per node block, per level from the root's children down (often larger deeper).
     block_sizes: list[int] = field(default_factory=list)
     generic_size: int = 0  # neurons of a block every sequence uses (a dense parameter); 0 = off
     freeze_anchor: bool = False  # train only the bank (blocks and the generic block)
+    # Block rows learn at optim.lr * lr_mult (sparse row optimizer); value tables use
+    # optim.memory_lr_mult. Blocks are FFN weights at the anchor's init scale: 1 is the default.
+    lr_mult: float = 1.0
 
     def nodes_per_level(self) -> list[int]:
         return [self.branching ** (level + 1) for level in range(self.levels)]
@@ -478,13 +481,16 @@ def _validate_bank(cfg: Config) -> None:
                  f"layer {layer} has no FFN to extend (a memory layer with "
                  "memory.placement=replace)")
         seen.add(layer)
-    _require(b.levels >= 1, "bank.levels", f"must be >= 1, got {b.levels}")
+    _require(b.levels >= 0, "bank.levels", f"must be >= 0, got {b.levels}")
+    _require(b.levels or b.generic_size, "bank.levels",
+             "0 levels (no tree blocks) needs bank.generic_size > 0")
     _require(b.branching >= 2, "bank.branching", f"must be >= 2, got {b.branching}")
     _require(len(b.block_sizes) == b.levels, "bank.block_sizes",
              f"needs one size per level (bank.levels={b.levels}), got {b.block_sizes}")
     for i, size in enumerate(b.block_sizes):
         _require(size > 0, f"bank.block_sizes[{i}]", f"must be positive, got {size}")
     _require(b.generic_size >= 0, "bank.generic_size", "must be >= 0 (0 = no generic block)")
+    _require(b.lr_mult > 0, "bank.lr_mult", f"must be positive, got {b.lr_mult}")
     _require(not (b.freeze_anchor and mem.layers), "bank.freeze_anchor",
              "freezing an anchor with product-key memory layers is not supported (their "
              "value tables train through the sparse optimizer)")

@@ -16,10 +16,10 @@ from memtron.data.prepare import prepare
 from memtron.data.synthetic import generate_corpus
 from memtron.data.tokenizer import ByteTokenizer
 from memtron.export.bank import export_bank
-from memtron.infer.generate import GenerationError, SamplingConfig, generate
+from memtron.infer.generate import SamplingConfig, generate
 from memtron.infer.model import load_model
 from memtron.infer.server import running_server
-from memtron.infer.store import open_bank
+from memtron.infer.store import BankError, open_bank
 from memtron.model.forward import ForwardContext
 from memtron.train.trainer import Trainer
 from tests.conftest import TINY_SEQ_LEN, tiny_overrides
@@ -114,7 +114,7 @@ def test_cli_generate_with_bank_and_tree_checks(trained, tmp_path, capsys):
     other = tmp_path / "other-tree"
     build_tree(["a b c", "d e f", "g h i", "j k l"] * 4, 2, 2,
                HashedNgramEmbedder(dim=8)).save(other)
-    with pytest.raises(GenerationError, match="not the tree the bank"):
+    with pytest.raises(BankError, match="not the tree the bank"):
         load_model(result.checkpoint, bank=str(bank_dir), tree=other)
     assert open_bank(bank_dir).manifest["source"]["bank"]["tree_sha256"]
 
@@ -130,3 +130,19 @@ def test_bank_needs_clustered_data(trained, tiny_corpus, tmp_path):
         **BANK, "bank.branching": 3}))
     with pytest.raises(ConfigError, match="bank.levels"):
         Trainer(cfg)
+
+
+def test_frozen_anchor_trains_only_the_bank(trained, tmp_path):
+    """With bank.freeze_anchor the trainer moves the fetched blocks and nothing else."""
+    from memtron.config import load_config
+
+    root, _ = trained
+    cfg = load_config(None, tiny_overrides(root, tmp_path / "frozen", **{
+        **BANK, "bank.generic_size": 0, "bank.freeze_anchor": "true", "memory.layers": "[]",
+        "train.steps": 2}))
+    trainer = Trainer(cfg)
+    before = {k: v.clone() for k, v in trainer.model.state_dict().items()}
+    trainer.run()
+    after = trainer.model.state_dict()
+    moved = {k for k in before if not torch.equal(before[k], after[k])}
+    assert moved == {"value_tables.bank0.weight", "value_tables.bank1.weight"}

@@ -155,6 +155,10 @@ def test_no_path_uses_the_generic_block_only():
                            if not k.startswith(("value_tables", "bank"))})
     torch.testing.assert_close(model(tokens), plain(tokens))
     assert not torch.allclose(with_generic, plain(tokens))
+    generic_only = _bank_model(levels=0, block_sizes=[])  # the generic-only baseline
+    assert generic_only.bank.tables == [] and generic_only.bank.generic is not None
+    torch.testing.assert_close(generic_only(tokens, ForwardContext(bank_path=_paths(
+        model.bank.cfg))), generic_only(tokens))
 
 
 def test_bad_paths_and_configs_are_named():
@@ -167,10 +171,41 @@ def test_bad_paths_and_configs_are_named():
     for override, key in [("bank.block_sizes=[4]", "bank.block_sizes"),
                           ("bank.layers=[9]", "bank.layers[0]"),
                           ("bank.branching=1", "bank.branching"),
-                          ("bank.layers=[]", "bank.generic_size")]:
+                          ("bank.layers=[]", "bank.generic_size"),
+                          ("bank.levels=0", "bank.block_sizes")]:
         with pytest.raises(ConfigError, match=key.replace("[", r"\[").replace("]", r"\]")):
             load_config(None, ["bank.layers=[0]", "bank.levels=2", "bank.block_sizes=[2,4]",
                                "bank.generic_size=2", override])
     with pytest.raises(ConfigError, match="bank.layers"):
         load_config(None, ["bank.layers=[1]", "bank.levels=1", "bank.block_sizes=[2]",
                            "memory.layers=[1]"])
+
+
+def test_bank_tables_learn_at_their_own_rate():
+    """build_optimizers: bank level tables step at lr * bank.lr_mult, value tables at
+    lr * memory_lr_mult, in the one sparse optimizer."""
+    from memtron.config import OptimConfig
+    from memtron.model.memory.values import LocalValueTable
+    from memtron.train.optim import build_optimizers
+
+    def stepped(bank_lr_mult):
+        model = _bank_model()
+        tables = {"table0": LocalValueTable(10, D, 3), "bank0": model.bank.tables[0]}
+        cfg = OptimConfig(lr=0.01, memory_lr_mult=10.0, warmup_steps=0)
+        _, sparse = build_optimizers(model, tables, cfg, bank_lr_mult)
+        for table in tables.values():
+            table.accumulate_grad(torch.tensor([1]), torch.ones(1, table.dim))
+        sparse.step()
+        return {name: t.weight.detach()[1].clone() for name, t in tables.items()}, model
+
+    same, model = stepped(None)
+    own, _ = stepped(1.0)
+    initial = _bank_model().bank.tables[0].weight.detach()[1]
+    torch.testing.assert_close(own["table0"], same["table0"])  # value tables: unchanged
+    # Adam's first step moves every element by lr: 0.1 at memory_lr_mult, 0.01 at lr_mult 1.
+    torch.testing.assert_close((initial - same["bank0"]).abs(), torch.full((initial.numel(),),
+                                                                          0.1), rtol=1e-4,
+                               atol=1e-6)
+    torch.testing.assert_close((initial - own["bank0"]).abs(), torch.full((initial.numel(),),
+                                                                         0.01), rtol=1e-4,
+                               atol=1e-6)

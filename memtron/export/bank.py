@@ -184,13 +184,13 @@ def bank_source(config: dict[str, Any], tree: str | Path | None) -> dict[str, An
     cluster tree that routes prompts to node ids, with the sha256 of the tree's manifest.
     ``tree``: the tree directory; default: the copy ``prepare --clusters`` keeps with the
     training data (``data.train/tree``), if present."""
+    bank = config.get("bank") or {}
+    if not bank.get("layers"):
+        return None
     from memtron.data.clustering import TREE_MANIFEST
     from memtron.data.prepare import TREE_DIR
     from memtron.model.memory.hierarchical import level_offsets, table_name
 
-    bank = config.get("bank") or {}
-    if not bank.get("layers"):
-        return None
     nodes = [bank["branching"] ** (level + 1) for level in range(bank["levels"])]
     entry: dict[str, Any] = {
         "levels": bank["levels"], "branching": bank["branching"], "layers": bank["layers"],

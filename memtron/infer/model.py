@@ -38,7 +38,7 @@ class LoadedModel:
 
     def bank_paths(self, texts: list[str]) -> torch.Tensor | None:
         """[n, levels] node ids of each text's path down the tree (None without a bank)."""
-        if self.model.bank is None:
+        if self.tree is None:  # no bank, or a generic-only one
             return None
         return torch.from_numpy(self.tree.route(texts)).long()
 
@@ -84,30 +84,23 @@ def _check_bank_source(bank: Bank, reader: CheckpointReader) -> None:
                               f"{reader.step}; export the bank from this checkpoint")
 
 
-def load_tree(cfg: Config, tree: str | Path | None, bank: Bank | HttpBank | None) -> Any:
-    """The cluster tree of a model with a bank: ``tree``, else the one the bank's manifest
-    records, else the copy kept with the training data; checked against the bank's shape and
-    against the tree the bank was exported with (sha256 of its manifest)."""
-    from memtron.data.clustering import TREE_MANIFEST, ClusterTree
+def load_tree(cfg: Config, tree: str | Path | None, bank: str | None,
+              token: str | None = None) -> Any:
+    """The cluster tree of a model with a bank. With a ``bank`` (dir or URL) it is the one
+    :meth:`memtron.infer.bank.HierarchicalBank.open` finds and checks (``tree``, else what the
+    bank's manifest records, refusing a tree of another hash); with the blocks in RAM, ``tree``
+    or the copy kept with the training data. Checked against the model's bank shape."""
+    from memtron.data.clustering import ClusterTree
     from memtron.data.prepare import TREE_DIR
-    from memtron.train.checkpoint import sha256_file
+    from memtron.infer.bank import HierarchicalBank
 
-    recorded = bank.manifest.get("source", {}).get("bank", {}) if isinstance(bank, Bank) else {}
-    candidates = [tree, recorded.get("tree"), Path(cfg.data.train) / TREE_DIR]
-    found = next((Path(c) for c in candidates
-                  if c is not None and (Path(c) / TREE_MANIFEST).is_file()), None)
-    if found is None:
-        raise GenerationError("the model has a hierarchical bank: pass --tree TREE_DIR (the "
-                              "tree from `memtron data cluster`); none was given or recorded "
-                              f"(tried {[str(c) for c in candidates if c is not None]})")
-    digest = recorded.get("tree_sha256")
-    if digest is not None and sha256_file(found / TREE_MANIFEST) != digest:
-        raise GenerationError(f"{found}: not the tree the bank {bank.path} was exported with "
-                              f"(its tree.json sha256 differs from {digest[:12]}...)")
-    loaded = ClusterTree.load(found)
+    if bank:
+        loaded = HierarchicalBank.open(bank, tree, token).tree
+    else:
+        loaded = ClusterTree.load(tree if tree is not None else Path(cfg.data.train) / TREE_DIR)
     if (loaded.levels, loaded.branching) != (cfg.bank.levels, cfg.bank.branching):
-        raise GenerationError(f"{found}: a {loaded.levels} x {loaded.branching} tree, the "
-                              f"model's bank is {cfg.bank.levels} x {cfg.bank.branching}")
+        raise GenerationError(f"the tree is {loaded.levels} x {loaded.branching}, the model's "
+                              f"bank is {cfg.bank.levels} x {cfg.bank.branching}")
     return loaded
 
 
@@ -136,33 +129,29 @@ def load_model(ckpt: str | Path, values: str = "ram", cache_rows: int = 0,
     stores: list[StoreValueTable] = []
     n_value_tables = 0
 
+    def store_table(where: Bank | HttpBank, spec: str, name: str, n_rows: int,
+                    dim: int) -> StoreValueTable:
+        if name not in where.tables:
+            raise CheckpointError(f"{spec}: has no table {name} (it has "
+                                  f"{sorted(where.tables)})")
+        store = where.table(name)
+        _check_table(name, store, n_rows, dim, spec)
+        stores.append(StoreValueTable(store, cache_rows))
+        return stores[-1]
+
     def make_table(n_rows: int, dim: int, seed: int) -> ValueTable:
         if source is None:
             return LocalValueTable(n_rows, dim, seed,
                                    dtype=STORAGE_DTYPES[cfg.memory.value_dtype])
         nonlocal n_value_tables
-        name = f"table{n_value_tables}"  # the Transformer names its tables in creation order
-        n_value_tables += 1
-        if name not in source.tables:
-            raise CheckpointError(f"{values}: has no table {name} (it has "
-                                  f"{sorted(source.tables)})")
-        store = source.table(name)
-        _check_table(name, store, n_rows, dim, values)
-        stores.append(StoreValueTable(store, cache_rows))
-        return stores[-1]
+        n_value_tables += 1  # the Transformer names its tables in creation order
+        return store_table(source, values, f"table{n_value_tables - 1}", n_rows, dim)
 
     def make_bank_table(level: int, n_rows: int, dim: int, seed: int,
                         std: torch.Tensor) -> ValueTable:
         if blocks is None:
             return BankTable(n_rows, dim, seed, std, dtype=STORAGE_DTYPES[cfg.memory.value_dtype])
-        name = table_name(level)
-        if name not in blocks.tables:
-            raise CheckpointError(f"{bank}: has no bank table {name} (it has "
-                                  f"{sorted(blocks.tables)})")
-        store = blocks.table(name)
-        _check_table(name, store, n_rows, dim, bank)
-        stores.append(StoreValueTable(store, cache_rows))
-        return stores[-1]
+        return store_table(blocks, bank, table_name(level), n_rows, dim)
 
     # Dense weights are small; store tables hold no rows (and so have no state-dict keys).
     model = build_model(cfg, make_table, make_bank_table)
@@ -172,6 +161,6 @@ def load_model(ckpt: str | Path, values: str = "ram", cache_rows: int = 0,
     except Exception as e:  # DCP raises several types; name the checkpoint either way
         raise CheckpointError(f"{path}: cannot load the model: {e}") from e
     model = model.to(device).eval()
-    tree_ = load_tree(cfg, tree, blocks) if cfg.bank.layers else None
+    tree_ = load_tree(cfg, tree, bank, token) if cfg.bank.layers and cfg.bank.levels else None
     return LoadedModel(model, cfg, path, reader.step, stores, tree_)
 

@@ -15,8 +15,8 @@ Which moves: the blocks, or the tokens? Per sequence and bank layer, with ``d`` 
   y back in the forward, dy there and dx back in the backward, ``4 * L * d * levels`` values.
 
 Block fetch moves less whenever ``1.5 * sum_l b_l < L * levels``: for the published setup
-(blocks of ~650 neurons per layer over 4 levels, L = 2048) that is ~8x fewer bytes, for
-``configs/hier-tiny`` sizes (sum b = 120, L = 128, 4 levels) ~2.8x (:func:`exchange_bytes`
+(blocks of ~650 neurons per layer over 4 levels, L = 2048) that is ~8.4x fewer bytes, for
+``configs/hier-tiny.yaml`` (sum b = 112, L = 128, 3 levels) 2.3x (:func:`exchange_bytes`
 computes both). It also keeps the FFN compute with the tokens, so hot nodes load no owner.
 So the bank fetches blocks: one uneven all-to-all of distinct node ids per level (counts
 exchanged by the dispatcher), one of rows back; backward, one of row gradients to the owners.

@@ -38,6 +38,7 @@ from torch import nn
 
 from memtron.config import MemoryOptimizer, OptimConfig
 from memtron.model.memory import kernels
+from memtron.model.memory.hierarchical import BANK_TABLE
 from memtron.model.memory.values import STORAGE_DTYPES, ValueTable, store_rows
 from memtron.parallel.launch import collective_device
 
@@ -70,11 +71,13 @@ class SparseRowOptimizer:
 
     def __init__(self, tables: dict[str, ValueTable], lr: float, betas: tuple[float, float],
                  eps: float = 1e-8, weight_decay: float = 0.0, mode: str = "adam",
-                 moment_dtype: torch.dtype = torch.float32) -> None:
+                 moment_dtype: torch.dtype = torch.float32,
+                 lr_scale: dict[str, float] | None = None) -> None:
         if mode not in MEMORY_OPTIMIZERS:
             raise ValueError(f"memory optimizer {mode!r} is not one of {MEMORY_OPTIMIZERS}")
         self.tables, self.mode = tables, mode
         self.lr, self.betas, self.eps, self.weight_decay = lr, betas, eps, weight_decay
+        self.lr_scale = dict(lr_scale or {})  # per table: its lr is lr * scale (default 1)
         self.state = {name: _row_state(mode, table.weight, moment_dtype)
                       for name, table in tables.items()}
 
@@ -85,19 +88,20 @@ class SparseRowOptimizer:
             state["step"] += 1
             grad = table.sparse_grad()
             if grad is not None:
-                self._update(table, state, *grad)
+                self._update(table, state, *grad, self.lr * self.lr_scale.get(name, 1.0))
 
     def _update(self, table: ValueTable, state: dict[str, torch.Tensor], ids: torch.Tensor,
-                grad: torch.Tensor) -> None:
-        """One step of ``self.mode`` on rows ``ids`` (unique) of ``table`` with fp32 ``grad``."""
+                grad: torch.Tensor, lr: float) -> None:
+        """One step of ``self.mode`` at ``lr`` on rows ``ids`` (unique) of ``table`` with fp32
+        ``grad``."""
         weight = table.weight.detach()
         beta1, beta2 = self.betas
         t = int(state["step"])
-        decay = 1 - self.lr * self.weight_decay
+        decay = 1 - lr * self.weight_decay
         if self.mode == "adam" and weight.dtype == torch.float32 and kernels.use_triton(weight):
             kernels.sparse_adam_(weight, state["exp_avg"], state["exp_avg_sq"], ids, grad,
                                  betas=self.betas, eps=self.eps, decay=decay,
-                                 step_size=self.lr * math.sqrt(1 - beta2**t) / (1 - beta1**t))
+                                 step_size=lr * math.sqrt(1 - beta2**t) / (1 - beta1**t))
             return
         if self.mode in ROWWISE_MODES:  # mean(g^2) per row, with no [U, d] temporary
             mean_sq = torch.linalg.vector_norm(grad, dim=1).square_().div_(grad.shape[1])
@@ -105,14 +109,14 @@ class SparseRowOptimizer:
         if self.mode == "rowwise_adagrad":
             denom = state["sum_sq"].index_select(0, ids).add_(mean_sq)
             state["sum_sq"].index_copy_(0, ids, denom)
-            step_size = self.lr
+            step_size = lr
         elif self.mode == "adam_b1zero_rowwise":
             missed = (t - state["last_step"].index_select(0, ids)).double()
             denom = state["exp_avg_sq"].index_select(0, ids)
             denom.mul_(torch.pow(beta2, missed).float()).add_(mean_sq, alpha=1 - beta2)
             state["exp_avg_sq"].index_copy_(0, ids, denom)
             state["last_step"].index_fill_(0, ids, t)
-            step_size = self.lr * math.sqrt(1 - beta2**t)
+            step_size = lr * math.sqrt(1 - beta2**t)
         else:  # adam, adam_rowwise_v
             direction = state["exp_avg"].index_select(0, ids).float().lerp_(grad, 1 - beta1)
             state["exp_avg"].index_copy_(0, ids, direction.to(state["exp_avg"].dtype))
@@ -122,7 +126,7 @@ class SparseRowOptimizer:
             else:
                 denom.add_(mean_sq, alpha=1 - beta2)
             state["exp_avg_sq"].index_copy_(0, ids, denom)
-            step_size = self.lr * math.sqrt(1 - beta2**t) / (1 - beta1**t)
+            step_size = lr * math.sqrt(1 - beta2**t) / (1 - beta1**t)
         denom.sqrt_().add_(self.eps)
         new_rows = weight.index_select(0, ids).float()
         if self.weight_decay:
@@ -184,8 +188,12 @@ def dense_param_groups(model: nn.Module, tables: Iterable[ValueTable],
             {"params": no_decay, "weight_decay": 0.0}]
 
 
-def build_optimizers(model: nn.Module, tables: dict[str, ValueTable],
-                     cfg: OptimConfig) -> tuple[torch.optim.AdamW, SparseRowOptimizer]:
+def build_optimizers(model: nn.Module, tables: dict[str, ValueTable], cfg: OptimConfig,
+                     bank_lr_mult: float | None = None
+                     ) -> tuple[torch.optim.AdamW, SparseRowOptimizer]:
+    """AdamW for the dense parameters, the sparse row optimizer for the tables: value tables at
+    lr * memory_lr_mult, hierarchical-bank level tables (``bank*``) at lr * ``bank_lr_mult``
+    (default: memory_lr_mult as well)."""
     groups = dense_param_groups(model, tables.values(), cfg.weight_decay)
     dense = torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps,
                               foreach=False)
@@ -193,8 +201,18 @@ def build_optimizers(model: nn.Module, tables: dict[str, ValueTable],
                                 betas=(cfg.beta1, cfg.beta2), eps=cfg.eps,
                                 weight_decay=cfg.memory_weight_decay,
                                 mode=cfg.memory_optimizer,
-                                moment_dtype=STORAGE_DTYPES[cfg.memory_moment_dtype])
+                                moment_dtype=STORAGE_DTYPES[cfg.memory_moment_dtype],
+                                lr_scale=_bank_lr_scale(tables, cfg, bank_lr_mult))
     return dense, sparse
+
+
+def _bank_lr_scale(tables: dict[str, ValueTable], cfg: OptimConfig,
+                   bank_lr_mult: float | None) -> dict[str, float]:
+    """Per bank level table, its lr relative to the value tables' (the optimizer's lr)."""
+    if bank_lr_mult is None:
+        return {}
+    return {name: bank_lr_mult / cfg.memory_lr_mult for name in tables
+            if BANK_TABLE.fullmatch(name)}
 
 
 def lr_at(step: int, total_steps: int, cfg: OptimConfig) -> float:

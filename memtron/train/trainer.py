@@ -114,7 +114,7 @@ def check_inputs(cfg: Config) -> None:
         if index.get("tokenizer") != tokenizer.spec:
             raise ConfigError(f"data.tokenizer: {tokenizer.spec!r}, but {index_path} was "
                               f"tokenized with {index.get('tokenizer')!r}")
-        if cfg.bank.layers:
+        if cfg.bank.layers and cfg.bank.levels:
             check_bank_data(cfg, index, index_path, f"data.{key}")
     if cfg.data.questions and not Path(cfg.data.questions).is_file():
         raise ConfigError(f"data.questions: {cfg.data.questions} does not exist")
@@ -174,7 +174,8 @@ class Trainer:
                                             self.state.cp_rank).to(self.device)
         self.layout = CheckpointLayout(self.state)
         self.tables = dict(self.model.value_tables.items())
-        self.dense_opt, self.sparse_opt = build_optimizers(self.model, self.tables, cfg.optim)
+        self.dense_opt, self.sparse_opt = build_optimizers(self.model, self.tables, cfg.optim,
+                                                           cfg.bank.lr_mult)
         self.dense_params = [p for g in self.dense_opt.param_groups for p in g["params"]]
         self.zero: DeepSpeedZero | None = None
         if cfg.train.engine == "deepspeed":

@@ -25,6 +25,7 @@ files addressed by node, RowStore fetches at inference. Only fetched rows ever g
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 
 import torch
@@ -35,6 +36,7 @@ from memtron.config import BankConfig
 from memtron.model.memory.values import LocalValueTable, ValueTable
 
 TABLE_PREFIX = "bank"  # level l's table is value_tables[f"bank{l}"]
+BANK_TABLE = re.compile(TABLE_PREFIX + r"\d+")  # the names of level tables
 INIT_ROWS = 64  # rows drawn per host buffer in init_bank_rows
 
 
@@ -138,8 +140,8 @@ class HierarchicalBank(nn.Module):
     def fetch(self, path: torch.Tensor | None) -> FetchedBank:
         """path [B, levels] int64 node ids -> the blocks of every bank layer for this forward
         (one row fetch per level). ``None``: no context path (e.g. a question with no routing):
-        only the generic block applies."""
-        if path is None:
+        only the generic block applies (as in a bank of 0 levels)."""
+        if path is None or not self.cfg.levels:  # levels 0: a generic-only bank
             return FetchedBank(self, [])
         if path.dim() != 2 or path.shape[1] != self.cfg.levels:
             raise ValueError(f"bank path: expected [batch, {self.cfg.levels}] node ids, got "

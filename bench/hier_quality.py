@@ -1,0 +1,162 @@
+"""Hierarchical bank quality: three arms at equal anchor size, data and steps (issue 13).
+
+* ``none``: the anchor alone (``configs/hier-tiny.yaml`` without its bank);
+* ``generic``: the anchor plus an always-on generic block with as many neurons as a sequence
+  fetches in the hierarchical arm (``bank.levels=0``, ``generic_size = sum(block_sizes)``);
+* ``hier``: the anchor plus the blocks of the sequence's path down the cluster tree.
+
+Every arm trains on the same clustered shards (the same batches in the same order; the first two
+ignore ``bank_path``) from the same seed. Fact questions are routed like generation routes a
+prompt: the question's prompt goes down the tree and its path's blocks answer every choice.
+Reported: fact accuracy per frequency bucket with 95 % Wilson intervals, and the valid loss
+(each valid sample with its own path).
+
+    python bench/hier_quality.py --quick          # a smoke run: tiny corpus, 30 steps
+    python bench/hier_quality.py --out hier.json  # the recipe's corpus and 1500 steps
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from memtron.config import load_config
+from memtron.data.clustering import build_tree
+from memtron.data.loader import eval_batches
+from memtron.data.prepare import prepare
+from memtron.data.synthetic import generate_corpus, load_questions
+from memtron.data.tokenizer import ByteTokenizer
+from memtron.eval.facts import bucket_scores, score_questions
+from memtron.infer.model import LoadedModel, load_model
+from memtron.model.forward import ForwardContext
+from memtron.model.transformer import lm_loss
+from memtron.train.trainer import Trainer
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def prepare_data(root: Path, quick: bool, levels: int, branching: int) -> None:
+    sizes = dict(n_entities=80, n_train_docs=600, n_valid_docs=60, questions_per_bucket=20) \
+        if quick else {}
+    generate_corpus(root / "raw-root", seed=0, **sizes)
+    raw = root / "raw-root" / "raw"
+    docs = [json.loads(line)["text"] for line in (raw / "train.jsonl").read_text().splitlines()]
+    build_tree(docs, levels, branching, seed=0).save(root / "tree")
+    for split in ("train", "valid"):
+        prepare([raw / f"{split}.jsonl"], root / split, seq_len=128, clusters=root / "tree")
+
+
+def arm_overrides(arm: str, root: Path, steps: int, levels: int, branching: int,
+                  blocks: list[int]) -> list[str]:
+    common = [f"data.train={root / 'train'}", f"data.valid={root / 'valid'}",
+              f"data.questions={root / 'raw-root' / 'questions.jsonl'}",
+              f"train.steps={steps}", "train.eval_every=0", f"train.run_dir={root / arm}",
+              "checkpoint.every=0", "logging.tensorboard=false", "logging.progress=false",
+              f"train.log_every={max(1, steps // 10)}", f"optim.warmup_steps={min(50, steps // 5)}",
+              f"bank.levels={levels}", f"bank.branching={branching}",
+              f"bank.block_sizes={blocks}"]
+    if arm == "none":
+        return [*common, "bank.layers=[]"]
+    if arm == "generic":
+        return [*common, "bank.levels=0", "bank.block_sizes=[]",
+                f"bank.generic_size={sum(blocks)}"]
+    return common
+
+
+def routed_logits(loaded: LoadedModel, questions: list[dict]):
+    """A ``logits_fn`` that gives every row the path of the question whose prompt it extends
+    (score_questions' rows are eos + prompt + choice, in its own order)."""
+    tok = ByteTokenizer()
+    prompts = sorted({q["prompt"] for q in questions}, key=len, reverse=True)
+    paths = dict(zip(prompts, loaded.bank_paths(prompts).tolist())) \
+        if loaded.tree is not None else {}
+
+    def logits_fn(tokens: torch.Tensor) -> torch.Tensor:
+        path = None
+        if paths:
+            rows = []
+            for row in tokens.tolist():
+                text = tok.decode([t for t in row if t < 256])
+                rows.append(paths[next(p for p in prompts if text.startswith(p))])
+            path = torch.tensor(rows)
+        return loaded.model(tokens, ForwardContext(bank_path=path)).float()
+
+    return logits_fn
+
+
+@torch.no_grad()
+def valid_loss(loaded: LoadedModel, root: Path, batches: int) -> float:
+    losses = []
+    for batch in eval_batches(root / "valid", 16, 128, batches):
+        tokens = batch.tokens
+        logits = loaded.model(tokens[:, :-1],
+                              ForwardContext(bank_path=batch.fields.get("bank_path")))
+        losses.append(float(lm_loss(logits, tokens[:, 1:])))
+    return sum(losses) / len(losses)
+
+
+def run_arm(arm: str, root: Path, args: argparse.Namespace, blocks: list[int]) -> dict:
+    cfg = load_config(REPO / "configs" / "hier-tiny.yaml",
+                      arm_overrides(arm, root, args.steps, args.levels, args.branching, blocks))
+    start = time.perf_counter()
+    result = Trainer(cfg).run()
+    seconds = time.perf_counter() - start
+    loaded = load_model(result.checkpoint)
+    questions = load_questions(cfg.data.questions)
+    with torch.no_grad():
+        correct = score_questions(routed_logits(loaded, questions), ByteTokenizer(), questions,
+                                  max_len=cfg.model.max_seq_len)
+    scores = {name: s.__dict__ for name, s in bucket_scores(questions, correct).items()}
+    dense = sum(p.numel() for n, p in loaded.model.named_parameters()
+                if not n.startswith(("value_tables", "bank")))
+    return {"arm": arm, "train_s": seconds, "final_loss": result.losses[max(result.losses)],
+            "valid_loss": valid_loss(loaded, root, args.valid_batches), "anchor_params": dense,
+            "facts": scores}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--steps", type=int, default=0, help="default 1500 (30 with --quick)")
+    parser.add_argument("--levels", type=int, default=3)
+    parser.add_argument("--branching", type=int, default=4)
+    parser.add_argument("--blocks", default="16,32,64", help="neurons per block, per level")
+    parser.add_argument("--arms", default="none,generic,hier")
+    parser.add_argument("--valid-batches", type=int, default=8)
+    parser.add_argument("--out", help="write the results as JSON")
+    args = parser.parse_args()
+    args.steps = args.steps or (30 if args.quick else 1500)
+    blocks = [int(b) for b in args.blocks.split(",")]
+    torch.set_num_threads(max(1, min(4, os.cpu_count() or 1)))
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        prepare_data(root, args.quick, args.levels, args.branching)
+        results = [run_arm(arm, root, args, blocks) for arm in args.arms.split(",")]
+    print(f"\n{args.steps} steps, tree {args.levels} x {args.branching}, blocks {blocks}, "
+          f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs")
+    buckets = list(results[0]["facts"])
+    print(f"{'arm':<8} {'anchor':>8} {'valid loss':>10}  " + "  ".join(
+        f"{b:>20}" for b in buckets))
+    for r in results:
+        cells = []
+        for b in buckets:
+            s = r["facts"][b]
+            cells.append(f"{s['accuracy']:6.1%} [{s['low']:.2f},{s['high']:.2f}]")
+        loss = r["valid_loss"]
+        print(f"{r['arm']:<8} {r['anchor_params']:>8,} {loss:>10.4f}  "
+              + "  ".join(f"{c:>20}" for c in cells)
+              + ("" if math.isfinite(loss) else "  (non-finite)"))
+    if args.out:
+        Path(args.out).write_text(json.dumps({"args": vars(args), "results": results},
+                                             indent=1))
+
+
+if __name__ == "__main__":
+    main()
