@@ -60,6 +60,10 @@ class MemoryConfig:
     # Storage of value-table rows. bf16 halves the table; its optimizer state stays fp32 and its
     # row updates round stochastically, seeded (train/optim.py, values.store_rows).
     value_dtype: Literal["fp32", "bf16"] = "fp32"
+    # Under tp, each tp rank looks up 1/tp of the tokens and the rows are all-gathered over tp
+    # (parallel/token_slice.py), instead of every tp rank repeating every lookup: the memory
+    # exchange carries 1/tp of the bytes. The same training up to fp32 summation order.
+    tp_slice_lookups: bool = True
 
     @property
     def n_slots(self) -> int:

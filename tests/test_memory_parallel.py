@@ -269,3 +269,117 @@ def test_every_mode_resumes_exactly_and_reshards(tmp_path):
         torch.testing.assert_close(single[case], table, rtol=tol, atol=tol)
         torch.testing.assert_close(torch.cat([s[case] for s in ep4]), table, rtol=tol, atol=tol)
         assert not torch.equal(table.float(), initial)
+
+
+# --------------------------------------------------------------------------- tp-sliced lookups
+
+TP_TOKENS = 7  # per dp rank: not divisible by tp=2
+
+
+def _tp_batch(dp_rank: int, step: int, layer: int):
+    """(ids, weights, output grad) of one dp rank's tokens; its tp peers all see the same."""
+    g = torch.Generator().manual_seed(7000 + 100 * step + 10 * layer + dp_rank)
+    ids = torch.randint(0, N_ROWS, (TP_TOKENS, HITS), generator=g)
+    ids[0, 1] = ids[0, 0]
+    return (ids, torch.rand(TP_TOKENS, HITS, generator=g),
+            torch.randn(TP_TOKENS, DIM, generator=g))
+
+
+def _tp_run(table, lookup, dp_ranks: list[int], reduce=None, steps: int = 3,
+            layers: int = 2, mode: str = "adam") -> dict:
+    """``steps`` optimizer steps on a table read by ``layers`` lookups per step; the loss is
+    the mean over ``dp_ranks`` of each dp rank's sum (one process plays all of them in the
+    reference). Records step 0's outputs, weight gradients and row gradients."""
+    opt = SparseRowOptimizer({"t": table}, lr=0.05, betas=(0.9, 0.95), weight_decay=0.01,
+                             mode=mode)
+    record = {}
+    for step in range(steps):
+        loss = 0
+        for layer in range(layers):
+            batches = [_tp_batch(r, step, layer) for r in dp_ranks]
+            ids = torch.cat([b[0] for b in batches])
+            weights = torch.cat([b[1] for b in batches]).requires_grad_(True)
+            out = lookup(table, ids, weights)
+            loss = loss + (out * torch.cat([b[2] for b in batches])).sum() / len(dp_ranks)
+            if step == 0:
+                record[f"out{layer}"], record[f"w{layer}"] = out.detach(), weights
+        loss.backward()
+        if reduce is not None:
+            reduce(table)
+        if step == 0:
+            record.update({k: v.grad.clone() for k, v in record.items() if k[0] == "w"})
+            grad = table.sparse_grad()
+            ids, rows = grad if grad is not None else (torch.zeros(0, dtype=torch.int64),
+                                                       torch.zeros(0, table.dim))
+            record["grad"] = _dense_grad(ids + getattr(table, "row_start", 0), rows, DIM)
+        opt.step()
+        opt.zero_grad()
+    record["table"] = table.weight.detach().clone()
+    return record
+
+
+def _tp_rank(rank: int, tp: int, ep: int, sliced: bool, layout: str) -> dict:
+    """One rank of a tp x dp world (ep folded over it), its value table built by the
+    trainer's factory and its gradients reduced the trainer's way."""
+    from memtron.config import Config
+    from memtron.parallel.memory import Traffic, reduce_table_grads, table_factory
+    from memtron.parallel.state import build_parallel_state, destroy_parallel_state
+    from memtron.parallel.token_slice import GatherTraffic, TokenSlicedLookup
+
+    init_distributed(timeout_s=60)
+    try:
+        cfg = Config()
+        cfg.parallel.tp, cfg.parallel.ep = tp, ep
+        cfg.memory.parallel, cfg.memory.tp_slice_lookups = layout, sliced
+        state = build_parallel_state(cfg)
+        table = table_factory(cfg, state)(N_ROWS, DIM, SEED)
+        lookup = (TokenSlicedLookup(state.tp_group, state.tp_rank, state.tp) if sliced
+                  else lambda t, ids, w: t.lookup(ids, w))
+        Traffic.take(), GatherTraffic.take()
+        record = _tp_run(table, lookup, [state.dp_rank],
+                         reduce=lambda t: reduce_table_grads([t], cfg, state))
+        record["traffic"], record["gathered"] = Traffic.take(), GatherTraffic.take()
+        record["dp_rank"], record["dp"] = state.dp_rank, state.dp
+        destroy_parallel_state()
+        return record
+    finally:
+        shutdown_distributed()
+
+
+@pytest.mark.parametrize("tp,dp,ep,layout", [
+    (2, 1, 2, "rowwise"),  # ep folded over the tp ranks
+    (2, 2, 4, "rowwise"),
+    (2, 2, 1, "rowwise"),  # whole tables: rows summed over tp x dp
+])
+def test_tp_sliced_lookups_equal_single_process(tp, dp, ep, layout):
+    """Under tp, each tp rank looks up its slice of the tokens (7 per dp rank: uneven) and the
+    rows are all-gathered: outputs, weight gradients, row gradients and the table after 3
+    steps equal one process; the memory exchange carries half the bytes of repeated lookups."""
+    ref = _tp_run(LocalValueTable(N_ROWS, DIM, SEED), lambda t, i, w: t.lookup(i, w),
+                  list(range(dp)))
+    world = tp * dp
+    sliced = run_ranks(world, _tp_rank, tp, ep, True, layout)
+    for r in sliced:
+        mine = slice(r["dp_rank"] * TP_TOKENS, (r["dp_rank"] + 1) * TP_TOKENS)
+        for layer in range(2):
+            torch.testing.assert_close(r[f"out{layer}"], ref[f"out{layer}"][mine],
+                                       rtol=1e-6, atol=1e-6)
+            torch.testing.assert_close(r[f"w{layer}"] / dp, ref[f"w{layer}"][mine],
+                                       rtol=1e-6, atol=1e-6)
+    if ep == 1:  # whole tables: every rank holds the whole gradient and table
+        grads, tables = [r["grad"] for r in sliced], [r["table"] for r in sliced]
+    else:  # shard r of ep on ranks r, r + ep, ...: the first ep ranks hold one copy each
+        grads = [sum(r["grad"] for r in sliced[:ep])]
+        tables = [torch.cat([r["table"] for r in sliced[:ep]])]
+    for grad, table in zip(grads, tables):
+        torch.testing.assert_close(grad, ref["grad"], rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(table, ref["table"], rtol=1e-6, atol=1e-6)
+    if ep > 1:
+        repeated = run_ranks(world, _tp_rank, tp, ep, False, layout)
+        sent = sum(r["traffic"][0] for r in sliced)
+        before = sum(r["traffic"][0] for r in repeated)
+        print(f"tp={tp} dp={dp} ep={ep}: memory bytes sent {before} repeated, {sent} sliced "
+              f"({sent / before:.3f}); tp all-gathers {sum(r['gathered'][0] for r in sliced)}")
+        assert 0.4 * before <= sent <= 0.6 * before
+        torch.testing.assert_close(torch.cat([r["table"] for r in repeated[:ep]]),
+                                   ref["table"], rtol=1e-6, atol=1e-6)

@@ -36,6 +36,7 @@ from memtron.config import Config
 from memtron.model.memory.values import STORAGE_DTYPES, LocalValueTable, ValueTable, init_rows
 from memtron.parallel.launch import to_backend
 from memtron.parallel.state import ParallelState
+from memtron.parallel.token_slice import lookups_sliced
 
 PARTIAL, ROWS = 0, 1
 
@@ -328,12 +329,15 @@ def _whole_tables(cfg: Config, state: ParallelState) -> bool:
 
 def replica_group(cfg: Config, state: ParallelState) -> dist.ProcessGroup | None:
     """Ranks whose row gradients must be summed. Whole tables: the dp x cp ranks (tp peers
-    saw the same tokens and hold identical gradients). Sharded tables: owners already hold the
-    sums of all their requesters; over ep < world, megatron's expert-data-parallel group
-    holds copies of the same shard."""
+    saw the same tokens and hold identical gradients), or every rank when tp peers looked up
+    different slices of the tokens (parallel/token_slice.py). Sharded tables: owners already
+    hold the sums of all their requesters; over ep < world, megatron's expert-data-parallel
+    group holds copies of the same shard."""
     if state.world_size == 1:
         return None
     if _whole_tables(cfg, state):
+        if lookups_sliced(cfg, state):
+            return dist.group.WORLD  # tp x cp x dp: all ranks
         return state.dp_cp_group if state.dp * state.cp > 1 else None
     if state.ep == state.world_size:
         return None
@@ -347,7 +351,8 @@ def reduce_table_grads(tables: list[ValueTable], cfg: Config, state: ParallelSta
 
     Every rank's loss is the mean over its tokens. Whole tables: summing over the dp x cp
     replicas gives dp*cp times the single-process gradient. Sharded tables: every rank looked
-    up (tp peers repeating the same tokens), so the owners' sums are world_size times it.
+    up (tp peers repeating the same tokens), so the owners' sums are world_size times it;
+    with token-sliced lookups each token reached the rows once, from one tp rank: dp*cp.
     Rows held on several ranks are summed over the replica group first (sparsely, or as a
     dense all-reduce for the replicated baseline). Returns the bytes this rank sent.
     """
@@ -362,7 +367,8 @@ def reduce_table_grads(tables: list[ValueTable], cfg: Config, state: ParallelSta
             from memtron.parallel.data_parallel import sum_table_grads
 
             sent = sum_table_grads(tables, group)
-    copies = state.dp * state.cp if _whole_tables(cfg, state) else state.world_size
+    once_per_tp_group = _whole_tables(cfg, state) or lookups_sliced(cfg, state)
+    copies = state.dp * state.cp if once_per_tp_group else state.world_size
     for table in tables:
         grad = table.sparse_grad()
         if grad is not None:

@@ -55,6 +55,7 @@ from memtron.parallel.tensor import (
     parallel_lm_loss,
     parallelize_tensor,
 )
+from memtron.parallel.token_slice import GatherTraffic, slice_lookups_over_tp
 from memtron.train.checkpoint import (
     CheckpointError,
     CheckpointWriter,
@@ -143,6 +144,7 @@ class Trainer:
         model = build_model(cfg, table_factory(cfg, self.state))
         self.model: Transformer = parallelize_context(parallelize_tensor(model, self.state),
                                                       self.state).to(self.device)
+        slice_lookups_over_tp(self.model, cfg, self.state)
         self.positions = None  # this rank's token positions under context parallelism
         if self.state.cp > 1:
             self.positions = zigzag_indices(cfg.data.seq_len, self.state.cp,
@@ -341,6 +343,7 @@ class Trainer:
         """Memory-parallel load per step: bytes this rank exchanged per token it looked up,
         and how unevenly hits landed on the owners (max / mean over ranks)."""
         sent, received = Traffic.take()
+        tp_gathered, _ = GatherTraffic.take()  # tp all-gathers of token-sliced lookups
         served = sum(t.take_served() for t in self.tables.values())
         if not self.tables or not tables_sharded(self.cfg, self.state):
             return {}
@@ -353,6 +356,7 @@ class Trainer:
                    * len(self.model.memory_layers()))
         return {"memory/bytes_sent_per_token": sent / lookups,
                 "memory/bytes_received_per_token": received / lookups,
+                "memory/tp_gather_bytes_per_token": tp_gathered / lookups,
                 "memory/hit_imbalance": float(loads.max() / loads.mean().clamp_min(1e-9))}
 
     @torch.no_grad()
