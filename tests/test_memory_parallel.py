@@ -32,11 +32,12 @@ def _batch(case: str, rank: int, step: int, micro: int, layer: int):
 
 
 def _run(table, case: str, ranks: list[int], group=None, steps: int = 3, layers: int = 3,
-         micro_batches: int = 2, mode: str = "adam") -> dict:
+         micro_batches: int = 2, mode: str = "adam", decay: str = "touched") -> dict:
     """Shared table read by ``layers`` lookups, ``micro_batches`` accumulated, ``steps``
     optimizer steps with global-norm clipping; ``ranks`` are the data shards this process plays."""
-    opt = SparseRowOptimizer({"t": table}, lr=0.05, betas=(0.9, 0.95), weight_decay=0.01,
-                             mode=mode)
+    opt = SparseRowOptimizer({"t": table}, lr=0.05, betas=(0.9, 0.95),
+                             weight_decay=0.01 if decay == "touched" else 0.5, mode=mode,
+                             decay_mode=decay)
     record = {}
     for step in range(steps):
         for micro in range(micro_batches):
@@ -50,6 +51,8 @@ def _run(table, case: str, ranks: list[int], group=None, steps: int = 3, layers:
                 if step == 0 and micro == 0:
                     record[f"out{layer}"] = out.detach()
                     record[f"w{layer}"] = weights
+                if step == steps - 1 and micro == 0:  # rows read after updates (and decay)
+                    record[f"last{layer}"] = out.detach()
             loss.backward()
         if step == 0:
             record = {k: (v.grad.clone() if k.startswith("w") else v) for k, v in record.items()}
@@ -61,17 +64,19 @@ def _run(table, case: str, ranks: list[int], group=None, steps: int = 3, layers:
         record[f"norm{step}"] = clip_sparse_grad_norm([table], 5.0, group)
         opt.step()
         opt.zero_grad()
+    opt.catch_up_decay()
     record["table"] = table.weight.detach().clone()
     record["exchanges"] = getattr(table, "exchanges", None)
     return record
 
 
-def _sharded_rank(rank: int, world: int, layout: str, case: str, mode: str = "adam") -> dict:
+def _sharded_rank(rank: int, world: int, layout: str, case: str, mode: str = "adam",
+                  decay: str = "touched") -> dict:
     init_distributed(timeout_s=60)
     try:
         cls = ShardedValueTable if layout == "rowwise" else ColumnShardedValueTable
         table = cls(N_ROWS, DIM, SEED, dist.group.WORLD, rank, world)
-        return _run(table, case, [rank], group=dist.group.WORLD, mode=mode)
+        return _run(table, case, [rank], group=dist.group.WORLD, mode=mode, decay=decay)
     finally:
         shutdown_distributed()
 
@@ -121,6 +126,26 @@ def test_sharded_modes_equal_single_process(mode, world):
     shards = run_ranks(world, _sharded_rank, world, "rowwise", "uniform", mode)
     table = torch.cat([s["table"] for s in shards])
     torch.testing.assert_close(table, ref["table"], rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("mode,world,case", [("adam", 4, "skewed"),
+                                             ("adam_b1zero_rowwise", 2, "uniform")])
+def test_global_weight_decay_sharded_equals_single_process(mode, world, case):
+    """Global weight decay on a row-sharded table: owners read their rows with the decay owed
+    (partial sums and rows exchanges alike) and catch up the rows they update, as one process
+    does; outputs, weight gradients and the caught-up table agree."""
+    ref = _run(LocalValueTable(N_ROWS, DIM, SEED), case, list(range(world)), mode=mode,
+               decay="global")
+    shards = run_ranks(world, _sharded_rank, world, "rowwise", case, mode, "global")
+    for layer in range(3):
+        torch.testing.assert_close(torch.cat([s[f"out{layer}"] for s in shards]),
+                                   ref[f"out{layer}"], rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(torch.cat([s[f"w{layer}"] for s in shards]),
+                                   ref[f"w{layer}"], rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(torch.cat([s[f"last{layer}"] for s in shards]),
+                                   ref[f"last{layer}"], rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(torch.cat([s["table"] for s in shards]), ref["table"],
+                               rtol=1e-6, atol=1e-6)
 
 
 class _LargestNewTensor(TorchDispatchMode):
@@ -211,20 +236,24 @@ def _resume_state(tables: dict, opts: dict, world: int) -> dict:
             for case, table in tables.items()}
 
 
-# Every mode on an fp32 table, and two on bf16 tables (stochastically rounded updates).
-RESUME_CASES = [(mode, "fp32") for mode in MEMORY_OPTIMIZERS] + [
-    ("rowwise_adagrad", "bf16"), ("adam_rowwise_v", "bf16")]
+# Every mode on an fp32 table, and two on bf16 tables (stochastically rounded updates); with
+# global weight decay, whose per-row clocks are saved owing decay and resharded.
+RESUME_CASES = [(mode, "fp32", "touched") for mode in MEMORY_OPTIMIZERS] + [
+    ("rowwise_adagrad", "bf16", "touched"), ("adam_rowwise_v", "bf16", "touched"),
+    ("adam", "fp32", "global"), ("adam_b1zero_rowwise", "fp32", "global"),
+    ("rowwise_adagrad", "bf16", "global")]
 
 
 def _resume_tables(rank: int, world: int) -> tuple[dict, dict]:
     tables, opts = {}, {}
-    for mode, dtype in RESUME_CASES:
-        case, dtype = f"{mode}/{dtype}", STORAGE_DTYPES[dtype]
+    for mode, dtype, decay in RESUME_CASES:
+        case, dtype = f"{mode}/{dtype}/{decay}", STORAGE_DTYPES[dtype]
         tables[case] = (ShardedValueTable(N_ROWS, DIM, SEED, dist.group.WORLD, rank, world,
                                           dtype=dtype)
                         if world > 1 else LocalValueTable(N_ROWS, DIM, SEED, dtype=dtype))
         opts[case] = SparseRowOptimizer({"t": tables[case]}, lr=0.05, betas=(0.9, 0.95),
-                                        mode=mode, moment_dtype=dtype)
+                                        mode=mode, moment_dtype=dtype, decay_mode=decay,
+                                        weight_decay=0.5 if decay == "global" else 0.0)
     return tables, opts
 
 
@@ -245,6 +274,8 @@ def _resume_rank(rank: int, world: int, path: str | None, save: bool) -> dict:
         else:
             dcp.load(_resume_state(tables, opts, world), checkpoint_id=path)
             _resume_steps(tables, opts, range(SAVED_AT, RESUME_STEPS), rank, world)
+        for opt in opts.values():  # every row decayed as of the last step (global decay)
+            opt.catch_up_decay()
         return {case: t.weight.detach().clone() for case, t in tables.items()}
     finally:
         if world > 1:
@@ -263,6 +294,8 @@ def test_every_mode_resumes_exactly_and_reshards(tmp_path):
     single = _resume_rank(0, 1, str(tmp_path / "ep2"), False)
     ep4 = run_ranks(4, _resume_rank, 4, str(tmp_path / "ep2"), False)
     initial = LocalValueTable(N_ROWS, DIM, SEED).weight
+    # Global decay (wd 0.5) moved the rows: the clocks took part.
+    assert not torch.allclose(ref["adam/fp32/global"], ref["adam/fp32/touched"])
     for case, table in ref.items():
         tol = 1e-6 if table.dtype == torch.float32 else 1e-2
         assert torch.equal(exact[case], table), case

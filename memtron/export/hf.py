@@ -677,4 +677,7 @@ def _copy_optimizer(path: str | Path, cfg: Config, optim: dict[str, dict[str, to
                     except KeyError as e:
                         raise HFError(f"{source.path}: no optimizer state {prefix}.{name}.{key} "
                                       f"(a native-engine checkpoint is needed)") from e
+                if "row_decay_clock" in state:  # the exported rows were decayed as of the step
+                    state["row_decay_clock"] = state["row_decay_clock"].fill_(
+                        float(state["decay_clock"]))
         return source.step, source.manifest["data_state"]
