@@ -372,6 +372,10 @@ def _tp_rank(rank: int, tp: int, ep: int, sliced: bool, layout: str) -> dict:
         record = _tp_run(table, lookup, [state.dp_rank],
                          reduce=lambda t: reduce_table_grads([t], cfg, state))
         record["traffic"], record["gathered"] = Traffic.take(), GatherTraffic.take()
+        ids, weights, _ = _tp_batch(state.dp_rank, 9, 0)
+        for n in (0, 1):  # fewer tokens than tp ranks: a rank with none still takes part
+            record[f"few{n}"] = (lookup(table, ids[:n], weights[:n]).detach(),
+                                 table.lookup(ids[:n], weights[:n]).detach())
         record["dp_rank"], record["dp"] = state.dp_rank, state.dp
         destroy_parallel_state()
         return record
@@ -399,6 +403,8 @@ def test_tp_sliced_lookups_equal_single_process(tp, dp, ep, layout):
                                        rtol=1e-6, atol=1e-6)
             torch.testing.assert_close(r[f"w{layer}"] / dp, ref[f"w{layer}"][mine],
                                        rtol=1e-6, atol=1e-6)
+        for n in (0, 1):
+            torch.testing.assert_close(*r[f"few{n}"], rtol=1e-6, atol=1e-6)
     if ep == 1:  # whole tables: every rank holds the whole gradient and table
         grads, tables = [r["grad"] for r in sliced], [r["table"] for r in sliced]
     else:  # shard r of ep on ranks r, r + ep, ...: the first ep ranks hold one copy each

@@ -36,7 +36,6 @@ from memtron.config import Config
 from memtron.model.memory.values import STORAGE_DTYPES, LocalValueTable, ValueTable, init_rows
 from memtron.parallel.launch import to_backend
 from memtron.parallel.state import ParallelState
-from memtron.parallel.token_slice import lookups_sliced
 
 PARTIAL, ROWS = 0, 1
 
@@ -392,6 +391,12 @@ def dense_table_all_reduce(tables: list[ValueTable], group: dist.ProcessGroup) -
         table.accumulate_grad(touched, dense[touched])
         sent += dense.numel() * 4
     return sent
+
+
+def lookups_sliced(cfg: Config, state: ParallelState) -> bool:
+    """Whether tp ranks split the memory lookups among them (``memory.tp_slice_lookups``,
+    parallel/token_slice.py) rather than each repeating them all."""
+    return cfg.memory.tp_slice_lookups and state.tp > 1
 
 
 def tables_sharded(cfg: Config, state: ParallelState) -> bool:

@@ -4,8 +4,9 @@ Memory layers are replicated over tp: every tp rank holds the same query net and
 tokens. Left alone, every tp rank would repeat every lookup, so the memory exchange (and the
 gathers) would cost tp times what the tokens need. :class:`TokenSlicedLookup` wraps any
 :class:`ValueTable`'s ``lookup``: tp rank r looks up only rows ``[b_r, b_{r+1})`` of the
-tokens (the torch.chunk layout, so T not divisible by tp works, and ranks with no token still
-take part in the table's collectives), and the results are all-gathered over the tp group.
+tokens (``row_bounds``, the torch.chunk layout: T need not be divisible by tp, and a rank with
+no token still takes part in the table's collectives), and the results are all-gathered over
+the tp group.
 
 Communication, per lookup, over the tp group:
 
@@ -31,37 +32,20 @@ import torch.distributed as dist
 from memtron.config import Config
 from memtron.model.memory.values import ValueTable
 from memtron.parallel.launch import to_backend
+from memtron.parallel.memory import Traffic, lookups_sliced, row_bounds
 from memtron.parallel.state import ParallelState
 
 # torch >= 2.13 names it all_gather_single; older releases all_gather_into_tensor.
 _all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
 
 
-class GatherTraffic:
+class GatherTraffic(Traffic):
     """Bytes this rank sent to (and received from) its tp peers in the all-gathers of sliced
-    lookups, forward and backward. Kept apart from the memory exchange's ``Traffic``: this is
-    the price of the slicing, paid on the (usually intra-node) tp links."""
+    lookups, forward and backward. Counted apart from the memory exchange's ``Traffic``: this
+    is the price of the slicing, paid on the (usually intra-node) tp links."""
 
     sent = 0
     received = 0
-
-    @classmethod
-    def add(cls, sent: int, received: int) -> None:
-        cls.sent += sent
-        cls.received += received
-
-    @classmethod
-    def take(cls) -> tuple[int, int]:
-        taken = (cls.sent, cls.received)
-        cls.sent = cls.received = 0
-        return taken
-
-
-def token_bounds(n_tokens: int, parts: int) -> list[int]:
-    """torch.chunk layout of ``n_tokens`` over ``parts`` ranks: ``ceil(n/p)`` each, the last
-    ranks possibly short or empty. Every tp rank derives it alone (same tokens everywhere)."""
-    chunk = -(-n_tokens // parts)
-    return [min(r * chunk, n_tokens) for r in range(parts + 1)]
 
 
 def _all_gather_rows(x: torch.Tensor, bounds: list[int], group: dist.ProcessGroup) -> torch.Tensor:
@@ -69,6 +53,8 @@ def _all_gather_rows(x: torch.Tensor, bounds: list[int], group: dist.ProcessGrou
     rank gets all of it. One all-gather of blocks padded to the longest share."""
     size = len(bounds) - 1
     longest = max(b - a for a, b in zip(bounds, bounds[1:]))
+    if longest == 0:  # no token anywhere
+        return x
     wire = to_backend(x, group).contiguous()
     if wire.shape[0] < longest:
         wire = torch.cat([wire, wire.new_zeros(longest - wire.shape[0], *wire.shape[1:])])
@@ -119,16 +105,11 @@ class TokenSlicedLookup:
 
     def __call__(self, table: ValueTable, ids: torch.Tensor,
                  weights: torch.Tensor) -> torch.Tensor:
-        bounds = token_bounds(ids.shape[0], self.size)
+        bounds = row_bounds(ids.shape[0], self.size)
         lo, hi = bounds[self.rank], bounds[self.rank + 1]
         mine = _SliceForLookup.apply(weights, bounds, self.rank, self.group)
         out = table.lookup(ids[lo:hi], mine)
         return _GatherLookups.apply(out, bounds, self.rank, self.group)
-
-
-def lookups_sliced(cfg: Config, state: ParallelState) -> bool:
-    """Whether tp ranks split the memory lookups among them (``memory.tp_slice_lookups``)."""
-    return cfg.memory.tp_slice_lookups and state.tp > 1
 
 
 def slice_lookups_over_tp(model: torch.nn.Module, cfg: Config, state: ParallelState) -> None:
