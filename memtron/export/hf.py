@@ -58,7 +58,7 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "KIB": 2**10,
           "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
 # The checkpoint's and the trainer's layout-only keys (how tables are spread, not what they hold)
-_LAYOUT_KEYS = {"parallel", "usage_window"}
+_LAYOUT_KEYS = {"parallel", "usage_window", "tp_slice_lookups"}
 
 
 class HFError(CheckpointError):

@@ -112,7 +112,7 @@ def check_inputs(cfg: Config) -> None:
 
 
 def _same_architecture(saved: Config, cfg: Config, where: Path) -> None:
-    layout_only = {"parallel", "usage_window"}  # how tables are spread, not what they hold
+    layout_only = {"parallel", "usage_window", "tp_slice_lookups"}  # how tables are spread
     for section in ("model", "memory"):
         old, new = getattr(saved, section).__dict__, getattr(cfg, section).__dict__
         diff = [k for k in new if k not in layout_only and old.get(k) != new[k]]
