@@ -344,7 +344,8 @@ def _tp_run(table, lookup, dp_ranks: list[int], reduce=None, steps: int = 3,
             grad = table.sparse_grad()
             ids, rows = grad if grad is not None else (torch.zeros(0, dtype=torch.int64),
                                                        torch.zeros(0, table.dim))
-            record["grad"] = _dense_grad(ids + getattr(table, "row_start", 0), rows, DIM)
+            record["grad"] = _dense_grad(ids + getattr(table, "row_start", 0), rows,
+                                         rows.shape[1])
         opt.step()
         opt.zero_grad()
     record["table"] = table.weight.detach().clone()
@@ -387,6 +388,7 @@ def _tp_rank(rank: int, tp: int, ep: int, sliced: bool, layout: str) -> dict:
     (2, 1, 2, "rowwise"),  # ep folded over the tp ranks
     (2, 2, 4, "rowwise"),
     (2, 2, 1, "rowwise"),  # whole tables: rows summed over tp x dp
+    (2, 1, 2, "colwise"),
 ])
 def test_tp_sliced_lookups_equal_single_process(tp, dp, ep, layout):
     """Under tp, each tp rank looks up its slice of the tokens (7 per dp rank: uneven) and the
@@ -407,6 +409,9 @@ def test_tp_sliced_lookups_equal_single_process(tp, dp, ep, layout):
             torch.testing.assert_close(*r[f"few{n}"], rtol=1e-6, atol=1e-6)
     if ep == 1:  # whole tables: every rank holds the whole gradient and table
         grads, tables = [r["grad"] for r in sliced], [r["table"] for r in sliced]
+    elif layout == "colwise":  # rank r holds columns r of every row
+        grads = [torch.cat([r["grad"] for r in sliced[:ep]], dim=1)]
+        tables = [torch.cat([r["table"] for r in sliced[:ep]], dim=1)]
     else:  # shard r of ep on ranks r, r + ep, ...: the first ep ranks hold one copy each
         grads = [sum(r["grad"] for r in sliced[:ep])]
         tables = [torch.cat([r["table"] for r in sliced[:ep]])]
@@ -420,5 +425,6 @@ def test_tp_sliced_lookups_equal_single_process(tp, dp, ep, layout):
         print(f"tp={tp} dp={dp} ep={ep}: memory bytes sent {before} repeated, {sent} sliced "
               f"({sent / before:.3f}); tp all-gathers {sum(r['gathered'][0] for r in sliced)}")
         assert 0.4 * before <= sent <= 0.6 * before
-        torch.testing.assert_close(torch.cat([r["table"] for r in repeated[:ep]]),
+        torch.testing.assert_close(torch.cat([r["table"] for r in repeated[:ep]],
+                                             dim=int(layout == "colwise")),
                                    ref["table"], rtol=1e-6, atol=1e-6)

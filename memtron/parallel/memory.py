@@ -298,9 +298,17 @@ class ColumnShardedValueTable(LocalValueTable):
         dist.all_gather_into_tensor(all_ids, wire, group=self.group)
         all_ids = all_ids.to(ids.device)
         all_weights = _AllGatherRows.apply(weights_p, self.group, p, me)
-        cols = LocalValueTable.lookup(self, all_ids, all_weights)  # [p * longest, d/p]
+        if all(int(c) == longest for c in all_counts):
+            cols = LocalValueTable.lookup(self, all_ids, all_weights)  # [p * longest, d/p]
+        else:  # padding rows look nothing up: a zero-weight hit would still touch its row
+            real = torch.cat([torch.arange(r * longest, r * longest + int(c), device=ids.device)
+                              for r, c in enumerate(all_counts)])
+            looked_up = LocalValueTable.lookup(self, all_ids[real], all_weights[real])
+            cols = looked_up.new_zeros(p * longest, looked_up.shape[1]).index_copy(
+                0, real, looked_up)
         mine = all_to_all(cols, [longest] * p, [longest] * p, self.group)  # [p*longest, d/p]
-        out = mine.view(p, longest, -1).permute(1, 0, 2).reshape(longest, self.full_dim)
+        out = mine.view(p, longest, self.full_dim // p)  # explicit width: longest may be 0
+        out = out.permute(1, 0, 2).reshape(longest, self.full_dim)
         gathered = (p - 1) * longest * hits * (ids.element_size() + weights.element_size())
         Traffic.add(gathered, gathered)  # ids and weights all-gathered
         return out[:n_tokens]
