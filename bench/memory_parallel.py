@@ -63,6 +63,7 @@ or the bytes of a step).
 from __future__ import annotations
 
 import argparse
+import functools
 import inspect
 import math
 import os
@@ -119,6 +120,8 @@ class Job:
     steps: int
     skew: float
     seed: int = 0
+    tp: int = 1  # tp ranks sharing each batch (neighbours); ep still spans all P ranks
+    sliced: bool = False  # tp > 1: token-sliced lookups (parallel/token_slice.py), else repeated
 
 
 # --------------------------------------------------------------------------- analytic minimum
@@ -384,6 +387,7 @@ def rank_main(rank: int, job: Job) -> dict[str, Any]:
         reduce_table_grads,
     )
     from memtron.parallel.state import ParallelState
+    from memtron.parallel.token_slice import GatherTraffic, TokenSlicedLookup
     from memtron.train.optim import SparseRowOptimizer, clip_sparse_grad_norm
 
     warnings.filterwarnings("ignore", message=".*is deprecated. Please use.*",
@@ -404,9 +408,18 @@ def rank_main(rank: int, job: Job) -> dict[str, Any]:
             table = LocalValueTable(job.n, job.d, 1)
         table.train()
         cfg = Config()
-        cfg.memory.parallel = job.layout
-        state = ParallelState(world_size=job.p, rank=rank, dp=job.p, ep=job.p, dp_rank=rank,
-                              ep_rank=rank, dp_group=world, dp_cp_group=world, ep_group=world)
+        cfg.memory.parallel, cfg.memory.tp_slice_lookups = job.layout, job.sliced
+        tp_group, lookup = None, table.lookup
+        for first in range(0, job.p, job.tp) if job.tp > 1 else ():  # all ranks make all groups
+            group = dist.new_group(list(range(first, first + job.tp)))
+            tp_group = group if first <= rank < first + job.tp else tp_group
+        if job.sliced:
+            sliced = TokenSlicedLookup(tp_group, rank % job.tp, job.tp)
+            lookup = functools.partial(sliced, table)
+        state = ParallelState(world_size=job.p, rank=rank, tp=job.tp, dp=job.p // job.tp,
+                              ep=job.p, tp_rank=rank % job.tp, dp_rank=rank // job.tp,
+                              ep_rank=rank, tp_group=tp_group, dp_group=world,
+                              dp_cp_group=world, ep_group=world)
         opt = SparseRowOptimizer({"t": table}, lr=1e-3, betas=(0.9, 0.999))
         setup_s = time.perf_counter() - t_setup
         rss_setup = own_rss()
@@ -417,8 +430,9 @@ def rank_main(rank: int, job: Job) -> dict[str, Any]:
         counts_rows = None
         stat0 = stat1 = (0, 0)
         cpu0 = cpu1 = 0.0
+        gathered = []
         for i in range(total):
-            ids, w, proj = _batch(job, rank, i)
+            ids, w, proj = _batch(job, rank // job.tp, i)  # tp peers share their dp batch
             weights = w.requires_grad_(True)
             if job.layout == "rowwise":
                 pair_counts = rowwise_pair_counts(ids, job.n, job.p)
@@ -429,13 +443,14 @@ def rank_main(rank: int, job: Job) -> dict[str, Any]:
             else:
                 step_min = replicated_min_bytes(job.n, job.d, job.p, job.tokens) * job.tokens
             Traffic.take()
+            GatherTraffic.take()
             counter.take()
             dist.barrier()
             if i == job.warmup:
                 stat0, cpu0 = _cpu_stat() if rank == 0 else (0, 0), _own_cpu()
             counter.on = True
             t0 = time.perf_counter()
-            out = table.lookup(ids, weights)
+            out = lookup(ids, weights)
             t1 = time.perf_counter()
             (out * proj).sum().backward()
             t2 = time.perf_counter()
@@ -457,6 +472,7 @@ def rank_main(rank: int, job: Job) -> dict[str, Any]:
                     phases[key].append(value)
                 comm.append(comm_s)
                 traffic.append(sent)
+                gathered.append(GatherTraffic.take()[0])
                 sync_bytes.append(synced)
                 wire.append(by_call)
                 min_bytes.append(step_min)
@@ -467,6 +483,7 @@ def rank_main(rank: int, job: Job) -> dict[str, Any]:
             "median": {k: statistics.median(v) for k, v in phases.items()},
             "comm": statistics.median(comm),
             "traffic": traffic,
+            "gathered": gathered,
             "sync": sync_bytes,
             "wire": wire,
             "min": min_bytes,
@@ -732,6 +749,32 @@ def print_table(rows: list[tuple[Job, dict | None, str, float]]) -> None:
 # --------------------------------------------------------------------------- main
 
 
+def tp_bytes(n: int, d: int, p: int, tokens: int, hk: int, warmup: int, steps: int,
+             skew: float) -> None:
+    """Memory-exchange bytes (``Traffic``) at tp=1 and at tp=2, with every tp rank repeating
+    the lookups of its batch and with token-sliced lookups; row-wise tables over all P ranks,
+    T tokens per dp batch (shared by the batch's tp ranks)."""
+    print(f"\ntp de-duplication: rowwise N={human(n)} d={d} P={p}, T={tokens} tokens per dp "
+          f"batch, H*k={hk}; bytes per rank per step (median), forward + backward")
+    print(f"{'layout':<34} {'memory exchange':>16} {'per batch token':>16} "
+          f"{'tp all-gathers':>15}")
+    base = None
+    for tp, sliced, label in ((1, False, "tp=1"), (2, False, "tp=2, lookups repeated"),
+                              (2, True, "tp=2, token-sliced lookups")):
+        job = Job(n, d, p, "rowwise", tokens, hk, warmup, steps, skew, tp=tp, sliced=sliced)
+        results, error, _ = run_job(job)
+        if results is None:
+            print(f"{label:<34} failed: {error}")
+            continue
+        sent = statistics.median(statistics.mean(r["traffic"][i] for r in results)
+                                 for i in range(steps))
+        gathered = statistics.median(statistics.mean(r["gathered"][i] for r in results)
+                                     for i in range(steps))
+        base = sent if tp == 2 and not sliced else base
+        ratio = f" ({sent / base:.3f} x repeated)" if sliced and base else ""
+        print(f"{label:<34} {sent:>16,.0f} {sent / tokens:>16,.1f} {gathered:>15,.0f}{ratio}")
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="N=64K, d=64, P=2, 1+3 steps")
@@ -748,6 +791,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--largest-d", type=int, default=256)
     ap.add_argument("--no-largest", action="store_true", help="skip the largest-table runs")
     ap.add_argument("--largest-only", action="store_true", help="only the largest-table part")
+    ap.add_argument("--tp-bytes", action="store_true",
+                    help="only the memory bytes at tp=1 vs tp=2 (repeated and token-sliced "
+                         "lookups), rowwise, first of --sizes/--dims/--ranks")
     ap.add_argument("--patience", type=float, default=60.0,
                     help="seconds to wait for other jobs to free the memory a run needs")
     args = ap.parse_args(argv)
@@ -764,6 +810,10 @@ def main(argv: list[str] | None = None) -> int:
     print(f"T={args.tokens} tokens/rank/step, H*k={args.hits}, ids "
           f"{f'Zipf({args.skew:g})' if args.skew else 'uniform'}, warm-up {args.warmup}, "
           f"median of {args.steps} steps; budget = MemAvailable - {MARGIN / GiB:.1f} GiB")
+    if args.tp_bytes:
+        tp_bytes(args.sizes[0], args.dims[0], args.ranks[0], args.tokens, args.hits,
+                 args.warmup, args.steps, args.skew)
+        return 0
     jobs = [Job(n, d, p, layout, args.tokens, args.hits, args.warmup, args.steps, args.skew)
             for n in args.sizes for d in args.dims for p in args.ranks for layout in args.layouts]
     if not args.largest_only:

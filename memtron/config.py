@@ -81,6 +81,10 @@ class MemoryConfig:
     # Storage of value-table rows. bf16 halves the table; its optimizer state stays fp32 and its
     # row updates round stochastically, seeded (train/optim.py, values.store_rows).
     value_dtype: Literal["fp32", "bf16"] = "fp32"
+    # Under tp, each tp rank looks up 1/tp of the tokens and the rows are all-gathered over tp
+    # (parallel/token_slice.py), instead of every tp rank repeating every lookup: the memory
+    # exchange carries 1/tp of the bytes. The same training up to fp32 summation order.
+    tp_slice_lookups: bool = True
     explicit: ExplicitConfig = field(default_factory=ExplicitConfig)
 
     @property
@@ -122,6 +126,7 @@ class DataConfig:
 
 
 MemoryOptimizer = Literal["adam", "adam_rowwise_v", "rowwise_adagrad", "adam_b1zero_rowwise"]
+MemoryDecayMode = Literal["touched", "global"]
 
 
 @dataclass
@@ -136,6 +141,12 @@ class OptimConfig:
     grad_clip: float = 1.0  # dense params; 0 disables
     memory_lr_mult: float = 10.0  # value tables learn at lr * memory_lr_mult
     memory_weight_decay: float = 0.0
+    # How value rows decay (decoupled, row *= 1 - lr * memory_weight_decay): "touched" only on
+    # the steps a row is read, so rarely read rows barely decay; "global" every row every step
+    # as in dense AdamW, applied lazily and exactly: a row owes the decay of the steps it
+    # missed (a per-row fp64 clock, sharded and checkpointed with the rows), lookups read it
+    # decayed, the update writes it in (train/optim.py).
+    memory_weight_decay_mode: MemoryDecayMode = "touched"
     memory_grad_clip: float = 1.0  # global norm over the touched value rows; 0 disables
     # Value-table optimizer (train/optim.py): lazy Adam with per-element moments, Adam with a
     # per-row second moment, row-wise Adagrad, or b1=0 Adam with a per-row second moment.
@@ -438,6 +449,9 @@ def validate(cfg: Config) -> None:
     _require(o.memory_optimizer == "adam" or mem.parallel != "colwise", "optim.memory_optimizer",
              f"{o.memory_optimizer} keeps per-row statistics of whole rows: it needs "
              "memory.parallel rowwise or replicated, not colwise")
+    _require(o.memory_weight_decay_mode == "touched" or mem.parallel != "colwise",
+             "optim.memory_weight_decay_mode", "global decay keeps a clock per whole row: it "
+             "needs memory.parallel rowwise or replicated, not colwise")
     _require(o.memory_moment_dtype == "fp32" or o.memory_optimizer in ("adam", "adam_rowwise_v"),
              "optim.memory_moment_dtype", f"{o.memory_optimizer} keeps no first moment")
 

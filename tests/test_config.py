@@ -34,6 +34,9 @@ from memtron.config import ConfigError, load_config
     (["optim.memory_optimizer=rowwise_adagrad", "optim.memory_moment_dtype=bf16"],
      "optim.memory_moment_dtype"),
     (["memory.value_dtype=fp16"], "memory.value_dtype"),
+    (["optim.memory_weight_decay_mode=sometimes"], "optim.memory_weight_decay_mode"),
+    (["optim.memory_weight_decay_mode=global", "memory.parallel=colwise"],
+     "optim.memory_weight_decay_mode"),
 ])
 def test_bad_values_name_the_key(overrides, key):
     with pytest.raises(ConfigError) as err:

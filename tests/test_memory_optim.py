@@ -21,33 +21,42 @@ def _grads(table: LocalValueTable, steps: int, seed: int = 3):
         yield ids, torch.rand(n, 4, generator=g), torch.randn(n, table.dim, generator=g)
 
 
-def _dense_reference(weight: torch.Tensor, grads: list[torch.Tensor], mode: str,
-                     wd: float) -> torch.Tensor:
-    """Dense fp64 tensors, one loop over steps. Lazy modes (adam, adam_rowwise_v) move only
-    touched rows; rowwise_adagrad and adam_b1zero_rowwise update every row every step (their
-    untouched rows' moments decay here step by step, which the optimizer replays lazily).
-    Weight decay applies to touched rows (the documented semantics)."""
+def _dense_steps(weight: torch.Tensor, grads: list[torch.Tensor], mode: str, wd: float,
+                 lrs: list[float] | None = None, decay: str = "touched"):
+    """Dense fp64 tensors, one loop over steps; yields the table after each step. Lazy modes
+    (adam, adam_rowwise_v) move only touched rows; rowwise_adagrad and adam_b1zero_rowwise
+    update every row every step (their untouched rows' moments decay here step by step, which
+    the optimizer replays lazily). Weight decay applies to touched rows (``touched``) or to
+    every row every step (``global``), at step t's lr (``lrs``, default LR throughout)."""
     b1, b2 = BETAS
     w = weight.double().clone()
     m = torch.zeros_like(w)
     v = torch.zeros_like(w)  # per element, or the row statistic broadcast over the row
     for t, g in enumerate(grads, start=1):
+        lr = LR if lrs is None else lrs[t - 1]
         touched = (g != 0).any(1, keepdim=True)
         row_sq = (g * g).mean(1, keepdim=True).expand_as(g)
         if mode == "rowwise_adagrad":
             v = v + row_sq
-            update = LR * g / (v.sqrt() + EPS)
+            update = lr * g / (v.sqrt() + EPS)
         elif mode == "adam_b1zero_rowwise":
             v = b2 * v + (1 - b2) * row_sq
-            update = LR * math.sqrt(1 - b2**t) * g / (v.sqrt() + EPS)
+            update = lr * math.sqrt(1 - b2**t) * g / (v.sqrt() + EPS)
         else:
             sq = g * g if mode == "adam" else row_sq
             m = torch.where(touched, b1 * m + (1 - b1) * g, m)
             v = torch.where(touched, b2 * v + (1 - b2) * sq, v)
-            update = LR * math.sqrt(1 - b2**t) / (1 - b1**t) * m / (v.sqrt() + EPS)
+            update = lr * math.sqrt(1 - b2**t) / (1 - b1**t) * m / (v.sqrt() + EPS)
             update = torch.where(touched, update, 0)
-        w = torch.where(touched, w * (1 - LR * wd), w) - update
-    return w
+        decays = touched if decay == "touched" else torch.ones_like(touched)
+        w = torch.where(decays, w * (1 - lr * wd), w) - update
+        yield w
+
+
+def _dense_reference(weight: torch.Tensor, grads: list[torch.Tensor], mode: str,
+                     wd: float) -> torch.Tensor:
+    """The table after the last of :func:`_dense_steps`."""
+    return list(_dense_steps(weight, grads, mode, wd))[-1]
 
 
 @pytest.mark.parametrize("wd", [0.0, 0.1])
@@ -157,3 +166,91 @@ def test_bf16_table_loss_stays_near_fp32(tiny_corpus, tmp_path, mode):
         result = train(cfg)
         losses[dtype] = sum(result.losses[s] for s in range(181, 201)) / 20
     assert losses["bf16"] == pytest.approx(losses["fp32"], rel=0.05), losses
+
+
+# An LR schedule that moves every step: the lazily replayed decay must follow it exactly.
+LRS = [0.05, 0.02, 0.08, 0.05, 0.01, 0.03, 0.06, 0.04]
+
+
+@pytest.mark.parametrize("mode", MEMORY_OPTIMIZERS)
+def test_global_weight_decay_matches_dense_reference(mode):
+    """Global weight decay: each row decays every step, caught up lazily. Against dense fp64
+    per-step decay of every row, with a moving LR: every lookup's output and weight gradient
+    (rows read with the decay they owe), the touched rows right after each step, and the
+    whole table after the final catch-up."""
+    wd, n = 0.5, 200
+    torch.manual_seed(0)
+    table = LocalValueTable(n, 8)
+    initial = table.weight.detach().clone()
+    opt = SparseRowOptimizer({"t": table}, lr=LR, betas=BETAS, eps=EPS, weight_decay=wd,
+                             mode=mode, decay_mode="global")
+    batches = list(_grads(table, len(LRS)))
+    dense_grads = []
+    for ids, weights, grad_out in batches:  # row gradients do not depend on the rows
+        g = torch.zeros(n, 8, dtype=torch.float64)
+        g.index_put_((ids.reshape(-1),), (weights.reshape(-1, 1) * grad_out.repeat_interleave(
+            ids.shape[1], 0)).double(), accumulate=True)
+        dense_grads.append(g)
+    ref = initial.double()
+    for step, (ids, weights, grad_out) in enumerate(batches):
+        opt.lr = LRS[step]
+        if ids.numel():
+            weights.requires_grad_(True)
+            out = table.lookup(ids, weights)
+            out.backward(grad_out)
+            expected = (weights.detach().double().unsqueeze(-1) * ref[ids]).sum(1)
+            torch.testing.assert_close(out.double(), expected, rtol=1e-6, atol=1e-6)
+            torch.testing.assert_close(weights.grad.double(),
+                                       (ref[ids] * grad_out.double().unsqueeze(1)).sum(-1),
+                                       rtol=1e-6, atol=1e-6)
+        opt.step()
+        touched = table.sparse_grad()
+        opt.zero_grad()
+        ref = list(_dense_steps(initial, dense_grads[: step + 1], mode, wd, LRS, "global"))[-1]
+        if touched is not None:  # a touched row holds its decayed value
+            torch.testing.assert_close(table.weight.detach()[touched[0]].double(),
+                                       ref[touched[0]], rtol=1e-6, atol=1e-6)
+    stale = table.weight.detach().clone()
+    opt.catch_up_decay()
+    torch.testing.assert_close(table.weight.double(), ref, rtol=1e-6, atol=1e-6)
+    never = torch.stack(dense_grads).abs().sum((0, 2)) == 0
+    assert never.any() and torch.equal(stale[never], initial[never])  # decay owed, not applied
+    assert not torch.allclose(table.weight[never], initial[never])
+    state = opt.state["t"]
+    assert torch.equal(state["row_decay_clock"],
+                       torch.full((n,), float(state["decay_clock"]), dtype=torch.float64))
+    expected_clock = sum(math.log(1 - lr * wd) for lr in LRS)
+    assert float(state["decay_clock"]) == pytest.approx(expected_clock, rel=1e-12)
+
+
+def test_global_weight_decay_trainer_resumes_exactly_and_readers_decay(tiny_config):
+    """Training with global weight decay saves the rows undecayed with their clocks: a run
+    resumed from a checkpoint (saved with rows owing decay) matches the uninterrupted run bit
+    for bit, loss and state; every reader of the checkpoint (CheckpointReader, load_model)
+    gets the rows decayed to its step, equal to the live table after catch_up_decay."""
+    from memtron.infer.model import load_model
+    from memtron.train.checkpoint import CheckpointReader
+    from memtron.train.trainer import Trainer, train
+
+    decay = {"optim.memory_weight_decay": 0.5, "optim.memory_weight_decay_mode": "global",
+             "optim.memory_optimizer": "adam_b1zero_rowwise", "train.steps": 4}
+    full = train(tiny_config("full", **decay))
+    part = train(tiny_config("part", **{**decay, "train.steps": 2}))
+    resumed = train(tiny_config("resumed", **decay,
+                                **{"checkpoint.resume": str(part.checkpoint)}))
+    assert resumed.losses == {s: full.losses[s] for s in (3, 4)}
+    key = "model.value_tables.table0.weight"
+    with CheckpointReader(part.checkpoint) as reader:  # saved owing decay: the test bites
+        clocks = reader.read("memory_optim.table0.row_decay_clock")
+        assert (clocks != reader.read("memory_optim.table0.decay_clock")).any()
+    with CheckpointReader(full.checkpoint) as a, CheckpointReader(resumed.checkpoint) as b:
+        for k in a.keys("memory_optim.table0"):
+            assert torch.equal(a.read(k), b.read(k)), k
+        assert torch.equal(a.read(key), b.read(key))
+        read = a.read(key)
+    trainer = Trainer(tiny_config("full", **decay))
+    trainer.load(full.checkpoint)
+    trainer.sparse_opt.catch_up_decay()
+    live = trainer.tables["table0"].weight.detach()
+    assert torch.equal(read, live)
+    assert torch.equal(load_model(full.checkpoint).model.value_tables["table0"].weight, live)

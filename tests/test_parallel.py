@@ -1,5 +1,6 @@
 """Tensor and data parallelism reproduce single-process training; checkpoints reshard."""
 
+import json
 import shutil
 from pathlib import Path
 
@@ -82,6 +83,10 @@ def test_parallel_training_equals_single_process(tiny_corpus, tmp_path, referenc
     logged = (run_dir / "metrics.jsonl").read_text()
     sharded = ep != 1 and layout != "replicated"  # traffic stats exist for sharded tables
     assert ("memory/hit_imbalance" in logged) == sharded
+    if sharded and tp > 1:  # tp ranks looked up slices of the tokens and all-gathered them
+        gathered = [json.loads(line).get("memory/tp_gather_bytes_per_token")
+                    for line in logged.splitlines()]
+        assert all(g > 0 for g in gathered if g is not None) and any(gathered)
 
 
 def test_checkpoint_reshards_across_tp_dp_and_ep(tiny_corpus, tmp_path, reference):

@@ -58,7 +58,7 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "KIB": 2**10,
           "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
 # The checkpoint's and the trainer's layout-only keys (how tables are spread, not what they hold)
-_LAYOUT_KEYS = {"parallel", "usage_window"}
+_LAYOUT_KEYS = {"parallel", "usage_window", "tp_slice_lookups"}
 
 
 class HFError(CheckpointError):
@@ -677,4 +677,7 @@ def _copy_optimizer(path: str | Path, cfg: Config, optim: dict[str, dict[str, to
                     except KeyError as e:
                         raise HFError(f"{source.path}: no optimizer state {prefix}.{name}.{key} "
                                       f"(a native-engine checkpoint is needed)") from e
+                if "row_decay_clock" in state:  # the exported rows were decayed as of the step
+                    state["row_decay_clock"] = state["row_decay_clock"].fill_(
+                        float(state["decay_clock"]))
         return source.step, source.manifest["data_state"]

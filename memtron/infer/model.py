@@ -24,7 +24,12 @@ from memtron.infer.values import StoreValueTable
 from memtron.model.memory.hierarchical import BankTable, table_name
 from memtron.model.memory.values import STORAGE_DTYPES, LocalValueTable, ValueTable
 from memtron.model.transformer import Transformer, build_model
-from memtron.train.checkpoint import CheckpointError, CheckpointReader, resolve_checkpoint
+from memtron.train.checkpoint import (
+    VALUE_TABLE_KEY,
+    CheckpointError,
+    CheckpointReader,
+    resolve_checkpoint,
+)
 
 
 @dataclass
@@ -82,6 +87,9 @@ def _check_bank_source(bank: Bank, reader: CheckpointReader) -> None:
         raise CheckpointError(f"{bank.path}: exported from step {source.get('step')} of "
                               f"{source.get('checkpoint')}, but {reader.path} is step "
                               f"{reader.step}; export the bank from this checkpoint")
+
+
+DECAY_BLOCK_ROWS = 1 << 16  # rows per block of _apply_owed_decay's fp32 temporaries
 
 
 def load_tree(cfg: Config, tree: str | Path | None, bank: str | None,
@@ -160,7 +168,23 @@ def load_model(ckpt: str | Path, values: str = "ram", cache_rows: int = 0,
         dcp.load({"model": state}, checkpoint_id=str(path))
     except Exception as e:  # DCP raises several types; name the checkpoint either way
         raise CheckpointError(f"{path}: cannot load the model: {e}") from e
+    _apply_owed_decay(model, reader)
     model = model.to(device).eval()
     tree_ = load_tree(cfg, tree, bank, token) if cfg.bank.layers and cfg.bank.levels else None
     return LoadedModel(model, cfg, path, reader.step, stores, tree_)
+
+
+def _apply_owed_decay(model: Transformer, reader: CheckpointReader) -> None:
+    """Decay owed by rows of tables trained with global weight decay (saved undecayed, see
+    ``CheckpointReader.owed_decay``), written into the loaded rows, in blocks of rows."""
+    for name, table in model.value_tables.items():
+        if not isinstance(table, LocalValueTable):
+            continue  # store tables: banks are exported from decayed rows
+        weight = table.weight.detach()
+        for start in range(0, table.n_rows, DECAY_BLOCK_ROWS):
+            stop = min(table.n_rows, start + DECAY_BLOCK_ROWS)
+            factors = reader.owed_decay(f"{VALUE_TABLE_KEY}{name}.weight", start, stop)
+            if factors is None:
+                break
+            weight[start:stop] = weight[start:stop].float().mul_(factors.unsqueeze(1))
 

@@ -217,9 +217,17 @@ class ColumnShardedValueTable(LocalValueTable):
         dist.all_gather_into_tensor(all_ids, wire, group=self.group)
         all_ids = all_ids.to(ids.device)
         all_weights = _AllGatherRows.apply(weights_p, self.group, p, me)
-        cols = LocalValueTable.lookup(self, all_ids, all_weights)  # [p * longest, d/p]
+        if all(int(c) == longest for c in all_counts):
+            cols = LocalValueTable.lookup(self, all_ids, all_weights)  # [p * longest, d/p]
+        else:  # padding rows look nothing up: a zero-weight hit would still touch its row
+            real = torch.cat([torch.arange(r * longest, r * longest + int(c), device=ids.device)
+                              for r, c in enumerate(all_counts)])
+            looked_up = LocalValueTable.lookup(self, all_ids[real], all_weights[real])
+            cols = looked_up.new_zeros(p * longest, looked_up.shape[1]).index_copy(
+                0, real, looked_up)
         mine = all_to_all(cols, [longest] * p, [longest] * p, self.group)  # [p*longest, d/p]
-        out = mine.view(p, longest, -1).permute(1, 0, 2).reshape(longest, self.full_dim)
+        out = mine.view(p, longest, self.full_dim // p)  # explicit width: longest may be 0
+        out = out.permute(1, 0, 2).reshape(longest, self.full_dim)
         gathered = (p - 1) * longest * hits * (ids.element_size() + weights.element_size())
         Traffic.add(gathered, gathered)  # ids and weights all-gathered
         return out[:n_tokens]
@@ -247,12 +255,15 @@ def _whole_tables(cfg: Config, state: ParallelState) -> bool:
 
 def replica_group(cfg: Config, state: ParallelState) -> dist.ProcessGroup | None:
     """Ranks whose row gradients must be summed. Whole tables: the dp x cp ranks (tp peers
-    saw the same tokens and hold identical gradients). Sharded tables: owners already hold the
-    sums of all their requesters; over ep < world, megatron's expert-data-parallel group
-    holds copies of the same shard."""
+    saw the same tokens and hold identical gradients), or every rank when tp peers looked up
+    different slices of the tokens (parallel/token_slice.py). Sharded tables: owners already
+    hold the sums of all their requesters; over ep < world, megatron's expert-data-parallel
+    group holds copies of the same shard."""
     if state.world_size == 1:
         return None
     if _whole_tables(cfg, state):
+        if lookups_sliced(cfg, state):
+            return dist.group.WORLD  # tp x cp x dp: all ranks
         return state.dp_cp_group if state.dp * state.cp > 1 else None
     if state.ep == state.world_size:
         return None
@@ -266,7 +277,8 @@ def reduce_table_grads(tables: list[ValueTable], cfg: Config, state: ParallelSta
 
     Every rank's loss is the mean over its tokens. Whole tables: summing over the dp x cp
     replicas gives dp*cp times the single-process gradient. Sharded tables: every rank looked
-    up (tp peers repeating the same tokens), so the owners' sums are world_size times it.
+    up (tp peers repeating the same tokens), so the owners' sums are world_size times it;
+    with token-sliced lookups each token reached the rows once, from one tp rank: dp*cp.
     Rows held on several ranks are summed over the replica group first (sparsely, or as a
     dense all-reduce for the replicated baseline). Returns the bytes this rank sent.
     """
@@ -281,7 +293,8 @@ def reduce_table_grads(tables: list[ValueTable], cfg: Config, state: ParallelSta
             from memtron.parallel.data_parallel import sum_table_grads
 
             sent = sum_table_grads(tables, group)
-    copies = state.dp * state.cp if _whole_tables(cfg, state) else state.world_size
+    once_per_tp_group = _whole_tables(cfg, state) or lookups_sliced(cfg, state)
+    copies = state.dp * state.cp if once_per_tp_group else state.world_size
     for table in tables:
         grad = table.sparse_grad()
         if grad is not None:
@@ -305,6 +318,12 @@ def dense_table_all_reduce(tables: list[ValueTable], group: dist.ProcessGroup) -
         table.accumulate_grad(touched, dense[touched])
         sent += dense.numel() * 4
     return sent
+
+
+def lookups_sliced(cfg: Config, state: ParallelState) -> bool:
+    """Whether tp ranks split the memory lookups among them (``memory.tp_slice_lookups``,
+    parallel/token_slice.py) rather than each repeating them all."""
+    return cfg.memory.tp_slice_lookups and state.tp > 1
 
 
 def tables_sharded(cfg: Config, state: ParallelState) -> bool:

@@ -587,6 +587,9 @@ class _StoredChunk:
                                   f"{e}") from e
 
 
+VALUE_TABLE_KEY = "model.value_tables."  # + "<table>.weight"
+
+
 class CheckpointReader:
     """Reads a checkpoint saved at any layout in one process, with no process group.
 
@@ -676,7 +679,26 @@ class CheckpointReader:
             raise ValueError(f"out must be a contiguous {meta.properties.dtype} tensor "
                              f"{list(shape)}, got {out.dtype} {list(out.shape)}")
         self._fill_rows(key, start, stop, out)
+        factors = self.owed_decay(key, start, stop)
+        if factors is not None:
+            out.copy_(out.float().mul_(factors.unsqueeze(1)))
         return out
+
+    def owed_decay(self, key: str, start: int, stop: int) -> torch.Tensor | None:
+        """fp32 factors [stop - start] by which rows ``[start, stop)`` of value table ``key``
+        must be multiplied to be decayed to the checkpoint's step, or None. Tables trained with
+        global weight decay are saved as the optimizer holds them, rows owing the decay of the
+        steps since they were last touched (``train/optim.py``), so a run resumes bit for bit
+        whenever it was saved; readers (:meth:`read_rows`, and so :meth:`read`, the exports)
+        get the decayed rows."""
+        if not (key.startswith(VALUE_TABLE_KEY) and key.endswith(".weight")):
+            return None
+        name = key.removeprefix(VALUE_TABLE_KEY).removesuffix(".weight")
+        row_clock = f"memory_optim.{name}.row_decay_clock"
+        if row_clock not in self._tensors:
+            return None
+        clock = self.read(f"memory_optim.{name}.decay_clock")
+        return torch.exp(clock - self.read_rows(row_clock, start, stop)).float()
 
     def iter_rows(self, key: str, max_rows: int) -> Iterator[tuple[int, torch.Tensor]]:
         """``(row_start, rows)`` blocks of at most ``max_rows`` rows along dim 0, in order."""

@@ -19,9 +19,25 @@ as the whole one):
   ``v = b2^(t - last) v + (1 - b2) mean(g^2)``, so it equals dense per-step Adam exactly;
   ``row -= lr * sqrt(1 - b2^t) * g / (sqrt(v) + eps)``.
 
-Decoupled weight decay (``row *= 1 - lr * wd``) applies to touched rows only, once per step
-they are touched, so an untouched row never changes. All state is fp32 except, optionally,
-the first moment (``moment_dtype``); per-row state is [N], sharded on dim 0 with the rows.
+Decoupled weight decay (``wd``, config ``optim.memory_weight_decay``) comes in two modes
+(``DECAY_MODES``, config ``optim.memory_weight_decay_mode``):
+
+* ``touched``: ``row *= 1 - lr_t * wd`` on the steps a row is touched, so an untouched row never
+  changes (a row's decay depends on how often it is read).
+* ``global``: every row decays every step, as a dense AdamW's would, at no dense cost (FBGEMM's
+  "global weight decay", here exact under any LR schedule). A global clock
+  ``C_t = sum_{s<=t} log(1 - lr_s * wd)`` (fp64) and a per-row clock (fp64, the clock the
+  stored row has been decayed up to; state ``row_decay_clock``, sharded and checkpointed with
+  the rows) say what a row owes: when a row is touched at step t it is multiplied by
+  ``exp(C_t - row_clock)`` (the missed steps' decay and step t's), then updated, and its clock
+  set to ``C_t``. Lookups read rows times ``exp(C_{t-1} - row_clock)`` (``LazyDecay``), so
+  forward, gradients and updates equal those of per-step decay of every row. Checkpoints hold
+  the rows as stored, with both clocks, so a run resumes bit for bit wherever it was saved;
+  readers of a checkpoint (``CheckpointReader``, exports, ``load_model``) apply the decay
+  owed. :meth:`SparseRowOptimizer.catch_up_decay` writes the owed decay into every row.
+
+All state is fp32 except, optionally, the first moment (``moment_dtype``), and the fp64 decay
+clocks; per-row state is [N], sharded on dim 0 with the rows.
 On CUDA the ``adam`` update is one fused Triton kernel (``model.memory.kernels.sparse_adam_``)
 with the same arithmetic, op for op; the other modes take the torch path there.
 """
@@ -36,19 +52,22 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from memtron.config import MemoryOptimizer, OptimConfig
+from memtron.config import MemoryDecayMode, MemoryOptimizer, OptimConfig
 from memtron.model.memory import kernels
 from memtron.model.memory.hierarchical import BANK_TABLE
-from memtron.model.memory.values import STORAGE_DTYPES, ValueTable, store_rows
+from memtron.model.memory.values import STORAGE_DTYPES, LazyDecay, ValueTable, store_rows
 from memtron.parallel.launch import collective_device
 
 MEMORY_OPTIMIZERS: tuple[str, ...] = typing.get_args(MemoryOptimizer)
+DECAY_MODES: tuple[str, ...] = typing.get_args(MemoryDecayMode)
+# Rows per chunk of SparseRowOptimizer.catch_up_decay (bounds its fp32 temporaries).
+CATCH_UP_ROWS = 1 << 16
 # Modes whose state holds per-row statistics of whole rows (not of column shards).
 ROWWISE_MODES = ("adam_rowwise_v", "rowwise_adagrad", "adam_b1zero_rowwise")
 
 
-def _row_state(mode: str, weight: torch.Tensor,
-               moment_dtype: torch.dtype) -> dict[str, torch.Tensor]:
+def _row_state(mode: str, weight: torch.Tensor, moment_dtype: torch.dtype,
+               decay_mode: str = "touched") -> dict[str, torch.Tensor]:
     """Zeroed optimizer state of ``mode`` for one table (or shard) ``weight`` [N, d]."""
     n, device = weight.shape[0], weight.device
     state = {"step": torch.zeros((), dtype=torch.int64)}
@@ -62,6 +81,9 @@ def _row_state(mode: str, weight: torch.Tensor,
         state["sum_sq"] = torch.zeros(n, dtype=torch.float32, device=device)
     if mode == "adam_b1zero_rowwise":
         state["last_step"] = torch.zeros(n, dtype=torch.int64, device=device)
+    if decay_mode == "global":
+        state["decay_clock"] = torch.zeros((), dtype=torch.float64)
+        state["row_decay_clock"] = torch.zeros(n, dtype=torch.float64, device=device)
     return state
 
 
@@ -72,23 +94,56 @@ class SparseRowOptimizer:
     def __init__(self, tables: dict[str, ValueTable], lr: float, betas: tuple[float, float],
                  eps: float = 1e-8, weight_decay: float = 0.0, mode: str = "adam",
                  moment_dtype: torch.dtype = torch.float32,
-                 lr_scale: dict[str, float] | None = None) -> None:
+                 lr_scale: dict[str, float] | None = None, decay_mode: str = "touched") -> None:
         if mode not in MEMORY_OPTIMIZERS:
             raise ValueError(f"memory optimizer {mode!r} is not one of {MEMORY_OPTIMIZERS}")
-        self.tables, self.mode = tables, mode
+        if decay_mode not in DECAY_MODES:
+            raise ValueError(f"weight decay mode {decay_mode!r} is not one of {DECAY_MODES}")
+        self.tables, self.mode, self.decay_mode = tables, mode, decay_mode
         self.lr, self.betas, self.eps, self.weight_decay = lr, betas, eps, weight_decay
         self.lr_scale = dict(lr_scale or {})  # per table: its lr is lr * scale (default 1)
-        self.state = {name: _row_state(mode, table.weight, moment_dtype)
+        self.state = {name: _row_state(mode, table.weight, moment_dtype, decay_mode)
                       for name, table in tables.items()}
+        if decay_mode == "global" and weight_decay:  # lookups read rows with the decay owed
+            for name, table in tables.items():
+                table.lazy_decay = LazyDecay(self.state[name]["row_decay_clock"],
+                                             self.state[name]["decay_clock"])
 
     @torch.no_grad()
     def step(self) -> None:
         for name, table in self.tables.items():
             state = self.state[name]
             state["step"] += 1
+            lr = self.lr * self.lr_scale.get(name, 1.0)
+            if self.decay_mode == "global" and self.weight_decay:  # every row decays
+                state["decay_clock"] += self._log_decay(lr)
             grad = table.sparse_grad()
             if grad is not None:
-                self._update(table, state, *grad, self.lr * self.lr_scale.get(name, 1.0))
+                self._update(table, state, *grad, lr)
+
+    def _log_decay(self, lr: float) -> float:
+        """log(1 - lr * wd): this step's decay of every row of a table, on its clock."""
+        if 1 - lr * self.weight_decay <= 0:
+            raise ValueError(f"memory lr {lr} x weight decay {self.weight_decay} >= 1: "
+                             "decoupled weight decay would flip or zero every row")
+        return math.log1p(-lr * self.weight_decay)
+
+    @torch.no_grad()
+    def catch_up_decay(self) -> None:
+        """Write the decay every row owes (``global`` mode) into the rows, so the stored table
+        is the one per-step decay of every row gives; a no-op in ``touched`` mode. The rows'
+        values do not change for lookups (they read rows with the decay owed)."""
+        if self.decay_mode != "global" or not self.weight_decay:
+            return
+        for name, table in self.tables.items():
+            state = self.state[name]
+            row_clock, clock = state["row_decay_clock"], state["decay_clock"]
+            owing = torch.nonzero(row_clock != clock.to(row_clock.device)).view(-1)
+            for ids in owing.split(CATCH_UP_ROWS):
+                rows = table.weight.detach().index_select(0, ids).float()
+                rows.mul_(table.lazy_decay.factors(ids).unsqueeze(1))
+                store_rows(table, ids, rows, int(state["step"]))
+                row_clock.index_fill_(0, ids, float(clock))
 
     def _update(self, table: ValueTable, state: dict[str, torch.Tensor], ids: torch.Tensor,
                 grad: torch.Tensor, lr: float) -> None:
@@ -98,7 +153,12 @@ class SparseRowOptimizer:
         beta1, beta2 = self.betas
         t = int(state["step"])
         decay = 1 - lr * self.weight_decay
-        if self.mode == "adam" and weight.dtype == torch.float32 and kernels.use_triton(weight):
+        if self.decay_mode == "global" and self.weight_decay:
+            # The decay the rows owe for the steps they missed, times this step's.
+            decay = table.lazy_decay.factors(ids).unsqueeze(1)
+            state["row_decay_clock"].index_fill_(0, ids, float(state["decay_clock"]))
+        if self.mode == "adam" and weight.dtype == torch.float32 and kernels.use_triton(weight) \
+                and isinstance(decay, float):
             kernels.sparse_adam_(weight, state["exp_avg"], state["exp_avg_sq"], ids, grad,
                                  betas=self.betas, eps=self.eps, decay=decay,
                                  step_size=lr * math.sqrt(1 - beta2**t) / (1 - beta1**t))
@@ -200,6 +260,7 @@ def build_optimizers(model: nn.Module, tables: dict[str, ValueTable], cfg: Optim
     sparse = SparseRowOptimizer(tables, lr=cfg.lr * cfg.memory_lr_mult,
                                 betas=(cfg.beta1, cfg.beta2), eps=cfg.eps,
                                 weight_decay=cfg.memory_weight_decay,
+                                decay_mode=cfg.memory_weight_decay_mode,
                                 mode=cfg.memory_optimizer,
                                 moment_dtype=STORAGE_DTYPES[cfg.memory_moment_dtype],
                                 lr_scale=_bank_lr_scale(tables, cfg, bank_lr_mult))

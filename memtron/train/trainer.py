@@ -57,6 +57,7 @@ from memtron.parallel.tensor import (
     parallel_lm_loss,
     parallelize_tensor,
 )
+from memtron.parallel.token_slice import GatherTraffic, slice_lookups_over_tp
 from memtron.train.checkpoint import (
     CheckpointError,
     CheckpointWriter,
@@ -135,7 +136,7 @@ def check_bank_data(cfg: Config, index: dict[str, Any], where: Path, key: str) -
 def _same_architecture(saved: Config, cfg: Config, where: Path) -> None:
     # How tables are spread, not what they hold; explicit memories hold no parameters, so a
     # run trained without them may continue with them (the two-stage recipe).
-    layout_only = {"parallel", "usage_window", "explicit"}
+    layout_only = {"parallel", "usage_window", "explicit", "tp_slice_lookups"}
     for section in ("model", "memory", "bank"):
         old, new = getattr(saved, section).__dict__, getattr(cfg, section).__dict__
         diff = [k for k in new if k not in layout_only and old.get(k) != new[k]]
@@ -168,6 +169,7 @@ class Trainer:
                             bank_table_factory(cfg, self.state))
         self.model: Transformer = parallelize_context(parallelize_tensor(model, self.state),
                                                       self.state).to(self.device)
+        slice_lookups_over_tp(self.model, cfg, self.state)
         self.positions = None  # this rank's token positions under context parallelism
         if self.state.cp > 1:
             self.positions = zigzag_indices(cfg.data.seq_len, self.state.cp,
@@ -379,6 +381,7 @@ class Trainer:
         """Memory-parallel load per step: bytes this rank exchanged per token it looked up,
         and how unevenly hits landed on the owners (max / mean over ranks)."""
         sent, received = Traffic.take()
+        tp_gathered, _ = GatherTraffic.take()  # tp all-gathers of token-sliced lookups
         served = sum(t.take_served() for t in self.tables.values())
         if not self.tables or not tables_sharded(self.cfg, self.state):
             return {}
@@ -391,6 +394,7 @@ class Trainer:
                    * max(1, len(self.model.memory_layers()) + len(cfg.bank.layers)))
         return {"memory/bytes_sent_per_token": sent / lookups,
                 "memory/bytes_received_per_token": received / lookups,
+                "memory/tp_gather_bytes_per_token": tp_gathered / lookups,
                 "memory/hit_imbalance": float(loads.max() / loads.mean().clamp_min(1e-9))}
 
     @torch.no_grad()

@@ -9,6 +9,7 @@ softmax weights (fp32). ``y = sum w * V[id]`` over all heads' hits. Memory+ gate
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -57,6 +58,10 @@ class ProductKeyMemory(nn.Module):
         # The table is owned by the Transformer (it may be shared by several layers); a list
         # keeps it out of this module's parameters so it is stored and optimised once.
         self._values = [values]
+        # How forward reads the table: directly, or through a wrapper that parallel code
+        # installs (parallel/token_slice.py: tp ranks each look up a slice of the tokens).
+        self.lookup_via: Callable[[ValueTable, torch.Tensor, torch.Tensor], torch.Tensor] | None \
+            = None
         self.reset_parameters(init_std, out_std)
 
     @property
@@ -92,7 +97,11 @@ class ProductKeyMemory(nn.Module):
         shape = x.shape
         flat = x.reshape(-1, shape[-1])
         ids, weights = self.retrieve(flat)
-        y = self.values.lookup(ids, weights).to(x.dtype)
+        if self.lookup_via is None:
+            y = self.values.lookup(ids, weights)
+        else:
+            y = self.lookup_via(self.values, ids, weights)
+        y = y.to(x.dtype)
         if self.memory_plus:
             y = self.out(y * F.silu(self.gate(flat)))
         return y.view(shape)

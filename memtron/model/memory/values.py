@@ -110,6 +110,23 @@ def store_rows(table: LocalValueTable, ids: torch.Tensor, rows: torch.Tensor, st
     weight.index_copy_(0, ids, rows.to(weight.dtype))
 
 
+class LazyDecay:
+    """Weight decay a table's rows still owe (``optim.memory_weight_decay_mode=global``).
+
+    ``clock`` (0-dim fp64) is the sum over all optimizer steps so far of ``log(1 - lr_t*wd)``;
+    ``row_clock`` [rows] fp64 is the clock up to which each stored row has been decayed. A
+    stored row times ``exp(clock - row_clock)`` is the row a dense optimizer that decays
+    every row every step would hold. The tensors are the optimizer's state (checkpointed and
+    sharded with the rows); the table reads them so that its lookups see decayed rows."""
+
+    def __init__(self, row_clock: torch.Tensor, clock: torch.Tensor) -> None:
+        self.row_clock, self.clock = row_clock, clock
+
+    def factors(self, ids: torch.Tensor) -> torch.Tensor:
+        """fp32 decay owed by local rows ``ids`` (1 for rows decayed up to now)."""
+        return torch.exp(self.clock - self.row_clock.index_select(0, ids)).float()
+
+
 class ValueTable(nn.Module):
     """Rows addressed by slot id, with a sparse gradient kept on the table.
 
@@ -233,11 +250,16 @@ class _BagLookup(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, weights: torch.Tensor, rows: torch.Tensor, ids: torch.Tensor,
-                offsets: torch.Tensor, table: LocalValueTable):
+                offsets: torch.Tensor, table: LocalValueTable, scale: torch.Tensor | None):
         # ``rows`` is the table weight, an input only so that backward runs when the weights
         # need no gradient; its gradient goes to the table, never to ``rows.grad``.
-        ctx.save_for_backward(weights, ids, offsets)
+        # ``scale`` [hits]: per-hit factors the stored rows are read with (lazy weight decay
+        # owed, LazyDecay): out sums weights * scale * row, the row gradients are those of the
+        # scaled rows (summed with ``weights``), and the weights' gradients take the scale.
+        ctx.save_for_backward(weights, ids, offsets, scale)
         ctx.table = table
+        if scale is not None:
+            weights = weights * scale.to(weights.dtype)
         if kernels.use_triton(rows):
             return kernels.bag_gather(rows, ids, weights, offsets).to(weights.dtype)
         out = F.embedding_bag(ids, rows, offsets, per_sample_weights=weights.to(rows.dtype),
@@ -246,9 +268,19 @@ class _BagLookup(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):
-        weights, ids, offsets = ctx.saved_tensors
+        weights, ids, offsets, scale = ctx.saved_tensors
         table: LocalValueTable = ctx.table
         grad_out = grad_out.contiguous()
+        grad_weights = _BagLookup._backward(ctx, grad_out, weights, ids, offsets, table)
+        if grad_weights is not None and scale is not None:
+            grad_weights = grad_weights * scale.to(grad_weights.dtype)
+        return grad_weights, None, None, None, None, None
+
+    @staticmethod
+    def _backward(ctx, grad_out: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor,
+                  offsets: torch.Tensor, table: LocalValueTable) -> torch.Tensor | None:
+        """Records the row gradients on ``table``; returns the weights' gradient (of the
+        stored rows) or None."""
         fused = None
         if kernels.use_triton(grad_out):
             fused = kernels.bag_backward(grad_out, table.weight.detach(), ids, weights,
@@ -263,7 +295,7 @@ class _BagLookup(torch.autograd.Function):
                 table.accumulate_grad(unique_ids, rows)
             if grad_weights is not None:
                 grad_weights = grad_weights.to(weights.dtype)
-            return grad_weights, None, None, None, None
+            return grad_weights
         bags = bag_index(offsets, ids.numel())
         grad_weights = None
         if ctx.needs_input_grad[0] and not _bag_weight_grad_supported(table.weight):
@@ -281,7 +313,7 @@ class _BagLookup(torch.autograd.Function):
             grad_weights = grad_weights.to(weights.dtype)
         if ids.numel():
             table.accumulate_grad(*sum_rows_by_id(ids, grad_out.float(), weights, src=bags))
-        return grad_weights, None, None, None, None
+        return grad_weights
 
 
 class LocalValueTable(ValueTable):
@@ -295,6 +327,7 @@ class LocalValueTable(ValueTable):
                  dtype: torch.dtype = torch.float32) -> None:
         super().__init__(n_rows, dim)
         self.seed, self.row_start = seed, row_start
+        self.lazy_decay: LazyDecay | None = None  # set by the optimizer (global weight decay)
         self.weight = nn.Parameter(torch.empty(n_rows, dim, dtype=dtype))
         self.reset_parameters()
 
@@ -326,7 +359,8 @@ class LocalValueTable(ValueTable):
         if self.training:
             with torch.no_grad():
                 self.record_hits(ids)
-        return _BagLookup.apply(weights, self.weight, ids, offsets, self)
+        scale = None if self.lazy_decay is None else self.lazy_decay.factors(ids)
+        return _BagLookup.apply(weights, self.weight, ids, offsets, self, scale)
 
     def extra_repr(self) -> str:
         return (f"rows={self.n_rows} (from {self.row_start}), dim={self.dim}, "
