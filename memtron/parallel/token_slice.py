@@ -31,8 +31,8 @@ import torch.distributed as dist
 
 from memtron.config import Config
 from memtron.model.memory.values import ValueTable
-from memtron.parallel.launch import to_backend
 from memtron.parallel.dispatch import Traffic
+from memtron.parallel.launch import to_backend
 from memtron.parallel.memory import lookups_sliced, row_bounds
 from memtron.parallel.state import ParallelState
 
