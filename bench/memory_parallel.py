@@ -28,9 +28,10 @@ Bytes/token (all per rank, per token it looked up, forward + backward, averaged 
   rank (memtron calls them through the module): all_to_all_single = the input rows sent to other
   ranks; all_gather(_into_tensor) = (P-1) x the rank's input; reduce_scatter_tensor = (P-1)/P x
   the input; all_reduce = 2(P-1)/P x the tensor (gloo's ring). Each call is labelled with its
-  caller, so the collectives Traffic claims to count (``_exchange``'s all-to-alls and the
-  column-wise gathers of ids and weights and the reduce-scatter of the weights' gradient) are checked against Traffic exactly, and the rest
-  (metadata, reduce-scatters, norm, gradient sync) are listed apart;
+  caller, so the collectives Traffic claims to count (``_exchange``'s all-to-alls, the
+  column-wise gathers of ids and weights and the reduce-scatter of the weights' gradient) are
+  checked against Traffic exactly, and the rest (metadata, norm, gradient sync) are listed
+  apart;
 * min: the analytic minimum of the layout (formulas in :func:`rowwise_min_bytes`,
   :func:`colwise_min_bytes`, :func:`replicated_min_bytes`), at 32-bit indices and fp32 values.
 

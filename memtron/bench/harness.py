@@ -298,9 +298,11 @@ def _rank_entry(target: Callable[..., Any], rank: int, world: int, port: int, ar
                 out: str, threads: int, quiet: bool) -> None:
     for var in LAUNCH_VARS:
         os.environ.pop(var, None)
-    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
-                      LOCAL_WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1",
-                      MASTER_PORT=str(port), OMP_NUM_THREADS=str(threads))
+    os.environ["OMP_NUM_THREADS"] = str(threads)
+    if world > 1:  # a single rank runs as a plain process (no process group)
+        os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
+                          LOCAL_WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1",
+                          MASTER_PORT=str(port))
     try:  # if a memory estimate is wrong, the OOM killer takes a benchmark rank first
         with open("/proc/self/oom_score_adj", "w") as f:
             f.write("1000")
@@ -324,7 +326,8 @@ def _rank_entry(target: Callable[..., Any], rank: int, world: int, port: int, ar
 def spawn_ranks(target: Callable[..., Any], world: int, args: tuple = (), *,
                 timeout: float = 900.0, threads: int = 1, quiet: bool = False) -> RankRun:
     """Run ``target(rank, world, *args)`` in ``world`` fresh 'spawn' processes with the torchrun
-    variables of a one-node job set (the target initialises its process group), and collect
+    variables of a one-node job set when ``world`` > 1 (the target initialises its process
+    group; a single rank gets none, like a plain ``python`` run), and collect
     what each returns. A rank that dies stops the run instead of leaving its peers to wait out
     their collective timeout. ``target`` must be importable (a module-level function)."""
     import torch
