@@ -40,9 +40,10 @@ configuration whose ranks together would need more than the machine's RAM, or mo
 available right now (other jobs share the machine), is reported as skipped with the estimate,
 not run.
 
-Communication: ``_Ring.start`` (posting ``batch_isend_irecv``) and ``_Ring.finish`` (waiting on
-the requests) are wrapped to add their wall time and bytes, separately for forward and
-backward. comm = their time / the rank's step time, averaged over ranks. This is the time a
+Communication: memtron's own ``RingTraffic`` counter (``memtron.parallel.context``) adds the
+wall time of ``Ring.start`` (posting ``batch_isend_irecv``) and ``Ring.finish`` (waiting on the
+requests) and the bytes sent, separately for forward and backward; nothing of memtron is
+patched. comm = their time / the rank's step time, averaged over ranks. This is the time a
 rank is not computing because of the ring: transfer not hidden behind compute plus waiting for
 a slower peer. Forward posts the next K/V before computing on the current one (overlap
 possible); backward posts and waits back to back, so its transfers are fully exposed. To

@@ -87,7 +87,14 @@ def _collectives(rank: int, world: int) -> dict:
             out2 = torch.empty(sum(recv), 2)
             dist.all_to_all_single(out2, torch.ones(4, 2), recv, splits)
         counted = meter.take()
-        return {"counted": counted, "received": out.tolist()}
+        # memtron's own ring counter, read as shipped: one attention forward + backward
+        from memtron.parallel.context import RingTraffic, ring_attention
+
+        q, k, v = (torch.randn(1, 2, 8, 4, requires_grad=True) for _ in range(3))
+        RingTraffic.take()
+        ring_attention(q, k, v, dist.group.WORLD, world, rank).sum().backward()
+        return {"counted": counted, "received": out.tolist(), "ring": RingTraffic.take(),
+                "kv_bytes": k.nbytes + v.nbytes}
     finally:
         dist.destroy_process_group()
         meter.uninstall()
@@ -117,6 +124,11 @@ def test_byte_meter_counts_known_collectives_on_two_ranks() -> None:
         assert counted["payload"] == 4000 + 32 + 32
         assert counted["pg_bytes"] == counted["payload"]  # the check one level down agrees
         assert counted["seconds"] > 0
+        # ring: forward passes K/V one hop; backward passes them again plus the fp32 dK/dV
+        # accumulators at every one of the cp steps (here fp32 too)
+        ring, kv = result["ring"], result["kv_bytes"]
+        assert ring["bytes"] == {"fwd": kv, "bwd": kv + 2 * kv}
+        assert ring["post"]["fwd"] > 0 and ring["wait"]["bwd"] > 0
     # the exchange itself was not disturbed by the meter
     assert results[0]["received"] == [0, 1, 2, 3, 8, 9, 10, 11]
 

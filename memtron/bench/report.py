@@ -152,29 +152,39 @@ def run_bench(spec: BenchSpec, bench_dir: Path, results: Path, quick: bool,
 def run_quality(repo: Path, results: Path, steps: int, seeds: str, arms: str,
                 timeout: float) -> Outcome:
     """A small `memtron compare` (equal steps and tokens per arm) on a freshly generated
-    corpus, under a load probe; its output directory is ``results/quality``."""
+    corpus, under a load probe. Corpus and checkpoints live in a temporary directory; its
+    compare.json/.md/.png are kept in ``results/quality``."""
+    import tempfile
+
     from memtron.data.prepare import prepare
     from memtron.data.synthetic import generate_corpus
 
-    out, data = results / QUALITY, results / QUALITY / "data"
-    shutil.rmtree(out, ignore_errors=True)
+    keep = results / QUALITY
+    shutil.rmtree(keep, ignore_errors=True)
+    keep.mkdir(parents=True)
     probe = LoadProbe().start()
     start = time.perf_counter()
-    generate_corpus(data)
-    for split in ("train", "valid"):
-        prepare([data / "raw" / f"{split}.jsonl"], data / split, seq_len=128)
-    config = repo / "configs" / "tiny-cpu.yaml"
-    cmd = [sys.executable, "-m", "memtron.cli", "compare", "--config", str(config),
-           "--arms", arms, "--seeds", seeds, "--steps", str(steps), "--out", str(out),
-           "--questions", str(data / "questions.jsonl"),
-           f"data.train={data / 'train'}", f"data.valid={data / 'valid'}",
-           f"data.questions={data / 'questions.jsonl'}"]
-    outcome = run_command(QUALITY, cmd, out / "compare.json", results / "logs" / "quality.log",
-                          max(1.0, timeout - (time.perf_counter() - start)), cwd=repo)
+    with tempfile.TemporaryDirectory(prefix="memtron-report-quality-") as tmp:
+        data, out = Path(tmp) / "data", Path(tmp) / "compare"
+        generate_corpus(data)
+        for split in ("train", "valid"):
+            prepare([data / "raw" / f"{split}.jsonl"], data / split, seq_len=128)
+        questions = data / "questions.jsonl"
+        cmd = [sys.executable, "-m", "memtron.cli", "compare",
+               "--config", str(repo / "configs" / "tiny-cpu.yaml"), "--arms", arms,
+               "--seeds", seeds, "--steps", str(steps), "--out", str(out),
+               "--questions", str(questions), f"data.train={data / 'train'}",
+               f"data.valid={data / 'valid'}", f"data.questions={questions}"]
+        outcome = run_command(QUALITY, cmd, out / "compare.json",
+                              results / "logs" / "quality.log",
+                              max(1.0, timeout - (time.perf_counter() - start)), cwd=repo)
+        for name in ("compare.json", "compare.md", "compare.png"):
+            if (out / name).is_file():
+                shutil.copy(out / name, keep / name)
     outcome.wall_s = time.perf_counter() - start
     load = probe.stop()
     if outcome.data is not None:
-        outcome.data = wrap_compare(outcome.data, out, load, machine())
+        outcome.data = wrap_compare(outcome.data, keep, load, machine())
     return outcome
 
 
@@ -459,10 +469,8 @@ def fig_quality(data: dict[str, Any], out: Path) -> list[Section]:
 
     compare = data["results"]
     summary = compare["summary"]
-    steps = {r.get("steps") for arm in compare.get("runs", {}).values() for r in arm} - {None}
     title = (f"{len(compare['seeds'])} seed(s), {summary[0]['train_tokens']:,} training tokens "
-             f"per run{'' if not steps else f', {steps.pop()} steps'}\n{context_line(data)}\n"
-             f"baseline (same run): {data['baseline']['kind']}")
+             f"per run\n{context_line(data)}\nbaseline (same run): {data['baseline']['kind']}")
     plot(summary, out / "quality.png", title)
     return [Section("Quality: equal-compute comparison", ["quality.png"], markdown_table(summary),
                     f"Baseline measured in the same run: {data['baseline']['kind']}. "
@@ -577,7 +585,7 @@ def report(out: Path, quick: bool = False, only: list[str] | None = None,
             log(f"bench report: running a small memtron compare (dense vs memory, 2 seeds, "
                 f"{quality_steps} steps)")
             outcomes.append(run_quality(directory.parent, results, quality_steps, "0,1",
-                                        "dense,memory", timeout))
+                                        "dense,memory", 2 * timeout))  # 4 trainings
         else:
             outcomes.append(Outcome(QUALITY, "skipped", note="pass --quality DIR (the output "
                                     "of memtron compare), or --quick to run a small one"))
