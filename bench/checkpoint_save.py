@@ -74,20 +74,19 @@ def measure(trainer: Trainer, saves: int) -> dict:
     def step() -> float:
         return timed(lambda: trainer.train_step(batches))  # the next save is another step
 
-    foreign = ForeignCpu().__enter__()
-    result = {"step_alone": statistics.median(step() for _ in range(3)), "blocked": [],
-              "complete": [], "step_during": []}
-    for _ in range(saves):
-        start = time.perf_counter()
-        result["blocked"].append(timed(trainer.save))
-        trainer.checkpoints.wait()
-        result["complete"].append(time.perf_counter() - start)
-        step()
-    for _ in range(saves if trainer.checkpoints.asynchronous else 0):
-        trainer.save()
-        result["step_during"].append(step())
-        trainer.checkpoints.wait()
-    foreign.__exit__()
+    with ForeignCpu() as foreign:
+        result = {"step_alone": statistics.median(step() for _ in range(3)), "blocked": [],
+                  "complete": [], "step_during": []}
+        for _ in range(saves):
+            start = time.perf_counter()
+            result["blocked"].append(timed(trainer.save))
+            trainer.checkpoints.wait()
+            result["complete"].append(time.perf_counter() - start)
+            step()
+        for _ in range(saves if trainer.checkpoints.asynchronous else 0):
+            trainer.save()
+            result["step_during"].append(step())
+            trainer.checkpoints.wait()
     result.update(foreign=foreign.share,
                   size=checkpoint_bytes(list_checkpoints(trainer.ckpt_root)[-1]))
     return result
@@ -101,7 +100,7 @@ def main(argv: list[str] | None = None) -> int:
     add_output_args(parser)
     args = parser.parse_args(argv)
     silence_third_party_warnings()  # as the CLI does
-    bench = BenchRun("checkpoint_save", args).__enter__()
+    bench = BenchRun("checkpoint_save", args).start()
     saves = args.saves or (2 if args.quick else 3)
     with tempfile.TemporaryDirectory(dir=args.dir) as tmp:
         root = Path(tmp)
@@ -130,7 +129,7 @@ def main(argv: list[str] | None = None) -> int:
     bench.baseline = {"kind": "synchronous save (checkpoint.async_save=false), same model",
                       "blocked_s": statistics.median(rows["sync"]["blocked"]),
                       "step_alone_s": rows["sync"]["step_alone"]}
-    bench.__exit__(None)
+    bench.finish()
     return 0
 
 

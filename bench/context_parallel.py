@@ -430,7 +430,7 @@ def main(argv: list[str] | None = None) -> int:
 
     rows = []
     t_begin = time.monotonic()
-    bench = BenchRun("context_parallel", args).__enter__()
+    bench = BenchRun("context_parallel", args).start()
     for run in plan(args):
         label = f"L={run.length:>6} cp={run.cp} {run.kernel:<7}"
         est = estimate_bytes(run, flash)
@@ -539,7 +539,7 @@ def main(argv: list[str] | None = None) -> int:
                       "per_length": {str(r["run"]["length"]): {
                           "step_s": r["step_s"], "peak_bytes": r["peak_bytes"]}
                           for r in rows if r["status"] == "ok" and r["run"]["kernel"] == "sdpa"}}
-    bench.__exit__(None)
+    bench.finish()
     return 0 if all(r["status"] == "ok" or r["status"].startswith(("skipped", "does not"))
                     for r in rows) else 1
 

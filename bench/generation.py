@@ -78,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
     add_output_args(p)
     a = p.parse_args(argv)
     torch.set_num_threads(a.threads)
-    bench = BenchRun("generation", a).__enter__()
+    bench = BenchRun("generation", a).start()
     models = {"tiny (4K slots)": []}
     if not a.quick:
         models["1M slots"] = ["memory.n_sub_keys=1024"]
@@ -113,7 +113,7 @@ def main(argv: list[str] | None = None) -> int:
     bench.baseline = {"kind": "value tables in RAM (same model, same prompts)",
                       "tokens_per_s": {r["model"]: r["tokens_per_s"] for r in results
                                        if r["source"] == "ram"}}
-    bench.__exit__(None)
+    bench.finish()
     return 0
 
 

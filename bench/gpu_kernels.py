@@ -304,7 +304,7 @@ def main(argv: list[str] | None = None) -> int:
     if not triton_version:
         print("triton is not installed: the Triton columns will fail")
     t0 = time.perf_counter()
-    bench = BenchRun("gpu_kernels", a).__enter__()
+    bench = BenchRun("gpu_kernels", a).start()
     peak = copy_bandwidth(2 * GiB, a.warmup, a.repeats)
     print(f"(a) device-to-device copy: {peak / 1e9:.0f} GB/s", flush=True)
     print("\n" + HEAD + "\n" + "-" * len(HEAD), flush=True)
@@ -331,7 +331,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"total {time.perf_counter() - t0:.0f} s")
     bench.results = {"info": info, "cases": cases}
     bench.baseline = {"kind": "device-to-device copy bandwidth, same run", "copy_GBps": peak / 1e9}
-    bench.__exit__(None)
+    bench.finish()
     return 0
 
 

@@ -147,9 +147,8 @@ def main(argv: list[str] | None = None) -> int:
                    "batches": a.batches, "clients": a.clients, "threads": torch.get_num_threads(),
                    "cpus": os.cpu_count(), "machine": platform.machine()},
         "rows": []}
-    bench = BenchRun("memory_fetch", a)
+    bench = BenchRun("memory_fetch", a).start()
     try:
-        bench.__enter__()
         t0 = time.perf_counter()
         make_bank(bank, a.rows, a.dim, seed=0)
         files = block_files(bank)
@@ -228,7 +227,7 @@ def main(argv: list[str] | None = None) -> int:
         bench.results = results
         bench.baseline = {"kind": "sequential read of the same bank files (cold and warm page "
                           "cache)", "GBps": seq_gbs}
-        bench.__exit__(None)
+        bench.finish()
     finally:
         shutil.rmtree(root, ignore_errors=True)
     return 0

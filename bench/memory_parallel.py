@@ -621,7 +621,7 @@ def main(argv: list[str] | None = None) -> int:
           f"median of {args.steps} steps; budget = MemAvailable - {MARGIN / GiB:.1f} GiB")
     jobs = [Job(n, d, p, layout, args.tokens, args.hits, args.warmup, args.steps, args.skew)
             for n in args.sizes for d in args.dims for p in args.ranks for layout in args.layouts]
-    bench = BenchRun("memory_parallel", args).__enter__()
+    bench = BenchRun("memory_parallel", args).start()
     rows: list[tuple[Job, dict | None, str, float]] = []
     if not args.largest_only:
         rows = run_grid(jobs, args.patience)
@@ -690,7 +690,7 @@ def main(argv: list[str] | None = None) -> int:
               f"{'verified at 97 %' if full else 'NOT verified at 97 % (see above)'}")
     print(f"\ntotal wall time {time.perf_counter() - began:.0f} s; load average "
           f"{os.getloadavg()}")
-    bench.__exit__(None)
+    bench.finish()
     return 0 if all(s is not None or status.startswith("skipped")
                     for _, s, status, _ in rows) else 1
 

@@ -503,7 +503,7 @@ def main(argv: list[str] | None = None) -> int:
     from memtron.config import load_config
 
     start = time.perf_counter()
-    bench = BenchRun("parallel_overhead", args).__enter__()
+    bench = BenchRun("parallel_overhead", args).start()
     load0 = os.getloadavg()
     print(f"memtron parallel overhead: torch {torch.__version__}, {os.cpu_count()} CPU cores, "
           f"load average {load0[0]:.2f} / {load0[1]:.2f} / {load0[2]:.2f} (1/5/15 min)")
@@ -572,7 +572,7 @@ def main(argv: list[str] | None = None) -> int:
     bench.baseline = {"kind": "one process at the same global batch, 1 and 2 threads",
                       "tok_s_1p1t": b1, "tok_s_1p2t": b2,
                       "tokens_per_step": TOKENS_PER_STEP}
-    bench.__exit__(None)
+    bench.finish()
     return 0
 
 

@@ -560,7 +560,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.manual_seed(0)
 
     t_start = time.perf_counter()
-    bench = BenchRun("pkm_layer", a).__enter__()
+    bench = BenchRun("pkm_layer", a).start()
     ram = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
     print(f"memtron PKM layer bench: {cpu_model()}, {os.cpu_count()} cores "
           f"({len(os.sched_getaffinity(0))} usable), RAM {ram / GiB:.1f} GiB "
@@ -605,7 +605,7 @@ def main(argv: list[str] | None = None) -> int:
                       "peer_ms": {f"{fmt_slots(r.n)}/{r.d}": r.ms.get("peer") for r in rows}}
     bench.results = [{**asdict(r), "slots": fmt_slots(r.n), "busy": r.foreign > BUSY}
                      for r in rows]
-    bench.__exit__(None)
+    bench.finish()
     return 0
 
 

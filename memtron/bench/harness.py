@@ -515,6 +515,7 @@ class ByteMeter:
         self.pg_calls = 0
         self.pg_bytes = 0
         self.listeners: list[Callable[[Call, Any], None]] = []
+        self._undo: list[tuple[Any, str, Any]] = []
 
     # -- installing ------------------------------------------------------------------------
     def install(self) -> ByteMeter:
@@ -525,7 +526,6 @@ class ByteMeter:
         if ByteMeter.installed is not None:
             raise RuntimeError("a ByteMeter is already installed in this process")
         ByteMeter.installed = self
-        self._undo: list[tuple[Any, str, Any]] = []
         for name in API_PAYLOAD:
             fn = getattr(dist, name, None)
             if fn is None:
@@ -656,15 +656,17 @@ def _jsonable(value: Any) -> Any:
 
 
 class BenchRun:
-    """One benchmark run: starts the load probe, and writes the result envelope every script
-    shares: ``{bench, created, machine, load, baseline, results, args, quick, wall_s}``.
+    """One benchmark run: probes the load from ``start()`` to ``finish()`` and writes the result
+    envelope every script shares: ``{bench, created, machine, load, baseline, results, notes,
+    args, quick, wall_s}`` to ``args.out`` (when given).
 
-        with BenchRun("pkm_layer", args) as run:
-            ...
-            run.baseline["memcpy_gbs"] = bw
-            run.results = rows
-        # written to args.out (if given) on exit
-    """
+        run = BenchRun("pkm_layer", args).start()
+        ...
+        run.baseline = {"kind": "memcpy", "memcpy_gbs": bw}
+        run.results = rows
+        run.finish()
+
+    (or ``with BenchRun(...) as run:``, which finishes on a normal exit only)."""
 
     def __init__(self, bench: str, args: argparse.Namespace | None = None,
                  out: Path | None = None) -> None:
@@ -677,19 +679,35 @@ class BenchRun:
         self.probe = LoadProbe()
         self.machine: dict[str, Any] = {}
 
-    def __enter__(self) -> BenchRun:
+    def start(self) -> BenchRun:
+        """Name the machine and start the load probe."""
         self.machine = machine()
         self.t0 = time.perf_counter()
         self.probe.start()
         return self
 
-    def __exit__(self, exc_type: type | None, *exc: object) -> None:
+    def finish(self) -> dict[str, Any]:
+        """Stop the probe, print the context line and write the JSON; returns the document."""
         load = self.probe.stop()
         wall = time.perf_counter() - self.t0
         print(f"{self.bench}: {machine_label(self.machine)}; {load_label(load)}; "
               f"{wall:.0f} s", flush=True)
-        if exc_type is None and self.out:
-            self.write(Path(self.out), load, wall)
+        doc = self.envelope(load, wall)
+        if self.out:
+            path = Path(self.out)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(json.dumps(doc, indent=1) + "\n")
+            print(f"wrote {path}", flush=True)
+        return doc
+
+    def __enter__(self) -> BenchRun:
+        return self.start()
+
+    def __exit__(self, exc_type: type | None, *exc: object) -> None:
+        if exc_type is None:
+            self.finish()
+        else:
+            self.probe.stop()
 
     def envelope(self, load: dict[str, Any], wall: float) -> dict[str, Any]:
         """The JSON document of this run."""
@@ -698,8 +716,3 @@ class BenchRun:
             .isoformat(timespec="seconds"), "machine": self.machine, "load": load,
             "baseline": self.baseline, "results": self.results, "notes": self.notes,
             "quick": bool(self.args.get("quick")), "args": self.args, "wall_s": wall})
-
-    def write(self, path: Path, load: dict[str, Any], wall: float) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(self.envelope(load, wall), indent=1) + "\n")
-        print(f"wrote {path}", flush=True)

@@ -46,6 +46,10 @@ BENCHES: tuple[BenchSpec, ...] = (
     BenchSpec("gpu_kernels", cuda=True),
 )
 QUALITY = "quality"
+# The quick comparison's budget: one thread (on a shared 2-core machine two threads stall on
+# each other) and half the tiny-cpu micro-batch, the same for every arm.
+QUICK_QUALITY_OVERRIDES = ("train.threads=1", "data.micro_batch_size=8",
+                           "logging.tensorboard=false")
 NAMES = (*(b.name for b in BENCHES), QUALITY)
 
 
@@ -71,15 +75,16 @@ class ReportError(RuntimeError):
 
 
 def find_bench_dir(explicit: Path | None = None) -> Path:
-    """The repository's bench/ directory: ``explicit``, $MEMTRON_BENCH_DIR, next to the
-    memtron package (a source checkout or editable install), or ./bench."""
+    """The repository's bench/ directory: ``explicit``, else $MEMTRON_BENCH_DIR, else the one
+    next to the memtron package (a source checkout or editable install), else ./bench."""
     import memtron
 
-    candidates = [explicit] if explicit is not None else [
-        Path(p) for p in (os.environ.get("MEMTRON_BENCH_DIR"),) if p]
-    if explicit is None:
-        candidates += [Path(memtron.__file__).resolve().parents[1] / "bench",
-                       Path.cwd() / "bench"]
+    if explicit is not None:
+        candidates = [explicit]
+    else:
+        env = os.environ.get("MEMTRON_BENCH_DIR")
+        candidates = [*([Path(env)] if env else []),
+                      Path(memtron.__file__).resolve().parents[1] / "bench", Path.cwd() / "bench"]
     for path in candidates:
         if (path / "pkm_layer.py").is_file():
             return path.resolve()
@@ -151,9 +156,10 @@ def run_bench(spec: BenchSpec, bench_dir: Path, results: Path, quick: bool,
 
 def run_quality(repo: Path, results: Path, steps: int, seeds: str, arms: str,
                 timeout: float) -> Outcome:
-    """A small `memtron compare` (equal steps and tokens per arm) on a freshly generated
-    corpus, under a load probe. Corpus and checkpoints live in a temporary directory; its
-    compare.json/.md/.png are kept in ``results/quality``."""
+    """A small `memtron compare` (equal steps and tokens per arm, ``QUICK_QUALITY_OVERRIDES`` on
+    the tiny-cpu config) on a freshly generated corpus, under a load probe. Corpus and
+    checkpoints live in a temporary directory; compare.json/.md/.png are kept in
+    ``results/quality``."""
     import tempfile
 
     from memtron.data.prepare import prepare
@@ -174,7 +180,8 @@ def run_quality(repo: Path, results: Path, steps: int, seeds: str, arms: str,
                "--config", str(repo / "configs" / "tiny-cpu.yaml"), "--arms", arms,
                "--seeds", seeds, "--steps", str(steps), "--out", str(out),
                "--questions", str(questions), f"data.train={data / 'train'}",
-               f"data.valid={data / 'valid'}", f"data.questions={questions}"]
+               f"data.valid={data / 'valid'}", f"data.questions={questions}",
+               *QUICK_QUALITY_OVERRIDES]
         outcome = run_command(QUALITY, cmd, out / "compare.json",
                               results / "logs" / "quality.log",
                               max(1.0, timeout - (time.perf_counter() - start)), cwd=repo)
