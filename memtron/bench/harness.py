@@ -81,8 +81,9 @@ def machine() -> dict[str, Any]:
 
 def machine_label(m: dict[str, Any]) -> str:
     """One line naming a machine, for tables and figure titles."""
-    gpu = f", {m['gpu']}" if m.get("gpu") else ""
-    return f"{m.get('cpu', '?')}, {m.get('cores', '?')} cores{gpu}"
+    parts = [m.get("cpu", "?"), *([f"{m['cores']} cores"] if m.get("cores") else []),
+             *([m["gpu"]] if m.get("gpu") else [])]
+    return ", ".join(parts)
 
 
 def vm_status(name: str) -> int:

@@ -208,7 +208,7 @@ def wrap_compare(compare: dict[str, Any], directory: Path, load: dict[str, Any] 
                 "note": "1-min load averages recorded by compare after each run"}
     summary = compare.get("summary", [])
     base = next((row for row in summary if row["arm"] == "dense"), summary[0] if summary else {})
-    return {"bench": QUALITY, "machine": host or {"cpu": "as recorded by compare"},
+    return {"bench": QUALITY, "machine": host or {"cpu": "machine not recorded by compare"},
             "load": load, "results": compare, "directory": str(directory),
             "baseline": {"kind": f"the {base.get('arm', '?')} arm, same steps and tokens",
                          "arm": base.get("arm"),
@@ -476,11 +476,16 @@ def fig_quality(data: dict[str, Any], out: Path) -> list[Section]:
 
     compare = data["results"]
     summary = compare["summary"]
+    shown = [o for o in compare.get("overrides") or []
+             if not o.startswith(("data.train=", "data.valid=", "data.questions="))]
     title = (f"{len(compare['seeds'])} seed(s), {summary[0]['train_tokens']:,} training tokens "
              f"per run\n{context_line(data)}\nbaseline (same run): {data['baseline']['kind']}")
     plot(summary, out / "quality.png", title)
     return [Section("Quality: equal-compute comparison", ["quality.png"], markdown_table(summary),
                     f"Baseline measured in the same run: {data['baseline']['kind']}. "
+                    f"Config `{Path(compare.get('config') or 'defaults').name}` with "
+                    f"`{' '.join(shown) or 'no overrides'}` (data paths omitted), arms "
+                    f"{', '.join(r['arm'] for r in summary)}, seeds {compare['seeds']}. "
                     f"Intervals: Wilson 95 %, questions pooled over seeds. Source: "
                     f"`{data.get('directory', '?')}`.")]
 
