@@ -106,7 +106,7 @@ def _fails_on_rank_one(rank: int, world: int) -> int:
 
 
 def test_byte_meter_counts_known_collectives_on_two_ranks() -> None:
-    run = harness.spawn_ranks(_collectives, 2, timeout=120)
+    run = harness.spawn_ranks(_collectives, 2, timeout=600)
     results = run.raise_errors("byte meter ranks")
     assert run.wall_seconds > 0 and run.low_mem_available > 0
     for rank, result in enumerate(results):
@@ -133,7 +133,7 @@ def test_byte_meter_counts_known_collectives_on_two_ranks() -> None:
 
 
 def test_spawn_ranks_reports_the_failing_rank() -> None:
-    run = harness.spawn_ranks(_fails_on_rank_one, 2, timeout=120)
+    run = harness.spawn_ranks(_fails_on_rank_one, 2, timeout=600)
     assert not run.ok
     assert any("rank 1 failed" in e and "rank one refuses" in e for e in run.errors)
     with pytest.raises(RuntimeError, match="rank one refuses"):
@@ -240,7 +240,7 @@ def _fake_bench_dir(tmp_path: Path) -> Path:
 def test_a_failing_bench_is_reported_and_the_report_still_written(tmp_path: Path) -> None:
     bench = _fake_bench_dir(tmp_path)
     path, outcomes = report(tmp_path / "out", quick=True, only=["pkm_layer", "memory_fetch"],
-                            bench_dir=bench, timeout=60, log=lambda line: None)
+                            bench_dir=bench, timeout=300, log=lambda line: None)
     status = {o.name: o for o in outcomes}
     assert status["pkm_layer"].status == "failed" and status["pkm_layer"].returncode == 3
     assert status["memory_fetch"].status == "ok"
