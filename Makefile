@@ -3,7 +3,7 @@ PYTHON ?= python3
 DATA   := runs/data/tiny
 PYTEST_ARGS ?=
 
-.PHONY: install install-dev demo data test lint bench clean
+.PHONY: install install-dev demo data test lint bench bench-report clean
 
 install:
 	PYTHON=$(PYTHON) scripts/install.sh
@@ -40,6 +40,11 @@ lint:
 bench:
 	PYTHON=$(PYTHON) scripts/install.sh bench
 	$(PYTHON) bench/pkm_layer.py
+
+# Every benchmark (quick sizes) + a small quality comparison -> docs/report/REPORT.md (< 20 min).
+bench-report:
+	PYTHON=$(PYTHON) scripts/install.sh bench,report
+	memtron bench report --quick --out docs/report
 
 clean:
 	rm -rf runs

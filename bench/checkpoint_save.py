@@ -24,10 +24,12 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
 
+from memtron.bench.harness import BenchRun, ForeignCpu, add_output_args
 from memtron.cli import silence_third_party_warnings
 from memtron.config import load_config
 from memtron.data.prepare import prepare
@@ -36,15 +38,6 @@ from memtron.train.checkpoint import checkpoint_bytes, list_checkpoints
 from memtron.train.trainer import Trainer
 
 SEQ_LEN = 64
-
-
-def cpu_seconds() -> tuple[float, float]:
-    """(machine-wide busy CPU seconds from /proc/stat, this process's CPU seconds)."""
-    with open("/proc/stat") as f:
-        v = [int(x) for x in f.readline().split()[1:9]]
-    busy = (v[0] + v[1] + v[2] + v[5] + v[6] + v[7]) / os.sysconf("SC_CLK_TCK")
-    own = os.times()
-    return busy, own.user + own.system
 
 
 def make_corpus(root: Path) -> None:
@@ -81,33 +74,33 @@ def measure(trainer: Trainer, saves: int) -> dict:
     def step() -> float:
         return timed(lambda: trainer.train_step(batches))  # the next save is another step
 
-    wall, (busy, own) = time.perf_counter(), cpu_seconds()
-    result = {"step_alone": statistics.median(step() for _ in range(3)), "blocked": [],
-              "complete": [], "step_during": []}
-    for _ in range(saves):
-        start = time.perf_counter()
-        result["blocked"].append(timed(trainer.save))
-        trainer.checkpoints.wait()
-        result["complete"].append(time.perf_counter() - start)
-        step()
-    for _ in range(saves if trainer.checkpoints.asynchronous else 0):
-        trainer.save()
-        result["step_during"].append(step())
-        trainer.checkpoints.wait()
-    busy1, own1 = cpu_seconds()
-    wall = time.perf_counter() - wall
-    result.update(foreign=max(0.0, (busy1 - busy - (own1 - own)) / (wall * os.cpu_count())),
+    with ForeignCpu() as foreign:
+        result = {"step_alone": statistics.median(step() for _ in range(3)), "blocked": [],
+                  "complete": [], "step_during": []}
+        for _ in range(saves):
+            start = time.perf_counter()
+            result["blocked"].append(timed(trainer.save))
+            trainer.checkpoints.wait()
+            result["complete"].append(time.perf_counter() - start)
+            step()
+        for _ in range(saves if trainer.checkpoints.asynchronous else 0):
+            trainer.save()
+            result["step_during"].append(step())
+            trainer.checkpoints.wait()
+    result.update(foreign=foreign.share,
                   size=checkpoint_bytes(list_checkpoints(trainer.ckpt_root)[-1]))
     return result
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="a ~45 MiB checkpoint, 2 saves")
     parser.add_argument("--saves", type=int, default=0, help="saves per mode (default 3)")
     parser.add_argument("--dir", default=None, help="where to write (default: the temp dir)")
-    args = parser.parse_args()
+    add_output_args(parser)
+    args = parser.parse_args(argv)
     silence_third_party_warnings()  # as the CLI does
+    bench = BenchRun("checkpoint_save", args).start()
     saves = args.saves or (2 if args.quick else 3)
     with tempfile.TemporaryDirectory(dir=args.dir) as tmp:
         root = Path(tmp)
@@ -132,7 +125,13 @@ def main() -> None:
               f"{r['step_alone']:9.3f} s {during:>18}  {r['foreign']:.0%}{flag}")
     ratio = statistics.median(rows["sync"]["blocked"]) / statistics.median(rows["async"]["blocked"])
     print(f"async blocks training {ratio:.1f}x less per save than sync")
+    bench.results = rows
+    bench.baseline = {"kind": "synchronous save (checkpoint.async_save=false), same model",
+                      "blocked_s": statistics.median(rows["sync"]["blocked"]),
+                      "step_alone_s": rows["sync"]["step_alone"]}
+    bench.finish()
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -40,9 +40,10 @@ configuration whose ranks together would need more than the machine's RAM, or mo
 available right now (other jobs share the machine), is reported as skipped with the estimate,
 not run.
 
-Communication: ``_Ring.start`` (posting ``batch_isend_irecv``) and ``_Ring.finish`` (waiting on
-the requests) are wrapped to add their wall time and bytes, separately for forward and
-backward. comm = their time / the rank's step time, averaged over ranks. This is the time a
+Communication: memtron's own ``RingTraffic`` counter (``memtron.parallel.context``) adds the
+wall time of ``Ring.start`` (posting ``batch_isend_irecv``) and ``Ring.finish`` (waiting on the
+requests) and the bytes sent, separately for forward and backward; nothing of memtron is
+patched. comm = their time / the rank's step time, averaged over ranks. This is the time a
 rank is not computing because of the ring: transfer not hidden behind compute plus waiting for
 a slower peer. Forward posts the next K/V before computing on the current one (overlap
 possible); backward posts and waits back to back, so its transfers are fully exposed. To
@@ -69,28 +70,34 @@ a descheduled peer.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import resource
-import socket
 import statistics
 import sys
-import tempfile
 import time
-import traceback
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
-import torch.multiprocessing as mp
 
 REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-GiB = 1024**3
-MiB = 1024**2
+from memtron.bench.harness import (  # noqa: E402 - after the sys.path line
+    BenchRun,
+    ForeignCpu,
+    GiB,
+    MiB,
+    add_output_args,
+    mem_available,
+    meminfo,
+    peak_rss,
+    rss,
+    spawn_ranks,
+)
+
 RUNTIME_BYTES = 400 * MiB  # per process: Python + torch + gloo (+ megatron for cp > 1), roughly
 SAFETY_BYTES = 1 * GiB  # kept free on top of the estimate
 WARM_LOCAL = 256  # local tokens of the small warm-up step
@@ -165,28 +172,6 @@ def sdpa_uses_flash(shape: Shape) -> bool:
     return int(choice) == int(SDPBackend.FLASH_ATTENTION)
 
 
-def mem_available() -> int:
-    for line in Path("/proc/meminfo").read_text().splitlines():
-        if line.startswith("MemAvailable:"):
-            return int(line.split()[1]) * 1024
-    return 0
-
-
-def mem_total() -> int:
-    for line in Path("/proc/meminfo").read_text().splitlines():
-        if line.startswith("MemTotal:"):
-            return int(line.split()[1]) * 1024
-    return 0
-
-
-def busy_jiffies() -> tuple[int, int]:
-    """(busy, total) jiffies over all cores from /proc/stat."""
-    fields = [int(x) for x in Path("/proc/stat").read_text().split("\n")[0].split()[1:]]
-    idle = fields[3] + fields[4]  # idle + iowait
-    total = sum(fields[:8])
-    return total - idle, total
-
-
 # --------------------------------------------------------------------------- inside a rank
 
 
@@ -210,54 +195,6 @@ class _Blocked(torch.autograd.Function):
         return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
 
 
-class _CommMeter:
-    """Wraps ``_Ring.start``/``_Ring.finish`` to add wall time and bytes per phase."""
-
-    def __init__(self) -> None:
-        import memtron.parallel.context as cpmod
-
-        self.phase = "fwd"
-        self.reset()
-        ring = cpmod._Ring
-        orig_start, orig_finish = ring.start, ring.finish
-        self.orig_start, self.orig_finish = orig_start, orig_finish
-        meter = self
-
-        def start(self, tensors):
-            t = time.perf_counter()
-            try:
-                return orig_start(self, tensors)
-            finally:
-                meter.post[meter.phase] += time.perf_counter() - t
-                meter.bytes[meter.phase] += sum(x.numel() * x.element_size() for x in tensors)
-
-        def finish(pending):
-            t = time.perf_counter()
-            try:
-                return orig_finish(pending)
-            finally:
-                meter.wait[meter.phase] += time.perf_counter() - t
-
-        ring.start = start
-        ring.finish = staticmethod(finish)
-
-    def reset(self) -> None:
-        self.post = {"fwd": 0.0, "bwd": 0.0}
-        self.wait = {"fwd": 0.0, "bwd": 0.0}
-        self.bytes = {"fwd": 0, "bwd": 0}
-
-    def snapshot(self) -> dict:
-        return {"post": dict(self.post), "wait": dict(self.wait), "bytes": dict(self.bytes)}
-
-
-def _rss() -> int:
-    return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-
-def _maxrss() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
-
-
 def _profiled_peak(step) -> int | None:
     """Peak of live CPU bytes allocated during one step above those live at its start, replayed
     from the profiler's per-allocation records (a private but stable field of torch.profiler)."""
@@ -277,15 +214,15 @@ def _profiled_peak(step) -> int | None:
     return peak
 
 
-def _isolated_transfer(meter: _CommMeter, state, qkv, repeats: int = 5) -> dict:
+def _isolated_transfer(state, qkv, repeats: int = 5) -> dict:
     """Seconds one ring hop of the forward payload (K, V) and of the backward one (K, V and
     their fp32 dK/dV accumulators) takes with nothing else running: ranks aligned by a barrier,
     then post + wait, median over ``repeats``. Excludes waiting for a slower peer."""
     import torch.distributed as dist
 
-    from memtron.parallel.context import _Ring
+    from memtron.parallel.context import Ring
 
-    ring = _Ring(state.cp_group, state.cp, state.cp_rank)
+    ring = Ring(state.cp_group, state.cp, state.cp_rank)
     k, v = (t.detach() for t in qkv[1:])
     payloads = {"fwd": [k, v], "bwd": [k, v, k.float(), v.float()],
                 "last": [k.float(), v.float()]}
@@ -295,7 +232,7 @@ def _isolated_transfer(meter: _CommMeter, state, qkv, repeats: int = 5) -> dict:
         for _ in range(repeats):
             dist.barrier(group=state.cp_group)
             t = time.perf_counter()
-            meter.orig_finish(meter.orig_start(ring, tensors))
+            ring.finish(ring.start(tensors))
             times.append(time.perf_counter() - t)
         out[name] = statistics.median(times)
     return out
@@ -305,9 +242,8 @@ def rank_main(rank: int, run: Run) -> dict:
     import torch.distributed as dist
 
     from memtron.model.attention import sdpa_attention
-    from memtron.parallel.context import ring_attention
+    from memtron.parallel.context import RingTraffic, ring_attention
 
-    torch.set_num_threads(1)
     s = run.shape
     dtype = getattr(torch, s.dtype)
     state = None
@@ -321,8 +257,6 @@ def rank_main(rank: int, run: Run) -> dict:
             f"parallel.cp={run.cp}", f"data.seq_len={run.length}",
             f"model.max_seq_len={run.length}", "parallel.ep=1"]))
         assert state.cp == run.cp, state
-    meter = _CommMeter()
-
     def core(q, k, v):
         if run.kernel == "sdpa":
             return sdpa_attention(q, k, v, None)
@@ -343,19 +277,17 @@ def rank_main(rank: int, run: Run) -> dict:
             t.grad = None
         if state is not None:
             dist.barrier(group=state.cp_group)
-        meter.reset()
-        meter.phase = "fwd"
+        RingTraffic.take()
         t0 = time.perf_counter()
         out = core(*qkv)
         t1 = time.perf_counter()
-        meter.phase = "bwd"
         out.backward(grad)
         t2 = time.perf_counter()
         return t1 - t0, t2 - t1
 
     # Small step first: lazy initialisation, gloo connections, thread pools.
     step(*inputs(WARM_LOCAL, 1000 + rank))
-    rss_start, maxrss_start = _rss(), _maxrss()
+    rss_start, maxrss_start = rss(), peak_rss(hwm=False)
     local = run.length // run.cp
     qkv, grad = inputs(local, rank)
     for _ in range(run.warmup):
@@ -363,9 +295,9 @@ def rank_main(rank: int, run: Run) -> dict:
     steps = []
     for _ in range(run.repeats):
         fwd, bwd = step(qkv, grad)
-        steps.append({"fwd": fwd, "bwd": bwd, **meter.snapshot()})
-    maxrss_end = _maxrss()
-    transfer = _isolated_transfer(meter, state, qkv) if state is not None else None
+        steps.append({"fwd": fwd, "bwd": bwd, **RingTraffic.take()})
+    maxrss_end = peak_rss(hwm=False)
+    transfer = _isolated_transfer(state, qkv) if state is not None else None
     profiled = None
     if run.profile_memory:  # + what is live when the step starts: inputs, output grad, grads
         held = sum(t.numel() * t.element_size()
@@ -383,23 +315,9 @@ def rank_main(rank: int, run: Run) -> dict:
 # --------------------------------------------------------------------------- spawning
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def _entry(rank: int, world: int, port: int, run: Run, out: str) -> None:
-    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
-                      LOCAL_WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1",
-                      MASTER_PORT=str(port), OMP_NUM_THREADS="1")
-    path = Path(out) / f"rank{rank}.json"
+def _rank(rank: int, world: int, run: Run) -> dict:
     try:
-        result = rank_main(rank, run)
-        path.write_text(json.dumps({"ok": result}))
-    except BaseException:
-        path.write_text(json.dumps({"error": traceback.format_exc()}))
-        raise
+        return rank_main(rank, run)
     finally:
         if run.cp > 1:
             from memtron.parallel.launch import shutdown_distributed
@@ -407,49 +325,6 @@ def _entry(rank: int, world: int, port: int, run: Run, out: str) -> None:
 
             destroy_parallel_state()
             shutdown_distributed()
-
-
-def run_ranks(run: Run, timeout: float) -> tuple[list[dict], float]:
-    """Each rank in a fresh spawned process; returns (per-rank results, CPU s of the children)."""
-    before = resource.getrusage(resource.RUSAGE_CHILDREN)
-    with tempfile.TemporaryDirectory() as out:
-        ctx = mp.get_context("spawn")
-        port = _free_port()
-        old = os.environ.get("OMP_NUM_THREADS")
-        os.environ["OMP_NUM_THREADS"] = "1"  # inherited before the children import torch
-        try:
-            procs = [ctx.Process(target=_entry, args=(r, run.cp, port, run, out))
-                     for r in range(run.cp)]
-            for p in procs:
-                p.start()
-        finally:
-            if old is None:
-                os.environ.pop("OMP_NUM_THREADS")
-            else:
-                os.environ["OMP_NUM_THREADS"] = old
-        deadline = time.monotonic() + timeout
-        for p in procs:
-            p.join(max(1.0, deadline - time.monotonic()))
-        for p in procs:
-            if p.is_alive():
-                p.kill()
-                p.join()
-        after = resource.getrusage(resource.RUSAGE_CHILDREN)
-        results, errors = [], []
-        for rank in range(run.cp):
-            path = Path(out) / f"rank{rank}.json"
-            if not path.exists():
-                errors.append(f"rank {rank} produced no result (exit {procs[rank].exitcode})")
-                continue
-            record = json.loads(path.read_text())
-            if "error" in record:
-                errors.append(f"rank {rank} failed:\n{record['error']}")
-            else:
-                results.append(record["ok"])
-        if errors:
-            raise RuntimeError("\n".join(errors))
-    child_cpu = (after.ru_utime + after.ru_stime) - (before.ru_utime + before.ru_stime)
-    return results, child_cpu
 
 
 # --------------------------------------------------------------------------- driver
@@ -534,7 +409,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="cross-check the peak with torch.profiler(profile_memory=True) in "
                         "one extra step (auto: for L <= 8192 only)")
     parser.add_argument("--timeout", type=float, default=900.0, help="per configuration, s")
-    parser.add_argument("--json", type=Path, help="write all rows here")
+    add_output_args(parser)
     args = parser.parse_args(argv)
     if args.quick:
         args.lengths, args.cps = [2048], [1, 2]
@@ -545,7 +420,7 @@ def main(argv: list[str] | None = None) -> int:
 
     shape = Shape(args.batch, args.heads, args.kv_heads, args.head_dim, args.dtype)
     flash = sdpa_uses_flash(shape)
-    total = mem_total()
+    total = meminfo()["MemTotal"]
     print(f"memtron context parallel benchmark: B={shape.batch} heads={shape.heads} "
           f"kv_heads={shape.kv_heads} head_dim={shape.head_dim} {shape.dtype}, "
           f"1 thread/rank, {os.cpu_count()} cores, {total / GiB:.1f} GiB RAM, "
@@ -555,6 +430,7 @@ def main(argv: list[str] | None = None) -> int:
 
     rows = []
     t_begin = time.monotonic()
+    bench = BenchRun("context_parallel", args).start()
     for run in plan(args):
         label = f"L={run.length:>6} cp={run.cp} {run.kernel:<7}"
         est = estimate_bytes(run, flash)
@@ -569,24 +445,15 @@ def main(argv: list[str] | None = None) -> int:
             row["status"] = (f"skipped: est. {need / GiB:.1f} GiB > "
                              f"{mem_available() / GiB:.1f} GiB available now")
         else:
-            busy0, total0 = busy_jiffies()
-            cpu0 = resource.getrusage(resource.RUSAGE_SELF)
-            wall0 = time.monotonic()
-            try:
-                results, child_cpu = run_ranks(run, args.timeout)
-            except RuntimeError as err:
-                row["status"] = "failed: " + str(err).strip().splitlines()[-1][:120]
+            with ForeignCpu() as foreign:
+                ranks = spawn_ranks(_rank, run.cp, (run,), timeout=args.timeout)
+            if not ranks.ok:
+                err = "\n".join(ranks.errors)
+                row["status"] = "failed: " + err.strip().splitlines()[-1][:120]
                 print(f"{label} FAILED\n{err}", flush=True)
             else:
-                wall = time.monotonic() - wall0
-                busy1, total1 = busy_jiffies()
-                cpu1 = resource.getrusage(resource.RUSAGE_SELF)
-                hz = os.sysconf("SC_CLK_TCK")
-                own = child_cpu + (cpu1.ru_utime + cpu1.ru_stime) - (cpu0.ru_utime + cpu0.ru_stime)
-                cores = (total1 - total0) / hz / wall if wall > 0 else 1
-                foreign = max(0.0, ((busy1 - busy0) / hz - own) / wall)
-                row.update(summarise(run, results), status="ok", wall_s=wall,
-                           foreign_cores=foreign, cores_seen=cores)
+                row.update(summarise(run, ranks.results), status="ok", wall_s=ranks.wall_seconds,
+                           foreign_cores=foreign.share * (os.cpu_count() or 1))
         rows.append(row)
         if row["status"] == "ok":
             print(f"{label} step {row['step_s'] * 1e3:10.1f} ms  comm {row['comm_frac']:5.1%}  "
@@ -621,8 +488,8 @@ def main(argv: list[str] | None = None) -> int:
     ring_rows = [r for r in rows if r["status"] == "ok" and r["run"]["cp"] > 1]
     if ring_rows:
         print("\nring communication per step and rank (mean over ranks). comm = time inside "
-              "_Ring.start + _Ring.finish; isolated = the same hops timed alone after a barrier "
-              "(pure transfer); comm - isolated = waiting for a peer")
+              "Ring.start + Ring.finish (memtron's RingTraffic); isolated = the same hops "
+              "timed alone after a barrier (pure transfer); comm - isolated = waiting for a peer")
         print(f"{'L':>6} {'cp':>2} {'MiB sent':>9} {'fwd comm ms':>11} {'of fwd':>7} "
               f"{'isolated':>9} {'bwd comm ms':>11} {'of bwd':>7} {'isolated':>9}  "
               "comm share per rank")
@@ -667,9 +534,14 @@ def main(argv: list[str] | None = None) -> int:
                              f"({slope * 1024 / MiB:.2f} MiB per 1K tokens per rank), "
                              f"where one step would take ~{hours:,.1f} h")
             print(text)
-    if args.json:
-        args.json.write_text(json.dumps(rows, indent=1))
-    return 0
+    bench.results = rows
+    bench.baseline = {"kind": "cp=1 SDPA (torch's attention) on one process, same shapes",
+                      "per_length": {str(r["run"]["length"]): {
+                          "step_s": r["step_s"], "peak_bytes": r["peak_bytes"]}
+                          for r in rows if r["status"] == "ok" and r["run"]["kernel"] == "sdpa"}}
+    bench.finish()
+    return 0 if all(r["status"] == "ok" or r["status"].startswith(("skipped", "does not"))
+                    for r in rows) else 1
 
 
 if __name__ == "__main__":

@@ -14,15 +14,15 @@ reported as ratios to RAM measured in the same run, with the load average beside
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import platform
+import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
 
+from memtron.bench.harness import BenchRun, add_output_args, cpu_model
 from memtron.config import load_config
 from memtron.export.bank import export_bank
 from memtron.infer.generate import SamplingConfig, generate
@@ -67,7 +67,7 @@ def time_source(ckpt: Path, values: str, cache_rows: int, new_tokens: int,
             "load_avg_1min": os.getloadavg()[0]}
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="the tiny model only")
     p.add_argument("--new-tokens", type=int, default=48)
@@ -75,13 +75,14 @@ def main() -> None:
     p.add_argument("--cache-rows", type=int, default=65536,
                    help="LRU rows per store-backed table (memtron generate's default)")
     p.add_argument("--threads", type=int, default=torch.get_num_threads())
-    p.add_argument("--out", help="write the results as JSON")
-    a = p.parse_args()
+    add_output_args(p)
+    a = p.parse_args(argv)
     torch.set_num_threads(a.threads)
+    bench = BenchRun("generation", a).start()
     models = {"tiny (4K slots)": []}
     if not a.quick:
         models["1M slots"] = ["memory.n_sub_keys=1024"]
-    print(f"generation bench: {platform.processor() or platform.machine()}, {os.cpu_count()} "
+    print(f"generation bench: {cpu_model()}, {os.cpu_count()} "
           f"cores, torch {torch.__version__}, {a.threads} threads; batch {len(PROMPTS)}, "
           f"{a.new_tokens} new tokens, greedy, median of {a.repeats}")
     results = []
@@ -108,10 +109,13 @@ def main() -> None:
                       + f", same tokens {row['same_tokens_as_ram']}, load "
                       f"{row['load_avg_1min']:.2f}")
             results.extend(rows)
-    if a.out:
-        Path(a.out).write_text(json.dumps(results, indent=1))
-        print(f"wrote {a.out}")
+    bench.results = results
+    bench.baseline = {"kind": "value tables in RAM (same model, same prompts)",
+                      "tokens_per_s": {r["model"]: r["tokens_per_s"] for r in results
+                                       if r["source"] == "ram"}}
+    bench.finish()
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

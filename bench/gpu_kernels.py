@@ -31,7 +31,6 @@ are skipped.
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import statistics
 import sys
@@ -47,6 +46,7 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
+from memtron.bench.harness import BenchRun, add_output_args  # noqa: E402
 from memtron.model.memory import kernels  # noqa: E402
 from memtron.model.memory.values import LocalValueTable  # noqa: E402
 from memtron.train.optim import SparseRowOptimizer  # noqa: E402
@@ -278,7 +278,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--repeats", type=int, default=None, help="timed calls, median (10; 5 quick)")
     p.add_argument("--quick", action="store_true", help="1M rows, d=1024: a smoke run")
-    p.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
+    add_output_args(p)
     p.add_argument("--budget", type=float, default=50.0,
                    help="seconds: cases not started by then are skipped (default 50)")
     a = p.parse_args(argv)
@@ -304,6 +304,7 @@ def main(argv: list[str] | None = None) -> int:
     if not triton_version:
         print("triton is not installed: the Triton columns will fail")
     t0 = time.perf_counter()
+    bench = BenchRun("gpu_kernels", a).start()
     peak = copy_bandwidth(2 * GiB, a.warmup, a.repeats)
     print(f"(a) device-to-device copy: {peak / 1e9:.0f} GB/s", flush=True)
     print("\n" + HEAD + "\n" + "-" * len(HEAD), flush=True)
@@ -328,10 +329,9 @@ def main(argv: list[str] | None = None) -> int:
                 print_row(case)
     print_summary(cases, peak)
     print(f"total {time.perf_counter() - t0:.0f} s")
-    if a.out:
-        a.out.write_text(json.dumps({"info": info, "copy_GBps": peak / 1e9, "cases": cases},
-                                    indent=1))
-        print(f"wrote {a.out}")
+    bench.results = {"info": info, "cases": cases}
+    bench.baseline = {"kind": "device-to-device copy bandwidth, same run", "copy_GBps": peak / 1e9}
+    bench.finish()
     return 0
 
 

@@ -28,10 +28,10 @@ from __future__ import annotations
 
 import argparse
 import gc
-import json
 import os
 import platform
 import shutil
+import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator
@@ -40,6 +40,7 @@ from pathlib import Path
 
 import torch
 
+from memtron.bench.harness import BenchRun, add_output_args
 from memtron.export.bank import TableRows, write_bank
 from memtron.infer.server import running_server
 from memtron.infer.store import HttpRowStore, RamRowStore, RowStore, open_bank
@@ -123,7 +124,7 @@ def server_pass(url: str, batches: list[torch.Tensor], clients: int) -> tuple[in
     return total, wall
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--rows", type=int, default=1 << 20)
     p.add_argument("--dim", type=int, default=256)
@@ -134,8 +135,8 @@ def main() -> None:
     p.add_argument("--clients", type=int, default=8)
     p.add_argument("--dir", type=Path, default=None, help="where to write the bank (temp dir)")
     p.add_argument("--quick", action="store_true", help="64K x 64 rows, 256 tokens")
-    p.add_argument("--out", type=Path, default=None, help="write the results as JSON")
-    a = p.parse_args()
+    add_output_args(p)
+    a = p.parse_args(argv)
     if a.quick:
         a.rows, a.dim, a.tokens = 1 << 16, 64, 256
     hits = a.tokens * a.heads * a.topk
@@ -146,6 +147,7 @@ def main() -> None:
                    "batches": a.batches, "clients": a.clients, "threads": torch.get_num_threads(),
                    "cpus": os.cpu_count(), "machine": platform.machine()},
         "rows": []}
+    bench = BenchRun("memory_fetch", a).start()
     try:
         t0 = time.perf_counter()
         make_bank(bank, a.rows, a.dim, seed=0)
@@ -222,12 +224,14 @@ def main() -> None:
               + ", ".join(f"{r['name']} {r['vs_sequential']:.2f} "
                           f"{'>=' if r['meets_goal'] else '<'} {r['goal']}"
                           for r in results["rows"] if "goal" in r))
-        if a.out is not None:
-            a.out.write_text(json.dumps(results, indent=1))
-            print(f"wrote {a.out}")
+        bench.results = results
+        bench.baseline = {"kind": "sequential read of the same bank files (cold and warm page "
+                          "cache)", "GBps": seq_gbs}
+        bench.finish()
     finally:
         shutil.rmtree(root, ignore_errors=True)
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -28,9 +28,10 @@ Bytes/token (all per rank, per token it looked up, forward + backward, averaged 
   rank (memtron calls them through the module): all_to_all_single = the input rows sent to other
   ranks; all_gather(_into_tensor) = (P-1) x the rank's input; reduce_scatter_tensor = (P-1)/P x
   the input; all_reduce = 2(P-1)/P x the tensor (gloo's ring). Each call is labelled with its
-  caller, so the collectives Traffic claims to count (``_exchange``'s all-to-alls and the
-  column-wise gathers of ids and weights) are checked against Traffic exactly, and the rest
-  (metadata, reduce-scatters, norm, gradient sync) are listed apart;
+  caller, so the collectives Traffic claims to count (``_exchange``'s all-to-alls, the
+  column-wise gathers of ids and weights and the reduce-scatter of the weights' gradient) are
+  checked against Traffic exactly, and the rest (metadata, norm, gradient sync) are listed
+  apart;
 * min: the analytic minimum of the layout (formulas in :func:`rowwise_min_bytes`,
   :func:`colwise_min_bytes`, :func:`replicated_min_bytes`), at 32-bit indices and fp32 values.
 
@@ -48,10 +49,13 @@ Largest trainable table at P=4: the per-rank footprint is solved for N in each l
 rowwise and replicated figures (d = 256) are then verified by running one step at 97 % of the
 computed N (``--no-largest`` skips that).
 
-Table values: memtron initialises rows block by block from per-block generators, which costs
-N*d normals per rank for the column-sharded table; the benchmark replaces ``init_rows`` by one
-in-place ``normal_`` of the rank's own slice (same distribution; values do not affect the time
-or the bytes of a step).
+Table values: built by memtron's own ``init_rows`` as shipped (block by block from per-block
+generators; the column-sharded table draws N*d normals per rank). That is set-up, reported in
+the "setup s" column, and outside the timed steps.
+
+Everything is measured through the shared harness (``memtron.bench.harness``): ranks, the byte
+meter on ``torch.distributed``, the load probe; ``--out FILE`` writes the rows as JSON, with the
+replicated layout of each (N, d, P) as the baseline measured in the same run.
 
     python bench/memory_parallel.py                # the grid + largest tables (< 10 min)
     python bench/memory_parallel.py --quick        # N=64K, d=64, P=2 (< 90 s)
@@ -64,30 +68,35 @@ from __future__ import annotations
 
 import argparse
 import functools
-import inspect
 import math
 import os
-import resource
-import socket
 import statistics
 import sys
-import tempfile
 import time
-import traceback
 import warnings
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-import torch.multiprocessing as mp
 
 REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-GiB = 2**30
-MiB = 2**20
+from memtron.bench.harness import (  # noqa: E402 - after the sys.path line
+    BenchRun,
+    ByteMeter,
+    GiB,
+    MiB,
+    add_output_args,
+    machine_busy_seconds,
+    meminfo,
+    own_cpu_seconds,
+    peak_rss,
+    spawn_ranks,
+)
+
 LAYOUTS = ("rowwise", "colwise", "replicated")
 IDX_BYTES = 4  # minimum: 32-bit shard-local indices (memtron's int32 for rows < 2^31)
 VAL_BYTES = 4  # fp32 weights, values and gradients
@@ -97,15 +106,12 @@ BASE_RANK = 330 * MiB  # a rank's RSS with torch, memtron and gloo up (measured 
 WORK_FACTOR = 5  # [touched rows, d_local] fp32 buffers alive at once in a step (bwd/Adam)
 INDEX_TENSORS = 40  # int64 tensors of one per hit alive at once in a lookup
 RUN_TIMEOUT_S = 420.0
-LAUNCH_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR",
-               "MASTER_PORT", "TORCHELASTIC_RUN_ID", "SLURM_PROCID", "SLURM_NTASKS",
-               "OMPI_COMM_WORLD_RANK", "PMI_RANK")
 # Collectives Traffic claims to count: (op, calling function).
 # Step phases: lookup, backward, sparse_grad() coalescing, reduce_table_grads,
 # clip_sparse_grad_norm, SparseRowOptimizer step + zero_grad.
 PHASES = ("step", "fwd", "bwd", "coalesce", "reduce", "clip", "opt")
 TRAFFIC_SCOPE = {("all_to_all_single", "_exchange"), ("all_gather", "forward"),
-                 ("all_gather_into_tensor", "lookup")}
+                 ("all_gather_into_tensor", "lookup"), ("reduce_scatter_tensor", "backward")}
 
 
 @dataclass(frozen=True)
@@ -249,86 +255,7 @@ def largest_rows(layout: str, d: int, p: int, tokens: int, hk: int, budget: floa
     return lo * step
 
 
-def meminfo() -> dict[str, int]:
-    out = {}
-    with open("/proc/meminfo") as f:
-        for line in f:
-            key, value = line.split(":", 1)
-            out[key] = int(value.split()[0]) * 1024
-    return out
-
-
-def own_rss() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-
-
 # --------------------------------------------------------------------------- inside a rank
-
-
-class WireCounter:
-    """Wraps torch.distributed's collectives: bytes each call sends to other ranks (and the
-    time spent in it), labelled (op, calling function)."""
-
-    OPS = ("all_to_all_single", "all_gather", "all_gather_into_tensor",
-           "reduce_scatter_tensor", "all_reduce")
-
-    def __init__(self) -> None:
-        import torch.distributed as dist
-
-        self.dist = dist
-        self.sent: dict[tuple[str, str], float] = {}
-        self.seconds = 0.0
-        self.on = False
-        for op in self.OPS:
-            original = getattr(dist, op)
-            setattr(dist, op, self._wrap(op, original, inspect.signature(original)))
-
-    def take(self) -> tuple[dict[tuple[str, str], float], float]:
-        taken = (self.sent, self.seconds)
-        self.sent, self.seconds = {}, 0.0
-        return taken
-
-    def _bytes(self, op: str, a: dict[str, Any]) -> float:
-        dist = self.dist
-        group = a.get("group")
-        p = dist.get_world_size(group)
-        me = dist.get_rank(group)
-        if op == "all_to_all_single":
-            x = a["input"]
-            splits = a.get("input_split_sizes")
-            if not splits:
-                return x.nbytes * (p - 1) / p
-            total = sum(splits)
-            return x.nbytes * (total - splits[me]) / total if total else 0.0
-        if op in ("all_gather", "all_gather_into_tensor"):
-            x = a["tensor"] if op == "all_gather" else a["input_tensor"]
-            return float((p - 1) * x.nbytes)
-        if op == "reduce_scatter_tensor":
-            return a["input"].nbytes * (p - 1) / p
-        return 2.0 * a["tensor"].nbytes * (p - 1) / p  # all_reduce: ring
-
-    def _wrap(self, op: str, original, signature: inspect.Signature):
-        def wrapped(*args, **kwargs):
-            if not self.on:
-                return original(*args, **kwargs)
-            bound = signature.bind(*args, **kwargs).arguments
-            key = (op, sys._getframe(1).f_code.co_name)
-            self.sent[key] = self.sent.get(key, 0.0) + self._bytes(op, bound)
-            start = time.perf_counter()
-            try:
-                return original(*args, **kwargs)
-            finally:
-                self.seconds += time.perf_counter() - start
-
-        return wrapped
-
-
-def _fast_init_rows(weight: torch.Tensor, row_start: int, seed: int,
-                    columns: slice | None = None, full_dim: int | None = None) -> None:
-    gen = torch.Generator().manual_seed(seed * 1_000_003 + row_start + (columns.start
-                                                                        if columns else 0))
-    with torch.no_grad():
-        weight.normal_(0.0, (full_dim or weight.shape[1]) ** -0.5, generator=gen)
 
 
 def _zipf(gen: torch.Generator, n: int, size: tuple[int, int], s: float) -> torch.Tensor:
@@ -358,24 +285,10 @@ def _batch(job: Job, rank: int, step: int) -> tuple[torch.Tensor, torch.Tensor, 
     return ids, weights, proj
 
 
-def _cpu_stat() -> tuple[int, int]:
-    with open("/proc/stat") as f:
-        fields = [int(x) for x in f.readline().split()[1:]]
-    idle = fields[3] + fields[4]
-    return sum(fields[:8]) - idle, sum(fields[:8])
-
-
-def _own_cpu() -> float:
-    r = resource.getrusage(resource.RUSAGE_SELF)
-    return r.ru_utime + r.ru_stime
-
-
-def rank_main(rank: int, job: Job) -> dict[str, Any]:
+def rank_main(rank: int, world: int, job: Job) -> dict[str, Any]:
     """One rank of one configuration; returns its measurements."""
     import torch.distributed as dist
 
-    import memtron.model.memory.values as values_mod
-    import memtron.parallel.memory as memory_mod
     from memtron.config import Config
     from memtron.model.memory.values import LocalValueTable
     from memtron.parallel.launch import init_distributed, shutdown_distributed
@@ -392,13 +305,11 @@ def rank_main(rank: int, job: Job) -> dict[str, Any]:
 
     warnings.filterwarnings("ignore", message=".*is deprecated. Please use.*",
                             category=FutureWarning)  # torch 2.13 renamed two collectives
-    values_mod.init_rows = _fast_init_rows
-    memory_mod.init_rows = _fast_init_rows
-    counter = WireCounter()
+    meter = ByteMeter().install()
     init_distributed(timeout_s=RUN_TIMEOUT_S)
     try:
         world = dist.group.WORLD
-        rss_start = own_rss()
+        rss_start = peak_rss(hwm=False)
         t_setup = time.perf_counter()
         if job.layout == "rowwise":
             table = ShardedValueTable(job.n, job.d, 1, world, rank, job.p)
@@ -422,14 +333,13 @@ def rank_main(rank: int, job: Job) -> dict[str, Any]:
                               dp_cp_group=world, ep_group=world)
         opt = SparseRowOptimizer({"t": table}, lr=1e-3, betas=(0.9, 0.999))
         setup_s = time.perf_counter() - t_setup
-        rss_setup = own_rss()
+        rss_setup = peak_rss(hwm=False)
 
         total = job.warmup + job.steps
         phases: dict[str, list[float]] = {k: [] for k in PHASES}
         comm, traffic, sync_bytes, wire, min_bytes = [], [], [], [], []
         counts_rows = None
-        stat0 = stat1 = (0, 0)
-        cpu0 = cpu1 = 0.0
+        busy0 = cpu0 = 0.0
         gathered = []
         for i in range(total):
             ids, w, proj = _batch(job, rank // job.tp, i)  # tp peers share their dp batch
@@ -444,11 +354,11 @@ def rank_main(rank: int, job: Job) -> dict[str, Any]:
                 step_min = replicated_min_bytes(job.n, job.d, job.p, job.tokens) * job.tokens
             Traffic.take()
             GatherTraffic.take()
-            counter.take()
+            meter.take()
             dist.barrier()
             if i == job.warmup:
-                stat0, cpu0 = _cpu_stat() if rank == 0 else (0, 0), _own_cpu()
-            counter.on = True
+                busy0, cpu0, wall0 = machine_busy_seconds(), own_cpu_seconds(), time.perf_counter()
+            meter.active = True
             t0 = time.perf_counter()
             out = lookup(ids, weights)
             t1 = time.perf_counter()
@@ -463,9 +373,14 @@ def rank_main(rank: int, job: Job) -> dict[str, Any]:
             opt.step()
             opt.zero_grad()
             t6 = time.perf_counter()
-            counter.on = False
+            meter.active = False
             sent, _ = Traffic.take()
-            by_call, comm_s = counter.take()
+            counted = meter.take()
+            comm_s = counted["seconds"]
+            by_call: dict[tuple[str, str], float] = {}
+            for row in counted["rows"]:  # (op, calling function) as TRAFFIC_SCOPE names them
+                key = (row["api"], row["origin"].rsplit(".", 1)[-1])
+                by_call[key] = by_call.get(key, 0.0) + row["wire"]
             if i >= job.warmup:
                 times = (t6 - t0, t1 - t0, t2 - t1, t3 - t2, t4 - t3, t5 - t4, t6 - t5)
                 for key, value in zip(phases, times):
@@ -477,7 +392,7 @@ def rank_main(rank: int, job: Job) -> dict[str, Any]:
                 wire.append(by_call)
                 min_bytes.append(step_min)
         dist.barrier()
-        stat1, cpu1 = _cpu_stat() if rank == 0 else (0, 0), _own_cpu()
+        busy1, cpu1, wall1 = machine_busy_seconds(), own_cpu_seconds(), time.perf_counter()
         return {
             "rank": rank,
             "median": {k: statistics.median(v) for k, v in phases.items()},
@@ -488,9 +403,9 @@ def rank_main(rank: int, job: Job) -> dict[str, Any]:
             "wire": wire,
             "min": min_bytes,
             "exchanges": dict(getattr(table, "exchanges", {})),
-            "rss": {"start": rss_start, "setup": rss_setup, "peak": own_rss()},
+            "rss": {"start": rss_start, "setup": rss_setup, "peak": peak_rss(hwm=False)},
             "setup_s": setup_s,
-            "cpu": (stat0, stat1, cpu1 - cpu0),
+            "cpu": {"busy": busy1 - busy0, "own": cpu1 - cpu0, "wall": wall1 - wall0},
             "counts": None if counts_rows is None else counts_rows.tolist(),
         }
     finally:
@@ -500,71 +415,14 @@ def rank_main(rank: int, job: Job) -> dict[str, Any]:
 # --------------------------------------------------------------------------- spawning
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _entry(rank: int, world: int, port: int, job: Job, out: str) -> None:
-    for var in LAUNCH_VARS:
-        os.environ.pop(var, None)
-    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
-                      LOCAL_WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1",
-                      MASTER_PORT=str(port), OMP_NUM_THREADS="1")
-    try:  # if an estimate is wrong, the OOM killer takes a benchmark rank first
-        with open("/proc/self/oom_score_adj", "w") as f:
-            f.write("1000")
-    except OSError:
-        pass
-    torch.set_num_threads(1)
-    try:
-        result = rank_main(rank, job)
-        torch.save({"ok": result}, Path(out) / f"rank{rank}.pt")
-    except BaseException:  # reported by the parent; a peer's failure is only "connection closed"
-        torch.save({"error": traceback.format_exc()}, Path(out) / f"rank{rank}.pt")
-        sys.exit(1)
-
-
 def run_job(job: Job) -> tuple[list[dict] | None, str, float]:
     """Run one configuration on ``job.p`` fresh ranks; (results in rank order, error, the
     lowest MemAvailable seen meanwhile)."""
-    with tempfile.TemporaryDirectory() as out:
-        ctx = mp.get_context("spawn")
-        port = free_port()
-        procs = [ctx.Process(target=_entry, args=(r, job.p, port, job, out))
-                 for r in range(job.p)]
-        for proc in procs:
-            proc.start()
-        deadline = time.monotonic() + RUN_TIMEOUT_S
-        low = float(meminfo()["MemAvailable"])
-        while any(proc.is_alive() for proc in procs) and time.monotonic() < deadline:
-            procs[0].join(0.25)
-            if any(proc.exitcode not in (None, 0) for proc in procs):
-                break  # a rank died: the others would wait for their collective timeout
-            low = min(low, meminfo()["MemAvailable"])
-        for proc in procs:
-            if proc.is_alive():
-                proc.join(5.0)
-            if proc.is_alive():
-                proc.kill()
-                proc.join()
-        results, errors = [], []
-        for rank in range(job.p):
-            path = Path(out) / f"rank{rank}.pt"
-            if not path.exists():
-                code = procs[rank].exitcode
-                errors.append(f"rank {rank} exit {code}" + (" (SIGKILL: OOM killer?)"
-                                                           if code == -9 else ""))
-                continue
-            record = torch.load(path, weights_only=False)
-            if "error" in record:
-                errors.append(f"rank {rank}: {record['error'].strip().splitlines()[-1][:120]}")
-            else:
-                results.append(record["ok"])
-        if errors:
-            return None, "; ".join(errors), low
-        return results, "", low
+    ranks = spawn_ranks(rank_main, job.p, (job,), timeout=RUN_TIMEOUT_S)
+    if not ranks.ok:
+        return None, "; ".join(e.strip().splitlines()[-1][:160] if "failed" in e else
+                               e.splitlines()[0] for e in ranks.errors), ranks.low_mem_available
+    return ranks.results, "", ranks.low_mem_available
 
 
 # --------------------------------------------------------------------------- reporting
@@ -599,12 +457,8 @@ def summarize(job: Job, results: list[dict]) -> dict[str, Any]:
                    for r in results for s in r["wire"]]
     exact = all(abs(a - b) < 0.5 for a, b in zip(traffic_steps, scope_steps))
     minimum = sum(sum(r["min"]) for r in results) / per_tok
-    stat0 = results[0]["cpu"][0]
-    stat1 = results[0]["cpu"][1]
-    own = sum(r["cpu"][2] for r in results)
-    hz = os.sysconf("SC_CLK_TCK")
-    busy = (stat1[0] - stat0[0]) / hz
-    span = (stat1[1] - stat0[1]) / hz
+    own = sum(r["cpu"]["own"] for r in results)
+    busy, span = results[0]["cpu"]["busy"], results[0]["cpu"]["wall"] * (os.cpu_count() or 1)
     foreign = max(0.0, busy - own) / span if span > 0 else float("nan")
     exchanges: dict[str, int] = {}
     for r in results:
@@ -796,6 +650,7 @@ def main(argv: list[str] | None = None) -> int:
                          "lookups), rowwise, first of --sizes/--dims/--ranks")
     ap.add_argument("--patience", type=float, default=60.0,
                     help="seconds to wait for other jobs to free the memory a run needs")
+    add_output_args(ap)
     args = ap.parse_args(argv)
     if args.quick:
         args.sizes, args.dims, args.ranks = [65536], [64], [2]
@@ -816,9 +671,17 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     jobs = [Job(n, d, p, layout, args.tokens, args.hits, args.warmup, args.steps, args.skew)
             for n in args.sizes for d in args.dims for p in args.ranks for layout in args.layouts]
+    bench = BenchRun("memory_parallel", args).start()
+    rows: list[tuple[Job, dict | None, str, float]] = []
     if not args.largest_only:
         rows = run_grid(jobs, args.patience)
         print_table(rows)
+    bench.results = [{"job": asdict(job), "summary": s, "status": status, "need_bytes": need}
+                     for job, s, status, need in rows]
+    bench.baseline = {"kind": "replicated table + dense gradient all-reduce, same N, d, P, T",
+                      "step_ms": {f"{human(job.n)}/{job.d}/{job.p}": s["step_ms"]
+                                  for job, s, _, _ in rows
+                                  if s is not None and job.layout == "replicated"}}
 
     # ------------------------------------------------------------------ largest tables
     p, d, t, hk = args.largest_p, args.largest_d, args.tokens, args.hits
@@ -877,7 +740,9 @@ def main(argv: list[str] | None = None) -> int:
               f"{'verified at 97 %' if full else 'NOT verified at 97 % (see above)'}")
     print(f"\ntotal wall time {time.perf_counter() - began:.0f} s; load average "
           f"{os.getloadavg()}")
-    return 0
+    bench.finish()
+    return 0 if all(s is not None or status.startswith("skipped")
+                    for _, s, status, _ in rows) else 1
 
 
 if __name__ == "__main__":

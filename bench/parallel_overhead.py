@@ -16,20 +16,23 @@ describe). The last layout is the config's default on 2 ranks (``parallel.ep=0``
 ``memory.parallel=rowwise``): lookups go through all-to-alls; it is measured, not modelled.
 
 Both single-process rows are fair baselines on a 2-core machine: 1p/1t uses half the cores the
-2-rank layouts use, 1p/2t all of them. Eval, checkpoints and progress output are off; the save
-the trainer would still take after its last step is replaced by a no-op. Timing wraps
-``Trainer.train_step``: tokens/s = measured steps x 2,048 tokens / the summed step times (the
+2-rank layouts use, 1p/2t all of them. Each rank builds memtron's ``Trainer`` and calls its
+public ``train_step`` in a loop of warm-up + measured steps (memtron as shipped: nothing of it is
+patched; eval, checkpoints and the loop's signal handling are not part of a step). Timing wraps
+each ``train_step`` call: tokens/s = measured steps x 2,048 tokens / the summed step times (the
 same quantity as metrics.jsonl's ``tokens_per_s``), the slowest rank counting for 2 ranks.
+memtron's own count of memory-exchange bytes comes from the step's metrics
+(``memory/bytes_sent_per_token`` x the lookups of a step).
 
-Bytes are counted inside every rank by wrapping the collectives as attributes of
-``torch.distributed`` (``all_reduce``, ``all_gather``, ``all_gather_into_tensor``,
-``reduce_scatter_tensor``, ``all_to_all_single``, ``broadcast``, ``send``/``recv``,
-``batch_isend_irecv``, ... : megatron-core and memtron call them through the module, so patching
-it before they are imported catches every call). The count is the payload handed to the
-collective by the rank (all_reduce: the tensor; all_gather: the rank's input), only during the
-measured steps (init, warm-up and shutdown traffic excluded), attributed to the first
-memtron/megatron function on the Python stack. On 2 ranks the payload is also what a ring or
-pairwise exchange sends per rank. As an independent check, the methods of gloo's
+Bytes are counted inside every rank by the harness's ``ByteMeter``, which wraps the collectives
+as attributes of ``torch.distributed`` (``all_reduce``, ``all_gather``,
+``all_gather_into_tensor``, ``reduce_scatter_tensor``, ``all_to_all_single``, ``broadcast``,
+``send``/``recv``, ``batch_isend_irecv``, ... : megatron-core and memtron call them through the
+module, so wrapping it before they are imported catches every call). The count is the payload
+handed to the collective by the rank (all_reduce: the tensor; all_gather: the rank's input),
+only during the measured steps (init, warm-up and shutdown traffic excluded), attributed to the
+first memtron/megatron function on the Python stack. On 2 ranks the payload is also what a ring
+or pairwise exchange sends per rank. As an independent check, the methods of gloo's
 ``ProcessGroup`` (one level below) are wrapped too; both totals must agree.
 
 The measured bytes are printed next to an analytic volume computed from the config (formulas in
@@ -49,22 +52,33 @@ layout; rows above 10 % are flagged.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
-import socket
 import statistics
 import sys
 import tempfile
 import time
-import traceback
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-import torch.multiprocessing as mp
 
 REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+from memtron.bench.harness import (  # noqa: E402 - after the sys.path line
+    BenchRun,
+    ByteMeter,
+    Call,
+    add_output_args,
+    machine_busy_seconds,
+    own_cpu_seconds,
+    spawn_ranks,
+)
+
 CONFIG = REPO / "configs" / "tiny-cpu.yaml"
 REUSE_DATA = REPO / "runs" / "data" / "tiny"
 SEQ_LEN = 128
@@ -74,9 +88,6 @@ RUN_TIMEOUT_S = 600.0
 BUSY = 0.10  # foreign CPU share above which a layout's timing is flagged
 # memtron's sparse value-row exchange (renamed in newer trees).
 ROW_EXCHANGE = ("average_replicated_table_grads", "sum_table_grads")
-LAUNCH_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR",
-               "MASTER_PORT", "TORCHELASTIC_RUN_ID", "SLURM_PROCID", "SLURM_NTASKS",
-               "OMPI_COMM_WORLD_RANK", "PMI_RANK")
 
 
 @dataclass(frozen=True)
@@ -101,313 +112,93 @@ LAYOUTS = (
 )
 
 
-# -- counting collectives (runs inside each rank) -------------------------------------------------
-def _tensors(obj: Any) -> list[torch.Tensor]:
-    if isinstance(obj, torch.Tensor):
-        return [obj]
-    if isinstance(obj, (list, tuple)):
-        return [t for o in obj for t in _tensors(o)]
-    tensor = getattr(obj, "tensor", None)  # a P2POp
-    return [tensor] if isinstance(tensor, torch.Tensor) else []
-
-
-def _nbytes(obj: Any) -> int:
-    return sum(t.numel() * t.element_size() for t in _tensors(obj))
-
-
-# torch.distributed function -> (position, keyword) of the payload this rank hands over.
-API_PAYLOAD = {
-    "all_reduce": (0, "tensor"), "all_reduce_coalesced": (0, "tensors"),
-    "broadcast": (0, "tensor"), "reduce": (0, "tensor"), "send": (0, "tensor"),
-    "recv": (0, "tensor"), "isend": (0, "tensor"), "irecv": (0, "tensor"),
-    "all_gather": (1, "tensor"), "all_gather_into_tensor": (1, "input_tensor"),
-    "_all_gather_base": (1, "input_tensor"), "reduce_scatter": (1, "input_list"),
-    "reduce_scatter_tensor": (1, "input"), "_reduce_scatter_base": (1, "input"),
-    "all_to_all_single": (1, "input"), "all_to_all": (1, "input_tensor_list"),
-    "gather": (0, "tensor"), "scatter": (1, "scatter_list"),
-    "batch_isend_irecv": (0, "p2p_op_list"), "barrier": (None, None),
-}
-# ProcessGroup method -> position of its input tensors (the check one level below); names of
-# torch 2.13 (all_to_all_single, all_gather_single, ...) and of older releases.
-PG_PAYLOAD = {
-    "allreduce": 0, "allreduce_coalesced": 0, "broadcast": 0, "reduce": 0, "send": 0,
-    "recv": 0, "recv_anysource": 0, "allgather": 1, "allgather_coalesced": 1,
-    "all_gather_single": 1, "all_gather_single_coalesced": 1, "_allgather_base": 1,
-    "allgather_into_tensor_coalesced": 1, "reduce_scatter": 1, "reduce_scatter_single": 1,
-    "reduce_scatter_single_coalesced": 1, "_reduce_scatter_base": 1,
-    "reduce_scatter_tensor_coalesced": 1, "all_to_all_single": 1, "alltoall_base": 1,
-    "alltoall": 1, "gather": 1, "scatter": 1, "barrier": None, "monitored_barrier": None,
-}
-
-
-class Meter:
-    """Per-rank counters; ``active`` is on only while a measured step (or its stop check) runs."""
-
-    def __init__(self) -> None:
-        self.active = False
-        self.depth = 0  # > 0 inside a wrapped API call (nested calls are not counted twice)
-        self.api: dict[str, dict[str, Any]] = {}
-        self.pg_calls = 0
-        self.pg_bytes = 0
-        self.longest_rows: list[int] = []  # per step: the padded row count of the table exchange
-        self.local_rows: list[int] = []  # per step: this rank's touched rows
-        self.traffic = [0, 0]  # memtron's own memory-exchange count (sent, received)
-
-
-METER = Meter()
-
-
-def _origin() -> str:
-    """The first memtron/megatron function up the stack, skipping megatron's mapping helpers
-    (``_reduce`` ...) unless they are an autograd backward (the copy-to-region's gradient)."""
-    frame = sys._getframe(2)
-    first = ""
-    while frame is not None:
-        module = frame.f_globals.get("__name__", "")
-        if module.startswith(("memtron.", "megatron.")):
-            name = getattr(frame.f_code, "co_qualname", frame.f_code.co_name)
-            label = f"{module.rsplit('.', 1)[-1]}.{name}"
-            first = first or label
-            if not module.endswith("tensor_parallel.mappings") or name.endswith(".backward"):
-                return label
-        frame = frame.f_back
-    return first or "(outside memtron/megatron)"
-
-
-def _wrap_api(name: str, fn: Any) -> Any:
-    position, keyword = API_PAYLOAD[name]
-
-    def wrapped(*args: Any, **kwargs: Any) -> Any:
-        counted = METER.active and METER.depth == 0
-        origin = dtype = ""
-        if counted:
-            payload = None
-            if position is not None:
-                payload = args[position] if len(args) > position else kwargs.get(keyword)
-            tensors = _tensors(payload)
-            dtype = str(tensors[0].dtype).removeprefix("torch.") if tensors else "-"
-            origin = _origin()
-            row = METER.api.setdefault(f"{name}|{origin}|{dtype}", {
-                "api": name, "origin": origin, "dtype": dtype, "calls": 0, "bytes": 0,
-                "shapes": []})
-            row["calls"] += 1
-            row["bytes"] += _nbytes(payload)
-            shape = "+".join(str(list(t.shape)) for t in tensors[:1])
-            if shape not in row["shapes"] and len(row["shapes"]) < 4:
-                row["shapes"].append(shape)
-        METER.depth += 1
-        try:
-            result = fn(*args, **kwargs)
-        finally:
-            METER.depth -= 1
-        if (counted and name == "all_gather" and origin.endswith(ROW_EXCHANGE)
-                and len(args) >= 2 and dtype == "int64" and args[1].numel() == 1):
-            METER.local_rows.append(int(args[1].item()))  # the count exchange: [count] per rank
-            METER.longest_rows.append(int(max(int(t.item()) for t in args[0])))
-        return result
-
-    wrapped.__wrapped__ = fn
-    return wrapped
-
-
-def _wrap_pg(name: str, fn: Any) -> Any:
-    position = PG_PAYLOAD[name]
-
-    def wrapped(self: Any, *args: Any, **kwargs: Any) -> Any:
-        if METER.active:
-            METER.pg_calls += 1
-            if position is not None and len(args) > position:
-                METER.pg_bytes += _nbytes(args[position])
-        return fn(self, *args, **kwargs)
-
-    return wrapped
-
-
-def install_counters() -> None:
-    """Patch ``torch.distributed`` (and c10d's module, which shares the functions) and the
-    ProcessGroup class; must run before memtron or megatron is imported."""
-    import torch.distributed as dist
-    from torch.distributed import distributed_c10d as c10d
-
-    for name in API_PAYLOAD:
-        fn = getattr(dist, name, None)
-        if fn is None:
-            continue
-        wrapped = _wrap_api(name, fn)
-        setattr(dist, name, wrapped)
-        if getattr(c10d, name, None) is fn:
-            setattr(c10d, name, wrapped)
-    pg_class = dist.ProcessGroup
-    for name in PG_PAYLOAD:
-        fn = getattr(pg_class, name, None)
-        if fn is not None:
-            setattr(pg_class, name, _wrap_pg(name, fn))
-
-
 # -- one rank ---------------------------------------------------------------------------------
-def _cpu_busy_s() -> float:
-    """Machine-wide busy CPU seconds (all cores) from /proc/stat; 0 where unavailable."""
-    try:
-        with open("/proc/stat") as f:
-            v = [int(x) for x in f.readline().split()[1:9]]
-    except OSError:
-        return 0.0
-    return (v[0] + v[1] + v[2] + v[5] + v[6] + v[7]) / os.sysconf("SC_CLK_TCK")
-
-
-def _own_cpu_s() -> float:
-    t = os.times()
-    return t.user + t.system
-
-
-def _rank_main(rank: int, world: int, port: int, layout: Layout, data: str, warmup: int,
-               steps: int, out: str) -> None:
-    for var in LAUNCH_VARS:
-        os.environ.pop(var, None)
-    os.environ["OMP_NUM_THREADS"] = str(layout.threads)
-    if world > 1:
-        os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
-                          LOCAL_WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1",
-                          MASTER_PORT=str(port))
-    torch.set_num_threads(layout.threads)
-    log = open(Path(out, f"rank{rank}.log"), "w")  # noqa: SIM115 - kept open until exit
-    os.dup2(log.fileno(), 1)  # the trainer's banner lines would clutter the report
-    os.dup2(log.fileno(), 2)
-    try:
-        install_counters()
-        result = _train(layout, data, warmup, steps, rank)
-        Path(out, f"rank{rank}.json").write_text(json.dumps({"ok": result}))
-    except BaseException:
-        Path(out, f"rank{rank}.json").write_text(json.dumps({"error": traceback.format_exc()}))
-        raise
-
-
-def _train(layout: Layout, data: str, warmup: int, steps: int, rank: int) -> dict[str, Any]:
+def _rank_main(rank: int, world: int, layout: Layout, data: str, warmup: int,
+               steps: int) -> dict[str, Any]:
     import warnings
 
     warnings.filterwarnings("ignore", message=".*Transformer Engine and Apex.*")
     warnings.filterwarnings("ignore", message=".*CUDA_DEVICE_MAX_CONNECTIONS.*")
+    meter = ByteMeter().install()  # before memtron/megatron bind torch.distributed's names
+    longest_rows: list[int] = []  # per step: the padded row count of the table exchange
+    local_rows: list[int] = []  # per step: this rank's touched rows
+
+    def row_counts(call: Call, _result: Any) -> None:
+        """The count exchange of the sparse row sync: an all-gather of [count] per rank."""
+        counts, mine = call.bound.get("tensor_list"), call.bound.get("tensor")
+        if (call.api == "all_gather" and call.origin.endswith(ROW_EXCHANGE)
+                and mine is not None and mine.dtype == torch.int64 and mine.numel() == 1):
+            local_rows.append(int(mine.item()))
+            longest_rows.append(max(int(t.item()) for t in counts))
+
+    meter.listeners.append(row_counts)
     from memtron.config import load_config
-    from memtron.train import trainer as trainer_mod
+    from memtron.parallel.launch import init_distributed, shutdown_distributed
+    from memtron.parallel.state import destroy_parallel_state
+    from memtron.train.trainer import Trainer
 
     run_tmp = tempfile.TemporaryDirectory(prefix=f"memtron-bench-{layout.key}-r{rank}-")
-    run_dir = run_tmp.name
     overrides = {
         "data.train": f"{data}/train", "data.valid": f"{data}/valid", "data.questions": "",
         "data.seq_len": SEQ_LEN, "data.micro_batch_size": layout.micro_batch,
         "parallel.tp": layout.tp, "parallel.ep": layout.ep, "parallel.backend": "gloo",
         "memory.parallel": layout.memory_parallel, "train.threads": layout.threads,
         "train.steps": warmup + steps, "train.eval_every": 0, "train.log_every": 10**9,
-        "train.run_dir": run_dir, "checkpoint.every": 0, "checkpoint.resume": "none",
+        "train.run_dir": run_tmp.name, "checkpoint.every": 0, "checkpoint.resume": "none",
         "logging.tensorboard": "false", "logging.progress": "false", "logging.jsonl": "false",
     }
     cfg = load_config(CONFIG, [f"{k}={v}" for k, v in overrides.items()])
-    try:  # memtron's own count of memory-parallel exchange bytes (sharded tables only)
-        from memtron.parallel.memory import Traffic
-
-        traffic_add = Traffic.add.__func__
-
-        def counted_add(cls: Any, sent: int, received: int) -> None:
-            if METER.active:  # the trainer take()s (resets) it every step: count on the way in
-                METER.traffic[0] += sent
-                METER.traffic[1] += received
-            traffic_add(cls, sent, received)
-
-        Traffic.add = classmethod(counted_add)
-    except ImportError:
-        pass
+    init_distributed(cfg.parallel.timeout_s, cfg.parallel.backend)
     durations: list[float] = []
-    window: dict[str, float] = {}
-    info: dict[str, Any] = {}
-    trainer_cls = trainer_mod.Trainer
-    train_step, agreed_stop = trainer_cls.train_step, trainer_cls._agreed_stop
-
-    def measured(step: int) -> bool:
-        return warmup < step <= warmup + steps
-
-    def timed_step(self: Any, batches: Any) -> dict[str, float]:
-        step = self.step + 1
-        if step == 1:
-            info["n_dense_local"] = sum(p.numel() for p in self.dense_params)
-            info["n_dense_sharded"] = sum(p.numel() for p in self.dense_params
-                                          if getattr(p, "tensor_model_parallel", False))
-            info["state"] = self.state.describe()
-        if step == warmup + 1:
-            window.update(wall=time.perf_counter(), busy=_cpu_busy_s(), own=_own_cpu_s())
-        METER.active = measured(step)
-        start = time.perf_counter()
-        try:
-            return train_step(self, batches)
-        finally:
-            if METER.active:
-                durations.append(time.perf_counter() - start)
-            METER.active = False
-            if step == warmup + steps:
-                window.update(wall=time.perf_counter() - window["wall"],
-                              busy=_cpu_busy_s() - window["busy"],
-                              own=_own_cpu_s() - window["own"])
-
-    def counted_stop(self: Any) -> int | None:
-        METER.active = measured(self.step)  # the loop's per-step stop-flag all-reduce
-        try:
-            return agreed_stop(self)
-        finally:
-            METER.active = False
-
-    trainer_cls.train_step = timed_step
-    trainer_cls._agreed_stop = counted_stop
-    trainer_cls.save = lambda self: self.run_dir  # the end-of-run checkpoint is not timed
-    with run_tmp:
-        result = trainer_mod.train(cfg)
+    traffic = [0, 0]  # memtron's own memory-exchange bytes (sent, received), from its metrics
+    try:
+        with run_tmp:
+            trainer = Trainer(cfg)
+            info = {"n_dense_local": sum(p.numel() for p in trainer.dense_params),
+                    "n_dense_sharded": sum(p.numel() for p in trainer.dense_params
+                                           if getattr(p, "tensor_model_parallel", False)),
+                    "state": trainer.state.describe()}
+            lookups = (cfg.data.micro_batch_size * cfg.data.seq_len * cfg.train.grad_accum
+                       * len(trainer.model.memory_layers()))
+            batches = iter(trainer.loader)
+            loss = None
+            for step in range(1, warmup + steps + 1):
+                measured = step > warmup
+                if step == warmup + 1:
+                    window = {"wall": time.perf_counter(), "busy": machine_busy_seconds(),
+                              "own": own_cpu_seconds()}
+                with meter.measuring() if measured else contextlib.nullcontext():
+                    start = time.perf_counter()
+                    metrics = trainer.train_step(batches)  # memtron's step, as shipped
+                    elapsed = time.perf_counter() - start
+                if measured:
+                    durations.append(elapsed)
+                    traffic[0] += round(metrics.get("memory/bytes_sent_per_token", 0) * lookups)
+                    traffic[1] += round(
+                        metrics.get("memory/bytes_received_per_token", 0) * lookups)
+                loss = metrics["loss"]
+            window = {"wall": time.perf_counter() - window["wall"],
+                      "busy": machine_busy_seconds() - window["busy"],
+                      "own": own_cpu_seconds() - window["own"]}
+    finally:
+        destroy_parallel_state()
+        shutdown_distributed()
+    counted = meter.take()
     return {
         "steps": len(durations), "durations": durations, "window": window, "info": info,
-        "final_loss": result.losses.get(result.step), "api": list(METER.api.values()),
-        "pg_calls": METER.pg_calls, "pg_bytes": METER.pg_bytes,
-        "longest_rows": METER.longest_rows, "local_rows": METER.local_rows,
-        "traffic": METER.traffic,
+        "final_loss": loss, "api": counted["rows"],
+        "pg_calls": counted["pg_calls"], "pg_bytes": counted["pg_bytes"],
+        "longest_rows": longest_rows, "local_rows": local_rows, "traffic": traffic,
         "threads": torch.get_num_threads(),
     }
 
 
 # -- orchestration ----------------------------------------------------------------------------
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def run_layout(layout: Layout, data: Path, warmup: int, steps: int) -> list[dict[str, Any]]:
     """Start ``layout.world`` fresh spawned ranks and return their results in rank order."""
-    ctx = mp.get_context("spawn")
-    with tempfile.TemporaryDirectory() as out:
-        port = _free_port()
-        procs = [ctx.Process(target=_rank_main, args=(r, layout.world, port, layout, str(data),
-                                                      warmup, steps, out))
-                 for r in range(layout.world)]
-        for p in procs:
-            p.start()
-        deadline = time.monotonic() + RUN_TIMEOUT_S
-        for p in procs:
-            p.join(max(1.0, deadline - time.monotonic()))
-        for p in procs:
-            if p.is_alive():
-                p.kill()
-                p.join()
-        results = []
-        for rank, p in enumerate(procs):
-            path = Path(out, f"rank{rank}.json")
-            if not path.exists():
-                log_path = Path(out, f"rank{rank}.log")
-                log = log_path.read_text()[-4000:] if log_path.exists() else ""
-                raise RuntimeError(f"{layout.key} rank {rank}: no result (exit {p.exitcode})\n"
-                                   f"{log}")
-            record = json.loads(path.read_text())
-            if "error" in record:
-                log = Path(out, f"rank{rank}.log").read_text()[-4000:]
-                raise RuntimeError(f"{layout.key} rank {rank} failed:\n{record['error']}\n"
-                                   f"rank {rank} output (tail):\n{log}")
-            results.append(record["ok"])
-        return results
+    ranks = spawn_ranks(_rank_main, layout.world, (layout, str(data), warmup, steps),
+                        timeout=RUN_TIMEOUT_S, threads=layout.threads, quiet=True)
+    return ranks.raise_errors(f"{layout.key} failed")
 
 
 def prepare_data() -> tuple[Path, str, tempfile.TemporaryDirectory | None]:
@@ -468,7 +259,6 @@ def analytic_dp(cfg: Any, longest_rows: float) -> list[tuple[str, Any, str, floa
       the [1] int64 row count, then of the ids (int64) and rows (fp32, d_v wide) padded to
       the largest rank's count R (measured):    8 + R * (8 + 4 * d_v)
     * the mean loss, one float64 all-reduce:   8
-    * the loop's stop flag (Trainer._agreed_stop), one int64 all-reduce:  8
     * the non-finite flags of loss and both gradient norms, one int32 all-reduce:  12
     """
     n_dense = dense_param_count(cfg)
@@ -477,7 +267,6 @@ def analytic_dp(cfg: Any, longest_rows: float) -> list[tuple[str, Any, str, floa
          4.0 * n_dense),
         _row_term(cfg, longest_rows),
         ("loss scalar", "average_scalar", "8 (fp64)", 8.0),
-        ("stop flag (loop)", "_agreed_stop", "8 (int64)", 8.0),
         ("non-finite flags", "_agreed_nonfinite", "12 (3 x int32)", 12.0),
     ]
 
@@ -501,8 +290,8 @@ def analytic_tp(cfg: Any, batch: int) -> list[tuple[str, Any, str, float]]:
       (copy-to-region; one for q/k/v, one for gate/up):    (1 + ffn) * A
     plus the vocab-parallel embedding's forward all-reduce (A), the tied head's copy-to-region
     backward all-reduce (A), vocab-parallel cross entropy's three [B, L] fp32 all-reduces
-    (max, target logit, sum of exps: 3 * B * L * 4), the gradient-norm float64 scalar (8), the
-    loop's int64 stop flag (8) and its int32 non-finite flags (12). Memory layers are replicated
+    (max, target logit, sum of exps: 3 * B * L * 4), the gradient-norm float64 scalar (8) and
+    the int32 non-finite flags (12). Memory layers are replicated
     over tp and both ranks compute the same row gradients from the same tokens, so tables need
     no traffic (ep = 1).
     """
@@ -518,7 +307,6 @@ def analytic_tp(cfg: Any, batch: int) -> list[tuple[str, Any, str, float]]:
         ("vocab-parallel cross entropy", "cross_entropy.", "3 x B x L x 4",
          3.0 * batch * SEQ_LEN * 4),
         ("grad-norm scalar", "clip_grad_norm", "8 (fp64)", 8.0),
-        ("stop flag (loop)", "_agreed_stop", "8 (int64)", 8.0),
         ("non-finite flags", "_agreed_nonfinite", "12 (3 x int32)", 12.0),
         ("value-row all-gathers", ROW_EXCHANGE, "none (tp peers hold the same rows)", 0.0),
     ]
@@ -689,7 +477,7 @@ def reading(summary: dict[str, dict[str, Any]], comm: dict[str, tuple[float, flo
     return text
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--steps", type=int, default=None, help="measured steps (default 30)")
     parser.add_argument("--warmup", type=int, default=None, help="warm-up steps (default 5)")
@@ -701,7 +489,8 @@ def main() -> None:
                              "seconds (keeps the default run under 6 minutes on a busy machine)")
     parser.add_argument("--quick", action="store_true",
                         help="few steps, one round, without the extra ep=2 layout: a smoke test")
-    args = parser.parse_args()
+    add_output_args(parser)
+    args = parser.parse_args(argv)
     steps = args.steps or (4 if args.quick else 30)
     warmup = args.warmup if args.warmup is not None else (2 if args.quick else 5)
     repeats = args.repeats or (1 if args.quick else 3)
@@ -714,6 +503,7 @@ def main() -> None:
     from memtron.config import load_config
 
     start = time.perf_counter()
+    bench = BenchRun("parallel_overhead", args).start()
     load0 = os.getloadavg()
     print(f"memtron parallel overhead: torch {torch.__version__}, {os.cpu_count()} CPU cores, "
           f"load average {load0[0]:.2f} / {load0[1]:.2f} / {load0[2]:.2f} (1/5/15 min)")
@@ -768,7 +558,23 @@ def main() -> None:
     load1 = os.getloadavg()
     print(f"\nload average at the end {load1[0]:.2f} / {load1[1]:.2f} / {load1[2]:.2f}; "
           f"total wall time {time.perf_counter() - start:.0f} s")
+    bench.results = [{
+        "key": layout.key, "label": layout.label, "world": layout.world, "tp": layout.tp,
+        "ep": layout.ep, "micro_batch": layout.micro_batch, "threads": layout.threads,
+        "tok_s": summary[layout.key]["tok_s"], "median_ms": summary[layout.key]["median_ms"],
+        "tok_s_rounds": [x["tok_s"] for x in rounds[layout.key]],
+        "foreign": summary[layout.key]["foreign"], "loss": summary[layout.key]["loss"],
+        "bytes_per_step": comm[layout.key][0] if layout.key in comm else 0.0,
+        "analytic_bytes_per_step": comm[layout.key][1] if layout.key in comm else 0.0,
+        "pg_bytes_per_step": (summary[layout.key]["ranks"][0]["pg_bytes"]
+                              / summary[layout.key]["steps"]),
+    } for layout in layouts]
+    bench.baseline = {"kind": "one process at the same global batch, 1 and 2 threads",
+                      "tok_s_1p1t": b1, "tok_s_1p2t": b2,
+                      "tokens_per_step": TOKENS_PER_STEP}
+    bench.finish()
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -46,20 +46,31 @@ from __future__ import annotations
 import argparse
 import gc
 import math
-import multiprocessing
 import os
 import platform
-import resource
 import statistics
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 
 import torch
 
-MiB = 1 << 20
-GiB = 1 << 30
+from memtron.bench.harness import (
+    BenchRun,
+    ForeignCpu,
+    GiB,
+    MiB,
+    add_output_args,
+    cpu_model,
+    mem_available,
+    peak_rss,
+    reset_peak_rss,
+    rss,
+    spawn_ranks,
+    warn_if_busy,
+)
+
 CPU = torch.device("cpu")
 HEADROOM = int(1.0 * GiB)  # kept free when deciding whether a side fits
 BUSY = 0.10  # foreign CPU share above which a row's timings are flagged
@@ -100,43 +111,6 @@ def estimate_bytes(side: str, n: int, d: int, a: argparse.Namespace) -> int:
     if side == "peer":
         return 6 * slots * d * 4 + fixed
     return 3 * slots * d * 4 + 4 * slots + 6 * touched * d * 4 + fixed
-
-
-def mem_available() -> int:
-    with open("/proc/meminfo") as f:
-        for line in f:
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
-    raise RuntimeError("no MemAvailable in /proc/meminfo")
-
-
-def vm_status(field: str) -> int:
-    """VmRSS / VmHWM of this process from /proc/self/status, in bytes."""
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) * 1024
-    raise RuntimeError(f"no {field} in /proc/self/status")
-
-
-def reset_peak_rss() -> bool:
-    """Reset this process's RSS high-water mark (VmHWM) to its current RSS (Linux >= 4.0).
-
-    Needed because a 'spawn' child's ``ru_maxrss`` starts at its parent's high-water mark (the
-    forked mm's hiwater survives the exec), so after the parent held a big table every child
-    would report at least that much."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
-
-
-def peak_rss(hwm: bool) -> int:
-    if hwm:
-        return vm_status("VmHWM")
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
 
 
 # -- the two sides -------------------------------------------------------------------------------
@@ -315,21 +289,20 @@ def warm_kernels(side: str, d: int, a: argparse.Namespace) -> None:
         tiny.step(x, gy)
 
 
-def _peak_child(side: str, n: int, d: int, opts: dict, conn) -> None:
+def _peak_child(rank: int, world: int, side: str, n: int, d: int,
+                opts: dict) -> tuple[int, bool]:
     a = argparse.Namespace(**opts)
-    torch.set_num_threads(a.threads)
     # Warm the kernels (oneDNN / MKL / topk / embedding_bag) on a tiny layer first, so that
     # one-off library buffers are not charged to the layer.
     warm_kernels(side, d, a)
     x, gy = inputs(d, a.tokens)
     gc.collect()
     hwm = reset_peak_rss()
-    base = vm_status("VmRSS")
+    base = rss()
     obj = build(side, n, d, a)
     for _ in range(a.warmup + a.mem_steps):
         obj.step(x, gy)
-    conn.send((peak_rss(hwm) - base, hwm))
-    conn.close()
+    return peak_rss(hwm) - base, hwm
 
 
 def measure_peak_cuda(side: str, n: int, d: int, a: argparse.Namespace) -> float:
@@ -353,18 +326,10 @@ def measure_peak_cuda(side: str, n: int, d: int, a: argparse.Namespace) -> float
 def measure_peak(side: str, n: int, d: int, a: argparse.Namespace) -> float | str:
     if a.device.type == "cuda":
         return measure_peak_cuda(side, n, d, a)
-    ctx = multiprocessing.get_context("spawn")
-    recv, send = ctx.Pipe(duplex=False)
-    proc = ctx.Process(target=_peak_child, args=(side, n, d, vars(a), send))
-    proc.start()
-    send.close()
-    try:
-        value, hwm = recv.recv()
-    except EOFError:
-        value = None
-    proc.join()
-    if value is None:
-        return f"child failed (exit {proc.exitcode})"
+    child = spawn_ranks(_peak_child, 1, (side, n, d, vars(a)), threads=a.threads)
+    if not child.ok:
+        return "child failed: " + child.errors[0].strip().splitlines()[-1][:100]
+    value, hwm = child.results[0]
     if not hwm:
         print("  (no /proc/self/clear_refs: fell back to ru_maxrss, which a spawn child "
               "inherits from its parent's peak; numbers may be too high)", flush=True)
@@ -382,82 +347,6 @@ def memcpy_bandwidth(device: torch.device = CPU, repeats: int = 7) -> float:
     src = torch.ones(nbytes // 4, device=device)
     dst = torch.empty_like(src)
     return 2 * nbytes / median_time(lambda: dst.copy_(src), 2, repeats, device)
-
-
-def busy_others() -> list[str]:
-    """Other processes using CPU right now (sampled over 0.5 s): timings on a shared 2-core
-    machine are meaningless (parallel torch ops stall on preempted threads)."""
-    def ticks() -> dict[int, int]:
-        out = {}
-        for pid in os.listdir("/proc"):
-            if pid.isdigit() and int(pid) != os.getpid():
-                try:
-                    with open(f"/proc/{pid}/stat") as f:
-                        fields = f.read().rsplit(")", 1)[1].split()
-                    out[int(pid)] = int(fields[11]) + int(fields[12])
-                except (OSError, IndexError, ValueError):
-                    pass
-        return out
-
-    before = ticks()
-    time.sleep(0.5)
-    after = ticks()
-    hz = os.sysconf("SC_CLK_TCK")
-    busy = []
-    for pid, t in after.items():
-        share = (t - before.get(pid, t)) / hz / 0.5
-        if share > 0.2:
-            try:
-                with open(f"/proc/{pid}/cmdline", "rb") as f:
-                    cmd = f.read().replace(b"\0", b" ").decode(errors="replace")[:80]
-            except OSError:
-                cmd = "?"
-            busy.append(f"pid {pid} at {share:.0%} CPU: {cmd}")
-    return busy
-
-
-class ForeignCpu:
-    """Share of the machine's CPU time that other processes (or the hypervisor, as steal) used
-    while the block ran: /proc/stat busy time minus this process's own CPU time."""
-
-    share = 0.0
-
-    @staticmethod
-    def _machine_busy() -> float:
-        with open("/proc/stat") as f:
-            v = [int(x) for x in f.readline().split()[1:9]]
-        return (v[0] + v[1] + v[2] + v[5] + v[6] + v[7]) / os.sysconf("SC_CLK_TCK")
-
-    @staticmethod
-    def _own() -> float:
-        t = os.times()
-        return t.user + t.system
-
-    def __enter__(self) -> ForeignCpu:
-        self.t0, self.busy0, self.own0 = time.perf_counter(), self._machine_busy(), self._own()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        wall = time.perf_counter() - self.t0
-        foreign = (self._machine_busy() - self.busy0) - (self._own() - self.own0)
-        self.share = max(0.0, foreign / max(wall * (os.cpu_count() or 1), 1e-9))
-
-
-def warn_if_busy(when: str) -> None:
-    for line in busy_others():
-        print(f"WARNING ({when}): another process shares the cores, timings unreliable: {line}",
-              flush=True)
-
-
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 # -- the run -------------------------------------------------------------------------------------
@@ -627,7 +516,7 @@ def print_table(rows: list[Row], a: argparse.Namespace, memcpy: float) -> None:
     print("peer/mt > 1 means memtron is faster / smaller.")
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--sizes", nargs="+", type=parse_slots, default=None,
@@ -650,6 +539,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--profile", default=None, help="N:d for the phase split (default 1M:512; "
                    "'none' to skip; off in --quick)")
     p.add_argument("--quick", action="store_true", help="N=64K, d=256, T=512 smoke run")
+    add_output_args(p)
     p.add_argument("--device", type=torch.device, default=CPU,
                    help="cpu (default) or cuda: sizes default to 1M 4M, dims 512 1024, T 8192, "
                         "profile 1M:1024")
@@ -670,6 +560,7 @@ def main(argv: list[str] | None = None) -> None:
     torch.manual_seed(0)
 
     t_start = time.perf_counter()
+    bench = BenchRun("pkm_layer", a).start()
     ram = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
     print(f"memtron PKM layer bench: {cpu_model()}, {os.cpu_count()} cores "
           f"({len(os.sched_getaffinity(0))} usable), RAM {ram / GiB:.1f} GiB "
@@ -708,6 +599,14 @@ def main(argv: list[str] | None = None) -> None:
     warn_if_busy("end")
     print(f"\ntotal {time.perf_counter() - t_start:.0f} s, load average "
           f"{os.getloadavg()[0]:.2f} (1 min)")
+    bench.baseline = {"kind": "product_key_memory.PKM (lucidrains) step, same N/d/T, and "
+                      f"{'device copy' if gpu else 'memcpy'} bandwidth",
+                      "memcpy_gbs": memcpy / 1e9,
+                      "peer_ms": {f"{fmt_slots(r.n)}/{r.d}": r.ms.get("peer") for r in rows}}
+    bench.results = [{**asdict(r), "slots": fmt_slots(r.n), "busy": r.foreign > BUSY}
+                     for r in rows]
+    bench.finish()
+    return 0
 
 
 if __name__ == "__main__":

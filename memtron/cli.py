@@ -6,6 +6,7 @@
   memtron eval facts --ckpt CKPT           fact accuracy per bucket (95% CI) + valid loss
   memtron eval lm --ckpt CKPT --data DIR   loss and perplexity on prepared shards
   memtron compare --config FILE --arms dense,dense2x,memory --seeds 0,1   equal-compute study
+  memtron bench report [--quick] [--out DIR]   run bench/ and write REPORT.md with plots
   memtron config  --config FILE [overrides] print the resolved, validated config
   memtron submit  CONFIG [overrides] --nodes N --gpus-per-node G   sbatch a training job
   memtron status  RUN_DIR                  job state, last step and loss, checkpoint
@@ -25,6 +26,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
 import warnings
 from pathlib import Path
 
@@ -166,6 +168,49 @@ def _cmd_compare(args: argparse.Namespace) -> int:
     print(markdown_table(summary), end="")
     print(f"wrote {Path(args.out) / 'compare.md'}, compare.json and compare.png")
     return 0
+
+
+def _cmd_bench_report(args: argparse.Namespace) -> int:
+    from memtron.bench.report import ReportError, report
+
+    only = [n.strip() for n in args.only.split(",") if n.strip()] if args.only else None
+    start = time.perf_counter()
+    try:
+        path, outcomes = report(Path(args.out), args.quick, only, args.bench_dir, args.quality,
+                                args.quality_steps, args.timeout,
+                                log=lambda line: print(line, file=sys.stderr, flush=True))
+    except ReportError as e:
+        print(f"memtron: error: {e}", file=sys.stderr)
+        return 2
+    failed = [o.name for o in outcomes if o.status == "failed"]
+    print(f"wrote {path} in {time.perf_counter() - start:.0f} s"
+          + (f"; FAILED: {', '.join(failed)}" if failed else ""))
+    return 1 if failed else 0
+
+
+def _add_bench_parsers(sub) -> None:
+    bench = sub.add_parser("bench", help="benchmarks").add_subparsers(dest="bench_command",
+                                                                      required=True)
+    p = bench.add_parser("report", help="run the bench/ scripts and write REPORT.md with plots",
+                         description="Run the benchmarks of the source tree's bench/ directory "
+                         "(each writes JSON with its machine, CPU load and same-run baseline), "
+                         "and write DIR/REPORT.md with PNG plots (needs matplotlib: the "
+                         "'report' extra). Exit code 1 if a benchmark failed (the report is "
+                         "still written).")
+    p.add_argument("--quick", action="store_true",
+                   help="each benchmark's --quick mode, and a small quality comparison")
+    p.add_argument("--out", default="runs/bench-report", help="output directory")
+    p.add_argument("--only", help="comma-separated names: pkm_layer, memory_parallel, "
+                   "context_parallel, parallel_overhead, memory_fetch, checkpoint_save, "
+                   "generation, gpu_kernels, quality")
+    p.add_argument("--bench-dir", type=Path, help="the bench/ directory (default: next to the "
+                   "memtron package, or ./bench)")
+    p.add_argument("--quality", type=Path, help="output directory of `memtron compare` to "
+                   "report (default with --quick: run a small one)")
+    p.add_argument("--quality-steps", type=int, default=200,
+                   help="training steps per run of the --quick comparison (200)")
+    p.add_argument("--timeout", type=float, default=900.0, help="seconds per benchmark (900)")
+    p.set_defaults(func=_cmd_bench_report)
 
 
 def _add_eval_parsers(sub) -> None:
@@ -762,6 +807,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     _add_eval_parsers(sub)
     _add_explicit_parsers(sub, data)
+    _add_bench_parsers(sub)
     _add_submit_parser(sub)
     _add_infer_parsers(sub)
     _add_export_parsers(sub)

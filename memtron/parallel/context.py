@@ -25,6 +25,7 @@ locally; the memories' dK/dV stay on the rank.
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Sequence
 from contextlib import contextmanager
 
@@ -235,25 +236,51 @@ def _pairs(q_chunks: Sequence[int], kv_chunks: Sequence[int]):
                 yield qi, ki, c == a
 
 
-class _Ring:
-    """Passes tensors one hop along the cp ring (rank i -> i+1) without blocking."""
+class RingTraffic:
+    """What the cp ring carried on this rank, per pass ("fwd", "bwd"): bytes sent to the next
+    rank, seconds spent posting the sends/receives and seconds waiting for them. Counted where
+    the hops happen so that benchmarks and metrics measure the ring as shipped; ``take()``
+    returns the counts and resets them."""
 
-    def __init__(self, group: dist.ProcessGroup, cp: int, rank: int) -> None:
+    bytes: dict[str, int] = {"fwd": 0, "bwd": 0}
+    post: dict[str, float] = {"fwd": 0.0, "bwd": 0.0}
+    wait: dict[str, float] = {"fwd": 0.0, "bwd": 0.0}
+
+    @classmethod
+    def take(cls) -> dict[str, dict[str, float]]:
+        taken = {"bytes": dict(cls.bytes), "post": dict(cls.post), "wait": dict(cls.wait)}
+        cls.bytes = {"fwd": 0, "bwd": 0}
+        cls.post = {"fwd": 0.0, "bwd": 0.0}
+        cls.wait = {"fwd": 0.0, "bwd": 0.0}
+        return taken
+
+
+class Ring:
+    """Passes tensors one hop along the cp ring (rank i -> i+1) without blocking; ``phase``
+    names the pass in ``RingTraffic``."""
+
+    def __init__(self, group: dist.ProcessGroup, cp: int, rank: int, phase: str = "fwd") -> None:
         self.group = group
+        self.phase = phase
         self.next = dist.get_global_rank(group, (rank + 1) % cp)
         self.prev = dist.get_global_rank(group, (rank - 1) % cp)
 
     def start(self, tensors: list[torch.Tensor]) -> tuple[list, list[torch.Tensor]]:
+        begin = time.perf_counter()
         received = [torch.empty(t.shape, dtype=t.dtype, device=t.device) for t in tensors]
         ops = [dist.P2POp(dist.isend, t.contiguous(), self.next, self.group) for t in tensors]
         ops += [dist.P2POp(dist.irecv, r, self.prev, self.group) for r in received]
-        return dist.batch_isend_irecv(ops), received
+        requests = dist.batch_isend_irecv(ops)
+        RingTraffic.post[self.phase] += time.perf_counter() - begin
+        RingTraffic.bytes[self.phase] += sum(t.numel() * t.element_size() for t in tensors)
+        return requests, received
 
-    @staticmethod
-    def finish(pending: tuple[list, list[torch.Tensor]]) -> list[torch.Tensor]:
+    def finish(self, pending: tuple[list, list[torch.Tensor]]) -> list[torch.Tensor]:
+        begin = time.perf_counter()
         requests, received = pending
         for request in requests:
             request.wait()
+        RingTraffic.wait[self.phase] += time.perf_counter() - begin
         return received
 
 
@@ -303,7 +330,7 @@ def _memory_block_backward(q: torch.Tensor, mk: torch.Tensor, mv: torch.Tensor,
 class _RingAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, mk, mv, group, cp: int, rank: int, runs, slots: int):
-        ring = _Ring(group, cp, rank)
+        ring = Ring(group, cp, rank, "fwd")
         mine = zigzag_chunks(cp, rank)
         q_parts = q.chunk(2, dim=2)
         outs = [None, None]
@@ -323,7 +350,7 @@ class _RingAttention(torch.autograd.Function):
                 else:
                     outs[qi], lses[qi] = merge_partial(outs[qi], lses[qi], o, lse)
             if pending is not None:
-                kv = _Ring.finish(pending)
+                kv = ring.finish(pending)
         out, lse = torch.cat(outs, dim=2), torch.cat(lses, dim=2)
         if memory is not None:
             out, lse = merge_partial(out, lse, *memory)
@@ -335,7 +362,7 @@ class _RingAttention(torch.autograd.Function):
     def backward(ctx, grad_out):
         q, k, v, out, lse, mk, mv = ctx.saved_tensors
         cp, rank = ctx.cp, ctx.rank
-        ring = _Ring(ctx.group, cp, rank)
+        ring = Ring(ctx.group, cp, rank, "bwd")
         mine = zigzag_chunks(cp, rank)
         q_parts, out_parts, lse_parts, go_parts = (t.chunk(2, dim=2)
                                                    for t in (q, out, lse, grad_out))
@@ -361,9 +388,9 @@ class _RingAttention(torch.autograd.Function):
                 dq_parts[qi] += dq
                 dk_parts[ki].add_(dk)
                 dv_parts[ki].add_(dv)
-            grads = _Ring.finish(ring.start(grads))
+            grads = ring.finish(ring.start(grads))
             if pending is not None:
-                kv = _Ring.finish(pending)
+                kv = ring.finish(pending)
         dq = torch.cat(dq_parts, dim=2)
         dmk = dmv = None
         if mk is not None:
