@@ -497,6 +497,27 @@ def test_sample_fields_follow_dp_split_workers_and_resume(field_shards):
     assert _check_ids(_take_batches(after, 1)[0], samples) == _check_ids(single[4], samples)[2:]
 
 
+def test_adding_a_field_keeps_a_run_resumable_but_other_tokens_are_refused(shard_copy,
+                                                                           tmp_path):
+    """`data retrieve` between two training stages adds a field: the tokens are the same data
+    set, so the stage-1 loader state loads; shards with other tokens are refused."""
+    args = dict(micro_batch_size=2, seq_len=SEQ)
+    before = ShardLoader(shard_copy, **args)
+    _take(before, 3)
+    state = before.state_dict()
+    n = json.loads((shard_copy / "index.json").read_text())["n_samples"]
+    add_sample_field(shard_copy, "sample_id", (np.array([i, -i]) for i in range(n)))
+    after = ShardLoader(shard_copy, **args)
+    after.load_state_dict(state)
+    assert after.state_dict() == state
+    other = tmp_path / "other"
+    raw = tmp_path / "other.txt"
+    raw.write_text("a different corpus " * 4000)
+    prepare([raw], other, seq_len=SEQ)
+    with pytest.raises(DataError, match="dataset"):
+        ShardLoader(other, **args).load_state_dict(state)
+
+
 def test_version_1_index_without_fields_still_reads(shard_copy):
     index_path = shard_copy / "index.json"
     index = json.loads(index_path.read_text())

@@ -359,6 +359,12 @@ def test_two_stage_training_switches_at_start_step_and_resumes_exactly(staged):
             overrides, f"train.run_dir={root / f'resumed{step}'}", f"checkpoint.resume={ckpt}")))
         assert sorted(resumed.losses) == list(range(step + 1, 9))
         assert all(resumed.losses[s] == two.losses[s] for s in resumed.losses), step
+    # stage 2 may resume the stage-1 run itself: `data retrieve` only added a field
+    ckpt = root / "plain" / "checkpoints" / "step-00000004"
+    resumed = train(load_config(None, _with(
+        overrides, f"train.run_dir={root / 'from-stage1'}", f"checkpoint.resume={ckpt}")))
+    assert sorted(resumed.losses) == list(range(5, 9))
+    assert all(resumed.losses[s] == two.losses[s] for s in resumed.losses)
 
 
 def test_generate_cli_with_explicit_memories_reports_fetches(staged, capsys):

@@ -104,10 +104,14 @@ class _BatchReader:
                 f"{self.index_path}: {self.n_samples} samples cannot fill one global batch "
                 f"(dp_size={dp_size} x micro_batch_size={micro_batch_size})"
             )
-        # Identifies the data set in saved states: resuming on other data is refused.
-        self.fingerprint = hashlib.sha256(
-            "".join(s.sha256 for s in self.shards).encode()
-        ).hexdigest()[:16]
+        # Identifies the data set in saved states: resuming on other data is refused. It hashes
+        # the tokens alone where the index records them, so adding a per-sample field (e.g.
+        # `data retrieve` between the two training stages) keeps a run resumable; whole-file
+        # hashes of older indexes are still accepted.
+        self.legacy_fingerprint = _digest(s.sha256 for s in self.shards)
+        self.fingerprint = self.legacy_fingerprint
+        if all(s.tokens_sha256 for s in self.shards):
+            self.fingerprint = _digest(f"tokens:{s.tokens_sha256}" for s in self.shards)
         self._layout: tuple[int, np.ndarray, np.ndarray] | None = None
         # (epoch, shard) -> (tokens, fields, row order)
         self._cache: OrderedDict[tuple[int, int], tuple[np.ndarray, dict[str, np.ndarray],
@@ -256,7 +260,9 @@ class ShardLoader:
                     "samples_consumed"):
             if key not in state:
                 raise DataError(f"loader state: missing key {key!r}")
-            if key != "samples_consumed" and state[key] != expected[key]:
+            same = state[key] == expected[key] or (
+                key == "dataset" and state[key] == self._reader.legacy_fingerprint)
+            if key != "samples_consumed" and not same:
                 raise DataError(
                     f"loader state: {key!r} is {state[key]!r} but this loader has "
                     f"{expected[key]!r} ({self._reader.index_path}); exact resume needs the "
@@ -264,6 +270,10 @@ class ShardLoader:
                     "and data"
                 )
         self._batches_yielded = int(state["samples_consumed"]) // self._reader.global_batch_size
+
+
+def _digest(parts: Iterable[str]) -> str:
+    return hashlib.sha256("".join(parts).encode()).hexdigest()[:16]
 
 
 def eval_batches(

@@ -53,6 +53,7 @@ class Shard:
     n_samples: int
     nbytes: int
     sha256: str
+    tokens_sha256: str | None = None  # of the token arrays alone: fields may be added later
 
 
 @dataclass(frozen=True)
@@ -90,6 +91,7 @@ class ShardSink:
         self.first_key = first_key  # sample keys are first_key, first_key + 1, ...
         self._writer: webdataset.TarWriter | None = None
         self._in_shard = 0
+        self._tokens_hash = hashlib.sha256()
 
     def add(self, sample: np.ndarray, fields: Mapping[str, np.ndarray] | None = None) -> None:
         fields = fields or {}
@@ -110,6 +112,7 @@ class ShardSink:
             self._writer = webdataset.TarWriter(str(self.directory / name), mtime=0)
             self.shards.append({"name": name})
         self._writer.write(record)
+        self._tokens_hash.update(np.ascontiguousarray(sample).tobytes())
         self.n_samples += 1
         self._in_shard += 1
         if self._in_shard == self.samples_per_shard:
@@ -124,8 +127,10 @@ class ShardSink:
         shard = self.shards[-1]
         data = (self.directory / shard["name"]).read_bytes()
         shard.update(n_samples=self._in_shard, bytes=len(data),
-                     sha256=hashlib.sha256(data).hexdigest())
+                     sha256=hashlib.sha256(data).hexdigest(),
+                     tokens_sha256=self._tokens_hash.hexdigest())
         self._in_shard = 0
+        self._tokens_hash = hashlib.sha256()
 
     def __enter__(self) -> ShardSink:
         return self
@@ -180,7 +185,8 @@ def read_index(directory: str | Path, seq_len: int | None = None) -> tuple[dict,
     for i, entry in enumerate(index["shards"]):
         try:
             shard = Shard(Path(directory) / entry["name"], int(entry["n_samples"]),
-                          int(entry["bytes"]), str(entry["sha256"]))
+                          int(entry["bytes"]), str(entry["sha256"]),
+                          entry.get("tokens_sha256"))
         except (KeyError, TypeError, ValueError) as e:
             raise DataError(f"{index_path}: shards[{i}] is malformed: {e!r}") from e
         if not shard.path.is_file():
