@@ -76,10 +76,7 @@ def test_synth_default_is_fast_and_sized_for_the_demo(corpus):
         assert (out / name).is_file()
     assert json.loads((out / "synth.json").read_text()) == summary
     assert 0.5e6 < summary["counts"]["train_chars"] < 1.5e6
-    # Every head fact (100) and 900 torso and 1,000 tail ones: +-2-point intervals.
-    assert summary["counts"]["questions"] == 2000
-    assert {b: s["n_questions"] for b, s in summary["buckets"].items()} == {
-        "head": 100, "torso": 900, "tail": 1000}
+    assert 200 <= summary["counts"]["questions"] <= 600
 
 
 def test_synth_deterministic_per_seed(corpus, tmp_path):
@@ -117,7 +114,7 @@ def test_synth_questions_match_training_facts(corpus):
     questions = load_questions(out / "questions.jsonl")
     per_bucket = {b: sum(q["bucket"] == b for q in questions) for b in ("head", "torso", "tail")}
     assert per_bucket == {b: summary["buckets"][b]["n_questions"] for b in per_bucket}
-    assert per_bucket == {"head": 100, "torso": 900, "tail": 1000}
+    assert all(n == 100 for n in per_bucket.values())
     for q in questions:
         assert q["answer"] in q["choices"] and len(set(q["choices"])) == len(q["choices"])
         assert 10 <= len(q["choices"]) <= 30

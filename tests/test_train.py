@@ -199,7 +199,7 @@ def test_default_demo_learns_facts(tmp_path, monkeypatch, capsys):
     losses = [result.losses[s] for s in sorted(result.losses)]
     assert sum(losses[-20:]) / 20 < 0.3 * sum(losses[:20]) / 20
     # As `make demo` does: `memtron eval facts` on the last checkpoint (the config's in-training
-    # eval is off, so the demo scores its 2,000 questions once).
+    # eval is off, so the demo scores its questions once, after training).
     report = eval_facts(result.checkpoint)
     final = {name: b["accuracy"] for name, b in report["buckets"].items()}
     assert final["head"] > 4 * report["chance"], report["buckets"]

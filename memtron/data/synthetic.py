@@ -154,15 +154,13 @@ def generate_corpus(
     n_valid_docs: int = 500,
     zipf: float = 1.0,
     seed: int = 0,
-    questions_per_bucket: int = 1000,
+    questions_per_bucket: int = 100,
 ) -> dict:
     """Write ``raw/train.jsonl``, ``raw/valid.jsonl``, ``questions.jsonl`` and ``synth.json``.
 
     The defaults give ~1 MB of training text: one pass of the tiny-cpu recipe (600 steps of
     16 x 128 byte tokens) sees each head fact (top 2 % of entities) ~100 times on average and
-    each tail fact at most a few times. Up to 1,000 questions per bucket (head holds 100 facts)
-    keep the 95 % intervals of torso and tail at about +-2 points (docs/quality.md).
-    Deterministic for a seed.
+    each tail fact at most a few times. Deterministic for a seed.
     """
     if n_entities < 1 or n_train_docs < 1 or n_valid_docs < 0 or questions_per_bucket < 0:
         raise ValueError(
