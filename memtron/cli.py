@@ -109,8 +109,11 @@ def _print_summary(result) -> None:
 def _cmd_synth(args: argparse.Namespace) -> int:
     from memtron.data.synthetic import generate_corpus
 
-    summary = generate_corpus(args.out, n_entities=args.entities, zipf=args.zipf, seed=args.seed,
-                              questions_per_bucket=args.questions_per_bucket)
+    given = {"n_entities": args.entities, "n_train_docs": args.train_docs,
+             "n_valid_docs": args.valid_docs, "zipf": args.zipf, "seed": args.seed,
+             "questions_per_bucket": args.questions_per_bucket}
+    # Unset options keep generate_corpus's defaults: the demo corpus is defined in one place.
+    summary = generate_corpus(args.out, **{k: v for k, v in given.items() if v is not None})
     print(json.dumps(summary, indent=1))
     return 0
 
@@ -139,10 +142,23 @@ def format_facts(report: dict) -> str:
 
 def _cmd_eval_facts(args: argparse.Namespace) -> int:
     from memtron.eval.facts import eval_facts
+    from memtron.eval.reference import format_beside, load_reference
 
+    reference = None
+    if args.reference:  # read before the (slow) eval, so a wrong path fails at once
+        try:
+            reference = load_reference(args.reference)
+        except ValueError as e:
+            raise ConfigError(f"--reference: {e}") from e
     report = eval_facts(args.ckpt, args.questions, args.batch_size, args.valid_batches,
                         _device(args.device))
-    print(json.dumps(report, indent=1) if args.json else format_facts(report))
+    if args.json:
+        print(json.dumps(report, indent=1))
+        return 0
+    print(format_facts(report))
+    if reference is not None:
+        print(f"--- beside the committed reference ({args.reference}):")
+        print(format_beside(report, reference))
     return 0
 
 
@@ -236,6 +252,8 @@ def _add_eval_parsers(sub) -> None:
     p.add_argument("--batch-size", type=int, default=64, help="sequences per forward")
     p.add_argument("--valid-batches", type=int, help="cap on valid batches (default: all)")
     p.add_argument("--device", default="auto", help="auto (cuda if present), cpu, cuda:N")
+    p.add_argument("--reference", help="a compare reference.json (e.g. docs/quality-reference"
+                   ".json): print its arms' numbers beside this checkpoint's")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=_cmd_eval_facts)
 
@@ -770,10 +788,14 @@ def build_parser() -> argparse.ArgumentParser:
                                                                     required=True)
     p = data.add_parser("synth", help="generate the long-tail facts corpus")
     p.add_argument("--out", required=True)
-    p.add_argument("--entities", type=int, default=1000)
-    p.add_argument("--zipf", type=float, default=1.0)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--questions-per-bucket", type=int, default=100,
+    p.add_argument("--entities", type=int, help="invented people (default: the demo's)")
+    p.add_argument("--train-docs", type=int,
+                   help="training documents, 2-4 facts of one entity each (default: the demo's)")
+    p.add_argument("--valid-docs", type=int)
+    p.add_argument("--zipf", type=float,
+                   help="entity frequency exponent: 0 = uniform, 1 = a steep long tail")
+    p.add_argument("--seed", type=int)
+    p.add_argument("--questions-per-bucket", type=int,
                    help="fact questions per frequency bucket (at most the facts it holds)")
     p.set_defaults(func=_cmd_synth)
 

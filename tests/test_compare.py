@@ -33,3 +33,48 @@ def test_compare_two_arms_one_seed(tiny_corpus, tmp_path, capsys):
     assert main(["compare", "--arms", "dense,nope", "--out", str(out),
                  *tiny_overrides(tiny_corpus, tmp_path / "unused")]) == 2
     assert "unknown arm 'nope'" in capsys.readouterr().err
+
+
+def test_reference_is_printed_beside_a_run(tiny_corpus, tmp_path, capsys):
+    """compare writes reference.json; `eval facts --reference` prints a run's buckets beside
+    each reference arm's, with the gain over the dense arm computed from the two reports."""
+    out = tmp_path / "cmp"
+    assert main(["compare", "--arms", "dense,memory", "--seeds", "0", "--steps", "2",
+                 "--out", str(out), *tiny_overrides(tiny_corpus, tmp_path / "unused")]) == 0
+    capsys.readouterr()
+    first = json.loads((out / "compare.json").read_text())["summary"]
+    # Same config and questions: the finished runs are gathered, not retrained.
+    assert main(["compare", "--arms", "dense,memory", "--seeds", "0", "--steps", "2",
+                 "--out", str(out), *tiny_overrides(tiny_corpus, tmp_path / "unused")]) == 0
+    err = capsys.readouterr().err
+    assert err.count("reusing") == 2 and "training" not in err
+    assert json.loads((out / "compare.json").read_text())["summary"] == first
+    reference = json.loads((out / "reference.json").read_text())
+    assert [a["arm"] for a in reference["arms"]] == ["dense", "memory"]
+    assert reference["questions_sha256"] and "runs" not in reference
+    run = out / "runs" / "memory-seed0"
+    assert main(["eval", "facts", "--ckpt", str(run), "--json"]) == 0
+    mine = json.loads(capsys.readouterr().out)["buckets"]
+    assert main(["eval", "facts", "--ckpt", str(run), "--reference",
+                 str(out / "reference.json")]) == 0
+    text = capsys.readouterr().out
+    assert "dense (ref)" in text and "memory (ref)" in text and "not comparable" not in text
+    dense = reference["arms"][0]["buckets"]
+    for bucket in ("head", "torso", "tail", "all"):
+        row = next(line for line in text.splitlines()[::-1] if line.startswith(bucket))
+        gain = (mine[bucket]["accuracy"] - dense[bucket]["accuracy"]) * 100
+        assert row.endswith(f"{gain:+.1f}p"), row
+    # Another question set: the columns are flagged as not comparable.
+    other = tmp_path / "q.jsonl"
+    other.write_text((tiny_corpus / "questions.jsonl").read_text().splitlines()[0] + "\n")
+    assert main(["eval", "facts", "--ckpt", str(run), "--questions", str(other),
+                 "--reference", str(out / "reference.json")]) == 0
+    assert "not comparable" in capsys.readouterr().out
+    assert main(["eval", "facts", "--ckpt", str(run), "--reference",
+                 str(tmp_path / "missing.json")]) == 2
+    assert "reference file does not exist" in capsys.readouterr().err
+    # Another step count is another config: retrained, not reused.
+    assert main(["compare", "--arms", "dense", "--seeds", "0", "--steps", "3",
+                 "--out", str(out), *tiny_overrides(tiny_corpus, tmp_path / "unused")]) == 0
+    err = capsys.readouterr().err
+    assert "reusing" not in err and "training dense seed 0" in err

@@ -53,9 +53,12 @@ def test_eval_of_a_sharded_checkpoint_equals_one_process(tiny_corpus, tmp_path):
 
 def test_cli_synth_and_eval(tiny_corpus, tmp_path, capsys):
     assert main(["data", "synth", "--out", str(tmp_path / "d"), "--entities", "40",
-                 "--questions-per-bucket", "7"]) == 0
+                 "--questions-per-bucket", "7", "--train-docs", "300", "--valid-docs", "9",
+                 "--zipf", "0.5"]) == 0
     summary = json.loads(capsys.readouterr().out)
     assert summary["params"]["questions_per_bucket"] == 7
+    assert summary["params"]["zipf"] == 0.5
+    assert (summary["counts"]["train_docs"], summary["counts"]["valid_docs"]) == (300, 9)
     assert summary["buckets"]["tail"]["n_questions"] == 7
 
     ckpt = _train_rank(0, _overrides(tiny_corpus, tmp_path / "run"))

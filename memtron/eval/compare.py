@@ -2,6 +2,9 @@
 evaluate fact accuracy per bucket (Wilson 95 % intervals) and held-out loss, and write a table
 (markdown + JSON) and a plot against training FLOPs and parameter count.
 
+A run already trained and evaluated in the output directory with the same config and questions
+is reused, not retrained, so seeds can be spread over parallel ``compare`` processes.
+
 An arm is a set of config overrides applied on top of the base config and the user's overrides;
 only the architecture differs between arms, never the data, batch or steps.
 """
@@ -18,6 +21,8 @@ from typing import Any
 
 from memtron.config import Config, ConfigError, load_config
 from memtron.eval.facts import eval_facts, wilson_interval
+from memtron.eval.reference import reference_from_summary
+from memtron.train.checkpoint import sha256_file
 
 
 def _dense(cfg: Config) -> list[str]:
@@ -45,6 +50,24 @@ def _memory_beside(cfg: Config) -> list[str]:
 
 ARMS: dict[str, Callable[[Config], list[str]]] = {
     "dense": _dense, "dense2x": _dense2x, "memory": _memory, "memory-beside": _memory_beside}
+
+
+RUN_RECORD = "compare-run.json"  # per run dir: its config, questions hash and eval record
+
+
+def _finished_run(run_dir: Path, cfg: Config, questions_sha: str | None) -> dict | None:
+    """The record of a run already trained and evaluated in ``run_dir`` with exactly this config
+    and question set, if its checkpoint is still there: so seeds (or arms) can be trained by
+    parallel ``compare`` processes into one ``--out`` and a last one only gathers them."""
+    path = run_dir / RUN_RECORD
+    if not path.is_file():
+        return None
+    saved = json.loads(path.read_text())
+    record = saved.get("record", {})
+    if (saved.get("config") != cfg.to_dict() or saved.get("questions_sha256") != questions_sha
+            or not Path(record.get("checkpoint", "")).is_dir()):
+        return None
+    return record
 
 
 def parse_list(text: str, key: str, cast: Callable[[str], Any] = str) -> list:
@@ -142,7 +165,8 @@ def compare(config: str | None, arms: list[str], seeds: list[int], out: str | Pa
             questions: str | None = None,
             log: Callable[[str], None] = print) -> list[dict[str, Any]]:
     """Train and evaluate every arm x seed in this process; write ``compare.json``,
-    ``compare.md`` and ``compare.png`` into ``out`` and return the per-arm summary."""
+    ``compare.md``, ``compare.png`` and ``reference.json`` (the compact summary that ``memtron
+    eval facts --reference`` prints beside a run) into ``out`` and return the per-arm summary."""
     from memtron.train.trainer import train
 
     out = Path(out)
@@ -150,6 +174,9 @@ def compare(config: str | None, arms: list[str], seeds: list[int], out: str | Pa
     if steps is not None:
         base.append(f"train.steps={steps}")
     arm_overrides = {arm: _arm_overrides(config, base, arm) for arm in arms}
+    questions_path = questions or load_config(config, base).data.questions
+    questions_sha = (sha256_file(Path(questions_path))
+                     if questions_path and Path(questions_path).is_file() else None)
     runs: dict[str, list[dict]] = {arm: [] for arm in arms}
     for seed in seeds:
         for arm in arms:
@@ -157,6 +184,11 @@ def compare(config: str | None, arms: list[str], seeds: list[int], out: str | Pa
             cfg = load_config(config, [*arm_overrides[arm], f"train.seed={seed}",
                                        f"train.run_dir={run_dir}", "checkpoint.resume=none",
                                        "train.eval_every=0", "logging.progress=false"])
+            record = _finished_run(run_dir, cfg, questions_sha)
+            if record is not None:
+                log(f"compare: reusing {arm} seed {seed} from {run_dir / RUN_RECORD}")
+                runs[arm].append(record)
+                continue
             log(f"compare: training {arm} seed {seed} ({cfg.train.steps} steps) in {run_dir}")
             start = time.perf_counter()
             result = train(cfg)
@@ -165,8 +197,12 @@ def compare(config: str | None, arms: list[str], seeds: list[int], out: str | Pa
                 raise RuntimeError(f"compare: {arm} seed {seed} did not finish: "
                                    f"{result.diverged or 'no checkpoint'}")
             report = eval_facts(result.checkpoint, questions or None)
-            runs[arm].append({**report, "seed": seed, "arm": arm, "train_seconds": seconds,
-                              "overrides": arm_overrides[arm], "loadavg": os.getloadavg()})
+            record = {**report, "seed": seed, "arm": arm, "train_seconds": seconds,
+                      "overrides": arm_overrides[arm], "loadavg": os.getloadavg()}
+            (run_dir / RUN_RECORD).write_text(json.dumps(
+                {"config": cfg.to_dict(), "questions_sha256": questions_sha, "record": record},
+                indent=1) + "\n")
+            runs[arm].append(record)
     summary = [_summarise(arm, runs[arm]) for arm in arms]
     if len({row["train_tokens"] for row in summary}) != 1:
         raise RuntimeError("compare: arms trained on different numbers of tokens")
@@ -180,4 +216,6 @@ def compare(config: str | None, arms: list[str], seeds: list[int], out: str | Pa
                                     "95 %, questions pooled over seeds.\n\n"
                                     + markdown_table(summary))
     plot(summary, out / "compare.png", title)
+    (out / "reference.json").write_text(json.dumps(
+        reference_from_summary(summary, config, base, questions_path), indent=1) + "\n")
     return summary
