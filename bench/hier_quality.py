@@ -80,7 +80,7 @@ def run_arm(arm: str, root: Path, args: argparse.Namespace, blocks: list[int]) -
                 if not n.startswith(("value_tables", "bank")))
     return {"arm": arm, "train_s": seconds, "final_loss": result.losses[max(result.losses)],
             "valid_loss": report["valid"]["loss"], "routed": report["routed"],
-            "anchor_params": dense, "facts": report["buckets"]}
+            "anchor_params": dense, "chance": report["chance"], "facts": report["buckets"]}
 
 
 def main() -> None:
@@ -92,17 +92,22 @@ def main() -> None:
     parser.add_argument("--blocks", default="16,32,64", help="neurons per block, per level")
     parser.add_argument("--arms", default="none,generic,hier")
     parser.add_argument("--valid-batches", type=int, default=8)
+    parser.add_argument("--threads", type=int, default=0,
+                        help="torch threads (default: the CPUs, at most 4)")
     parser.add_argument("--out", help="write the results as JSON")
     args = parser.parse_args()
     args.steps = args.steps or (30 if args.quick else 1500)
     blocks = [int(b) for b in args.blocks.split(",")]
-    torch.set_num_threads(max(1, min(4, os.cpu_count() or 1)))
+    args.threads = args.threads or max(1, min(4, os.cpu_count() or 1))
+    torch.set_num_threads(args.threads)
+    load_before = os.getloadavg()
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         prepare_data(root, args.quick, args.levels, args.branching)
         results = [run_arm(arm, root, args, blocks) for arm in args.arms.split(",")]
     print(f"\n{args.steps} steps, tree {args.levels} x {args.branching}, blocks {blocks}, "
-          f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs")
+          f"{args.threads} thread(s), load average {os.getloadavg()[0]:.1f} on "
+          f"{os.cpu_count()} CPUs")
     buckets = list(results[0]["facts"])
     print(f"{'arm':<8} {'anchor':>8} {'valid loss':>10}  " + "  ".join(
         f"{b:>20}" for b in buckets))
@@ -116,8 +121,9 @@ def main() -> None:
               + "  ".join(f"{c:>20}" for c in cells)
               + ("" if math.isfinite(loss) else "  (non-finite)"))
     if args.out:
-        Path(args.out).write_text(json.dumps({"args": vars(args), "results": results},
-                                             indent=1))
+        Path(args.out).write_text(json.dumps(
+            {"args": vars(args), "cpus": os.cpu_count(), "load_before": load_before,
+             "load_after": os.getloadavg(), "results": results}, indent=1))
 
 
 if __name__ == "__main__":
