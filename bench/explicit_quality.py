@@ -34,7 +34,7 @@ from memtron.config import load_config
 from memtron.data.prepare import prepare
 from memtron.data.synthetic import generate_corpus, load_questions
 from memtron.data.tokenizer import load_tokenizer
-from memtron.eval.facts import bucket_scores, chance_level, score_questions
+from memtron.eval.facts import bucket_scores, chance_level, choice_logprobs, picked_answer
 from memtron.export.explicit import store_bytes
 from memtron.infer.explicit import open_explicit
 from memtron.infer.model import load_model
@@ -63,7 +63,7 @@ def overrides(data: Path, shards: Path, run_dir: Path, steps: int, every: int,
 
 
 def memory_logits_fn(model, explicit, questions: list[dict], tokenizer, device):
-    """logits_fn for score_questions that gives each scored sequence the memories generation
+    """logits_fn for choice_logprobs that gives each scored sequence the memories generation
     would: a chunk inside the question's prompt is retrieved with its prompt text, a later one
     with the chunk before it (infer/explicit.py)."""
     contexts = {tuple([tokenizer.eos_id, *tokenizer.encode(q["prompt"])]) for q in questions}
@@ -87,7 +87,8 @@ def memory_logits_fn(model, explicit, questions: list[dict], tokenizer, device):
 
 
 def accuracy(logits_fn, tokenizer, questions: list[dict], max_len: int) -> dict:
-    correct = score_questions(logits_fn, tokenizer, questions, batch_size=64, max_len=max_len)
+    correct = picked_answer(questions, choice_logprobs(logits_fn, tokenizer, questions,
+                                                       batch_size=64, max_len=max_len))
     return {name: {"correct": s.correct, "n": s.n, "accuracy": s.accuracy, "ci95": [s.low, s.high]}
             for name, s in bucket_scores(questions, correct).items()}
 

@@ -6,10 +6,10 @@
 * ``hier``: the anchor plus the blocks of the sequence's path down the cluster tree.
 
 Every arm trains on the same clustered shards (the same batches in the same order; the first two
-ignore ``bank_path``) from the same seed. Fact questions are routed like generation routes a
-prompt: the question's prompt goes down the tree and its path's blocks answer every choice.
-Reported: fact accuracy per frequency bucket with 95 % Wilson intervals, and the valid loss
-(each valid sample with its own path).
+ignore ``bank_path``) from the same seed. Each arm is scored by ``memtron eval facts``' code:
+fact questions are routed like generation routes a prompt (the question's prompt goes down the
+tree and its path's blocks answer every choice). Reported: fact accuracy per frequency bucket
+with 95 % Wilson intervals, and the valid loss (each valid sample with its own path).
 
     python bench/hier_quality.py --quick          # a smoke run: tiny corpus, 30 steps
     python bench/hier_quality.py --out hier.json  # the recipe's corpus and 1500 steps
@@ -29,14 +29,10 @@ import torch
 
 from memtron.config import load_config
 from memtron.data.clustering import build_tree
-from memtron.data.loader import eval_batches
 from memtron.data.prepare import prepare
-from memtron.data.synthetic import generate_corpus, load_questions
-from memtron.data.tokenizer import ByteTokenizer
-from memtron.eval.facts import bucket_scores, score_questions
-from memtron.infer.model import LoadedModel, load_model
-from memtron.model.forward import ForwardContext
-from memtron.model.transformer import lm_loss
+from memtron.data.synthetic import generate_corpus
+from memtron.eval.facts import eval_facts
+from memtron.infer.model import load_model
 from memtron.train.trainer import Trainer
 
 REPO = Path(__file__).resolve().parent.parent
@@ -70,55 +66,21 @@ def arm_overrides(arm: str, root: Path, steps: int, levels: int, branching: int,
     return common
 
 
-def routed_logits(loaded: LoadedModel, questions: list[dict]):
-    """A ``logits_fn`` that gives every row the path of the question whose prompt it extends
-    (score_questions' rows are eos + prompt + choice, in its own order)."""
-    tok = ByteTokenizer()
-    prompts = sorted({q["prompt"] for q in questions}, key=len, reverse=True)
-    paths = dict(zip(prompts, loaded.bank_paths(prompts).tolist())) \
-        if loaded.tree is not None else {}
-
-    def logits_fn(tokens: torch.Tensor) -> torch.Tensor:
-        path = None
-        if paths:
-            rows = []
-            for row in tokens.tolist():
-                text = tok.decode([t for t in row if t < 256])
-                rows.append(paths[next(p for p in prompts if text.startswith(p))])
-            path = torch.tensor(rows)
-        return loaded.model(tokens, ForwardContext(bank_path=path)).float()
-
-    return logits_fn
-
-
-@torch.no_grad()
-def valid_loss(loaded: LoadedModel, root: Path, batches: int) -> float:
-    losses = []
-    for batch in eval_batches(root / "valid", 16, 128, batches):
-        tokens = batch.tokens
-        logits = loaded.model(tokens[:, :-1],
-                              ForwardContext(bank_path=batch.fields.get("bank_path")))
-        losses.append(float(lm_loss(logits, tokens[:, 1:])))
-    return sum(losses) / len(losses)
-
-
 def run_arm(arm: str, root: Path, args: argparse.Namespace, blocks: list[int]) -> dict:
     cfg = load_config(REPO / "configs" / "hier-tiny.yaml",
                       arm_overrides(arm, root, args.steps, args.levels, args.branching, blocks))
     start = time.perf_counter()
     result = Trainer(cfg).run()
     seconds = time.perf_counter() - start
+    # The shared eval path: each question routed through the tree the data was prepared with,
+    # each valid sample with its own path.
+    report = eval_facts(result.checkpoint, valid_batches=args.valid_batches)
     loaded = load_model(result.checkpoint)
-    questions = load_questions(cfg.data.questions)
-    with torch.no_grad():
-        correct = score_questions(routed_logits(loaded, questions), ByteTokenizer(), questions,
-                                  max_len=cfg.model.max_seq_len)
-    scores = {name: s.__dict__ for name, s in bucket_scores(questions, correct).items()}
     dense = sum(p.numel() for n, p in loaded.model.named_parameters()
                 if not n.startswith(("value_tables", "bank")))
     return {"arm": arm, "train_s": seconds, "final_loss": result.losses[max(result.losses)],
-            "valid_loss": valid_loss(loaded, root, args.valid_batches), "anchor_params": dense,
-            "facts": scores}
+            "valid_loss": report["valid"]["loss"], "routed": report["routed"],
+            "anchor_params": dense, "chance": report["chance"], "facts": report["buckets"]}
 
 
 def main() -> None:
@@ -130,17 +92,22 @@ def main() -> None:
     parser.add_argument("--blocks", default="16,32,64", help="neurons per block, per level")
     parser.add_argument("--arms", default="none,generic,hier")
     parser.add_argument("--valid-batches", type=int, default=8)
+    parser.add_argument("--threads", type=int, default=0,
+                        help="torch threads (default: the CPUs, at most 4)")
     parser.add_argument("--out", help="write the results as JSON")
     args = parser.parse_args()
     args.steps = args.steps or (30 if args.quick else 1500)
     blocks = [int(b) for b in args.blocks.split(",")]
-    torch.set_num_threads(max(1, min(4, os.cpu_count() or 1)))
+    args.threads = args.threads or max(1, min(4, os.cpu_count() or 1))
+    torch.set_num_threads(args.threads)
+    load_before = os.getloadavg()
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         prepare_data(root, args.quick, args.levels, args.branching)
         results = [run_arm(arm, root, args, blocks) for arm in args.arms.split(",")]
     print(f"\n{args.steps} steps, tree {args.levels} x {args.branching}, blocks {blocks}, "
-          f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs")
+          f"{args.threads} thread(s), load average {os.getloadavg()[0]:.1f} on "
+          f"{os.cpu_count()} CPUs")
     buckets = list(results[0]["facts"])
     print(f"{'arm':<8} {'anchor':>8} {'valid loss':>10}  " + "  ".join(
         f"{b:>20}" for b in buckets))
@@ -154,8 +121,9 @@ def main() -> None:
               + "  ".join(f"{c:>20}" for c in cells)
               + ("" if math.isfinite(loss) else "  (non-finite)"))
     if args.out:
-        Path(args.out).write_text(json.dumps({"args": vars(args), "results": results},
-                                             indent=1))
+        Path(args.out).write_text(json.dumps(
+            {"args": vars(args), "cpus": os.cpu_count(), "load_before": load_before,
+             "load_after": os.getloadavg(), "results": results}, indent=1))
 
 
 if __name__ == "__main__":

@@ -151,7 +151,7 @@ def _cmd_eval_facts(args: argparse.Namespace) -> int:
         except ValueError as e:
             raise ConfigError(f"--reference: {e}") from e
     report = eval_facts(args.ckpt, args.questions, args.batch_size, args.valid_batches,
-                        _device(args.device))
+                        _device(args.device), args.tree)
     if args.json:
         print(json.dumps(report, indent=1))
         return 0
@@ -251,6 +251,8 @@ def _add_eval_parsers(sub) -> None:
     p.add_argument("--questions", help="questions.jsonl (default: the config's data.questions)")
     p.add_argument("--batch-size", type=int, default=64, help="sequences per forward")
     p.add_argument("--valid-batches", type=int, help="cap on valid batches (default: all)")
+    p.add_argument("--tree", help="cluster tree routing a bank model's questions (default: the "
+                   "copy kept with the training data)")
     p.add_argument("--device", default="auto", help="auto (cuda if present), cpu, cuda:N")
     p.add_argument("--reference", help="a compare reference.json (e.g. docs/quality-reference"
                    ".json): print its arms' numbers beside this checkpoint's")

@@ -12,9 +12,11 @@ from memtron.cli import main
 from memtron.config import ConfigError
 from memtron.data.clustering import build_tree
 from memtron.data.embed import HashedNgramEmbedder
+from memtron.data.loader import DataError
 from memtron.data.prepare import prepare
-from memtron.data.synthetic import generate_corpus
+from memtron.data.synthetic import generate_corpus, load_questions
 from memtron.data.tokenizer import ByteTokenizer
+from memtron.eval.facts import eval_facts
 from memtron.export.bank import export_bank
 from memtron.infer.generate import SamplingConfig, generate
 from memtron.infer.model import load_model
@@ -146,3 +148,61 @@ def test_frozen_anchor_trains_only_the_bank(trained, tmp_path):
     after = trainer.model.state_dict()
     moved = {k for k in before if not torch.equal(before[k], after[k])}
     assert moved == {"value_tables.bank0.weight", "value_tables.bank1.weight"}
+
+
+def _manual_choice_logp(model, question: dict, path: torch.Tensor | None) -> list[float]:
+    """Each choice's summed log-probability, one unbatched forward per choice, the prompt cut
+    from the left to the model's context as the eval does."""
+    tok = ByteTokenizer()
+    context = [tok.eos_id, *tok.encode(question["prompt"])]
+    out = []
+    for choice in question["choices"]:
+        continuation = tok.encode(choice)
+        tokens = (context + continuation)[-(TINY_SEQ_LEN + 1):]
+        with torch.no_grad():
+            logits = model(torch.tensor([tokens[:-1]]), ForwardContext(
+                bank_path=None if path is None else path[None]))[0].float()
+        logp = logits.log_softmax(-1)
+        first = len(tokens) - 1 - len(continuation)
+        out.append(sum(float(logp[p, tokens[p + 1]]) for p in range(first, len(tokens) - 1)))
+    return out
+
+
+def test_eval_facts_routes_each_question_through_the_tree(trained, tmp_path):
+    """``eval facts`` scores a bank model's questions with their prompts' tree paths (batched,
+    mixed paths per batch), not with the generic block alone; the trainer's in-training fact
+    eval uses the same paths."""
+    root, result = trained
+    report = eval_facts(result.checkpoint, batch_size=5, valid_batches=1)
+    assert report["routed"]
+    loaded = load_model(result.checkpoint)
+    questions = load_questions(root / "questions.jsonl")
+    paths = loaded.bank_paths([q["prompt"] for q in questions])
+    assert len(set(map(tuple, paths.tolist()))) > 1  # the questions reach several leaves
+    routed = [_manual_choice_logp(loaded.model, q, p) for q, p in zip(questions, paths)]
+    generic = [_manual_choice_logp(loaded.model, q, None) for q in questions]
+    assert len(report["choice_logp"]) == len(questions)
+    for got, want in zip(report["choice_logp"], routed):
+        assert got == pytest.approx(want, abs=1e-4)
+    # The routed blocks change the scores, so a generic-only eval would not pass the above.
+    assert max(abs(a - b) for r, g in zip(routed, generic) for a, b in zip(r, g)) > 1e-3
+    correct = [int(torch.tensor(r).argmax()) == q["choices"].index(q["answer"])
+               for q, r in zip(questions, routed)]
+    assert report["buckets"]["all"]["correct"] == sum(correct)
+
+    from memtron.config import load_config
+
+    cfg = load_config(None, tiny_overrides(root, tmp_path / "eval-run", **BANK))
+    trainer = Trainer(cfg)
+    assert torch.equal(trainer.question_paths, paths)
+    trainer.load(result.checkpoint, verify=False)
+    assert trainer.evaluate()["fact_acc/all"] == pytest.approx(sum(correct) / len(questions))
+
+
+def test_eval_facts_needs_the_bank_models_tree(trained, tmp_path, capsys):
+    _, result = trained
+    with pytest.raises(DataError, match="hierarchical bank.*--tree"):
+        eval_facts(result.checkpoint, tree=tmp_path / "no-tree")
+    assert main(["eval", "facts", "--ckpt", str(result.checkpoint), "--tree",
+                 str(tmp_path / "no-tree")]) == 2
+    assert "pass --tree" in capsys.readouterr().err

@@ -3,7 +3,9 @@
 Each choice is scored by the summed log-probability of its tokens after the prompt, as in
 lm-eval-harness's loglikelihood tasks; a question is right when its answer scores highest
 (ties go to the earlier choice). The prompt is preceded by ``eos_id``, the document boundary
-the model saw before every training document.
+the model saw before every training document. A model with a hierarchical bank scores each
+question with the blocks of its prompt's path down the cluster tree (``bank_paths``), as
+generation routes a prompt (DESIGN §5).
 """
 
 from __future__ import annotations
@@ -17,24 +19,33 @@ from typing import Any
 import torch
 
 from memtron.config import ConfigError
+from memtron.data.clustering import TreeError
 from memtron.data.loader import DataError
 from memtron.data.synthetic import load_questions
 from memtron.data.tokenizer import Tokenizer, load_tokenizer
 from memtron.eval.lm import lm_loss, shard_seq_len
-from memtron.infer.model import LoadedModel, load_model
+from memtron.infer.model import LoadedModel, load_model, route_texts
+from memtron.model.forward import ForwardContext
 from memtron.train.checkpoint import read_manifest
 from memtron.train.metrics import flops_per_token
 
 WILSON_Z95 = 1.959963984540054  # two-sided 95 % normal quantile
 
 
+LogitsFn = Callable[..., torch.Tensor]
+"""``logits_fn(tokens[B, T]) -> logits[B, T, V]``, or with bank paths
+``logits_fn(tokens, bank_path[B, levels])``."""
+
+
 def _score_sequences(
-    logits_fn: Callable[[torch.Tensor], torch.Tensor],
+    logits_fn: LogitsFn,
     sequences: list[tuple[list[int], int]],
     pad_id: int,
     batch_size: int,
+    paths: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Sum of log p(last n tokens | earlier tokens) for each (tokens, n), right-padded batches."""
+    """Sum of log p(last n tokens | earlier tokens) for each (tokens, n), right-padded batches;
+    with ``paths`` [len(sequences), levels], each batch's rows go to ``logits_fn`` too."""
     scores = torch.zeros(len(sequences), dtype=torch.float64)
     # Longest first, so each batch is padded to similar lengths.
     order = sorted(range(len(sequences)), key=lambda i: -len(sequences[i][0]))
@@ -52,37 +63,42 @@ def _score_sequences(
                 cols.append(p)
                 targets.append(tokens[p + 1])
                 owners.append(i)
-        logits = logits_fn(inputs)
+        logits = logits_fn(inputs) if paths is None else logits_fn(inputs, paths[chunk])
         picked = logits[torch.tensor(rows), torch.tensor(cols)].float().log_softmax(-1)
         token_logp = picked.gather(-1, torch.tensor(targets, device=picked.device)[:, None])
         scores.index_add_(0, torch.tensor(owners), token_logp[:, 0].double().cpu())
     return scores
 
 
-def score_questions(
-    logits_fn: Callable[[torch.Tensor], torch.Tensor],
+def choice_logprobs(
+    logits_fn: LogitsFn,
     tokenizer: Tokenizer,
     questions: list[dict],
     batch_size: int = 64,
     max_len: int | None = None,
-) -> list[bool]:
-    """Whether each question's answer scores highest among its choices.
+    bank_paths: torch.Tensor | None = None,
+) -> list[torch.Tensor]:
+    """Per question, the summed log-probability of each choice after its prompt (float64).
 
     ``logits_fn(tokens[B, T]) -> logits[B, T, V]`` is a causal LM, called under no_grad with
     CPU tokens (it moves them where it needs). ``max_len`` caps T by cutting prompts from the
-    left. Questions need prompt, answer, choices.
+    left. Questions need prompt, answer, choices. With ``bank_paths`` [len(questions), levels]
+    (see :func:`question_paths`) every row of a question is scored with its question's path:
+    ``logits_fn(tokens, bank_path[B, levels])``.
     """
     if not questions:
         raise ValueError("fact_accuracy: no questions given")
     if max_len is not None and max_len < 1:
         raise ValueError(f"fact_accuracy: max_len must be >= 1, got {max_len}")
+    if bank_paths is not None and len(bank_paths) != len(questions):
+        raise ValueError(f"fact_accuracy: {len(bank_paths)} bank paths for {len(questions)} "
+                         "questions")
     sequences: list[tuple[list[int], int]] = []
-    answers: list[int] = []
+    owners: list[int] = []  # the question of each sequence
     for q_index, question in enumerate(questions):
         choices = question["choices"]
         if question["answer"] not in choices:
             raise ValueError(f"question {q_index}: answer {question['answer']!r} not in choices")
-        answers.append(choices.index(question["answer"]))
         context = [tokenizer.eos_id, *tokenizer.encode(question["prompt"])]
         for choice in choices:
             continuation = tokenizer.encode(choice)
@@ -93,17 +109,33 @@ def score_questions(
             if max_len is not None:
                 tokens = tokens[-(max_len + 1) :]  # the model reads all but the last token
             sequences.append((tokens, len(continuation)))
+            owners.append(q_index)
 
+    paths = None if bank_paths is None else bank_paths[torch.tensor(owners)]
     with torch.no_grad():
-        scores = _score_sequences(logits_fn, sequences, tokenizer.eos_id, batch_size)
+        scores = _score_sequences(logits_fn, sequences, tokenizer.eos_id, batch_size, paths)
+    return list(scores.split([len(q["choices"]) for q in questions]))
 
-    correct: list[bool] = []
-    first = 0
-    for question, answer in zip(questions, answers):
-        n_choices = len(question["choices"])
-        correct.append(int(torch.argmax(scores[first : first + n_choices])) == answer)
-        first += n_choices
-    return correct
+
+def picked_answer(questions: list[dict], scores: list[torch.Tensor]) -> list[bool]:
+    """Whether each question's answer has the highest of its choice scores (first on ties)."""
+    return [int(torch.argmax(s)) == q["choices"].index(q["answer"])
+            for q, s in zip(questions, scores)]
+
+
+def question_paths(tree: Any, questions: list[dict]) -> torch.Tensor | None:
+    """[n, levels] bank path of each question, its prompt routed down the cluster ``tree`` like
+    a generation prompt, so a bank model answers with the blocks the question's topic trained
+    (None without a tree: no bank, or a generic-only one)."""
+    return route_texts(tree, [q["prompt"] for q in questions])
+
+
+def model_logits(model: torch.nn.Module, device: str | torch.device) -> LogitsFn:
+    """A ``logits_fn`` for :func:`choice_logprobs` over a loaded model, optional bank paths."""
+    def logits_fn(tokens: torch.Tensor, bank_path: torch.Tensor | None = None) -> torch.Tensor:
+        return model(tokens.to(device), ForwardContext(bank_path=bank_path)).float()
+
+    return logits_fn
 
 
 def wilson_interval(successes: int, n: int, z: float = WILSON_Z95) -> tuple[float, float]:
@@ -147,15 +179,17 @@ def chance_level(questions: list[dict]) -> float:
 
 
 def fact_accuracy(
-    logits_fn: Callable[[torch.Tensor], torch.Tensor],
+    logits_fn: LogitsFn,
     tokenizer: Tokenizer,
     questions: list[dict],
     batch_size: int = 64,
     max_len: int | None = None,
+    bank_paths: torch.Tensor | None = None,
 ) -> dict[str, float]:
     """Accuracy per bucket, over ``"all"``, and the ``"chance"`` level (see
-    :func:`score_questions` for the arguments)."""
-    correct = score_questions(logits_fn, tokenizer, questions, batch_size, max_len)
+    :func:`choice_logprobs` for the arguments)."""
+    correct = picked_answer(questions, choice_logprobs(logits_fn, tokenizer, questions,
+                                                       batch_size, max_len, bank_paths))
     result = {name: s.accuracy for name, s in bucket_scores(questions, correct).items()}
     result["chance"] = chance_level(questions)
     return result
@@ -180,11 +214,27 @@ def train_tokens(loaded: LoadedModel) -> int:
     return loaded.step * cfg.train.grad_accum * cfg.data.micro_batch_size * cfg.data.seq_len * dp
 
 
+def load_eval_model(ckpt: str | Path, device: str | torch.device = "cpu",
+                    tree: str | Path | None = None) -> LoadedModel:
+    """:func:`load_model` for evaluation: a bank model's questions need its cluster tree
+    (``tree``, else the copy ``prepare --clusters`` kept with the training data), and without
+    it the eval would silently score the generic block alone, so a missing tree is an error."""
+    try:
+        return load_model(ckpt, device=device, tree=tree)
+    except TreeError as e:
+        raise DataError(f"{ckpt}: the model has a hierarchical bank and its questions are "
+                        f"routed through the cluster tree, which cannot be loaded ({e}); pass "
+                        "--tree TREE_DIR (the tree the training data was prepared with)") from e
+
+
 def eval_facts(ckpt: str | Path, questions: str | Path | None = None, batch_size: int = 64,
-               valid_batches: int | None = None, device: str = "cpu") -> dict[str, Any]:
+               valid_batches: int | None = None, device: str = "cpu",
+               tree: str | Path | None = None) -> dict[str, Any]:
     """``memtron eval facts``: per-bucket fact accuracy with Wilson intervals, plus loss on the
-    config's valid shards, for a checkpoint of any layout loaded into this process."""
-    loaded = load_model(ckpt, device=device)
+    config's valid shards, for a checkpoint of any layout loaded into this process. A bank
+    model scores each question with its prompt's tree path (``tree``: see
+    :func:`load_eval_model`). ``choice_logp`` holds each question's per-choice scores."""
+    loaded = load_eval_model(ckpt, device, tree)
     cfg = loaded.config
     path = questions or cfg.data.questions
     if not path:
@@ -195,16 +245,16 @@ def eval_facts(ckpt: str | Path, questions: str | Path | None = None, batch_size
     except ValueError as e:
         raise DataError(str(e)) from e
     tokenizer = load_tokenizer(cfg.data.tokenizer)
-
-    def logits_fn(tokens: torch.Tensor) -> torch.Tensor:
-        return loaded.model(tokens.to(device)).float()
-
-    correct = score_questions(logits_fn, tokenizer, rows, batch_size, cfg.model.max_seq_len)
+    paths = question_paths(loaded.tree, rows)
+    scores = choice_logprobs(model_logits(loaded.model, device), tokenizer, rows, batch_size,
+                             cfg.model.max_seq_len, paths)
+    correct = picked_answer(rows, scores)
     result: dict[str, Any] = {
         "checkpoint": str(loaded.checkpoint), "step": loaded.step, "questions": str(path),
+        "routed": paths is not None,
         "buckets": {k: asdict(v) for k, v in bucket_scores(rows, correct).items()},
         "chance": chance_level(rows), **model_size(loaded),
-        "train_tokens": train_tokens(loaded)}
+        "train_tokens": train_tokens(loaded), "choice_logp": [s.tolist() for s in scores]}
     if cfg.data.valid:
         seq_len = shard_seq_len(cfg.data.valid, loaded)
         result["valid"] = lm_loss(loaded.model, cfg.data.valid, seq_len,

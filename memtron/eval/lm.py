@@ -18,6 +18,7 @@ from memtron.data.loader import DataError, eval_batches
 from memtron.data.prepare import INDEX_NAME
 from memtron.data.tokenizer import load_tokenizer
 from memtron.infer.model import LoadedModel, load_model
+from memtron.model.forward import ForwardContext
 from memtron.model.transformer import Transformer
 
 
@@ -48,7 +49,8 @@ def lm_loss(model: Transformer, shards: str | Path, seq_len: int, batch_size: in
     total, count = 0.0, 0
     for batch in eval_batches(shards, batch_size, seq_len, max_batches or 2**62):
         tokens = batch.tokens.to(device)
-        logits = model(tokens[:, :-1]).float()
+        path = batch.fields.get("bank_path")  # a bank model: each sample with its tree path
+        logits = model(tokens[:, :-1], ForwardContext(bank_path=path)).float()
         total += float(F.cross_entropy(logits.flatten(0, 1), tokens[:, 1:].flatten(),
                                        reduction="sum"))
         count += tokens[:, 1:].numel()

@@ -43,9 +43,7 @@ class LoadedModel:
 
     def bank_paths(self, texts: list[str]) -> torch.Tensor | None:
         """[n, levels] node ids of each text's path down the tree (None without a bank)."""
-        if self.tree is None:  # no bank, or a generic-only one
-            return None
-        return torch.from_numpy(self.tree.route(texts)).long()
+        return route_texts(self.tree, texts)
 
     def fetch_stats(self) -> dict[str, float]:
         """Memory-fetch counters summed over the store-backed tables."""
@@ -87,6 +85,14 @@ def _check_bank_source(bank: Bank, reader: CheckpointReader) -> None:
         raise CheckpointError(f"{bank.path}: exported from step {source.get('step')} of "
                               f"{source.get('checkpoint')}, but {reader.path} is step "
                               f"{reader.step}; export the bank from this checkpoint")
+
+
+def route_texts(tree: Any, texts: list[str]) -> torch.Tensor | None:
+    """[n, levels] node ids of each text's path down ``tree``: the bank path a prompt (or a
+    fact question) is answered with. None without a tree (no bank, or a generic-only one)."""
+    if tree is None:
+        return None
+    return torch.from_numpy(tree.route(texts)).long()
 
 
 DECAY_BLOCK_ROWS = 1 << 16  # rows per block of _apply_owed_decay's fp32 temporaries

@@ -29,7 +29,8 @@ from memtron.data.loader import Batch, ShardLoader, eval_batches
 from memtron.data.prepare import INDEX_NAME
 from memtron.data.synthetic import load_questions
 from memtron.data.tokenizer import load_tokenizer
-from memtron.eval.facts import fact_accuracy
+from memtron.eval.facts import fact_accuracy, question_paths
+from memtron.infer.model import load_tree
 from memtron.model.forward import ExplicitKV, ForwardContext, autocast
 from memtron.model.transformer import Transformer, build_model
 from memtron.parallel.bank import bank_table_factory
@@ -188,6 +189,10 @@ class Trainer:
                                   dp_rank=self.state.dp_rank, dp_size=self.state.dp,
                                   num_workers=cfg.data.num_workers, seed=cfg.train.seed)
         self.questions = load_questions(cfg.data.questions) if cfg.data.questions else []
+        # A bank model answers each question with its prompt's path down the data's tree.
+        self.question_paths = question_paths(
+            load_tree(cfg, None, None) if cfg.bank.layers and cfg.bank.levels else None,
+            self.questions) if self.questions else None
         self.explicit = None  # explicit memories (memory.explicit.store), fetched per sample
         self.prefetcher: MemoryPrefetcher | None = None
         if cfg.memory.explicit.store:
@@ -416,13 +421,16 @@ class Trainer:
             result["loss"] = average_scalar(sum(losses) / len(losses), self.state.dp_cp_group)
             result["perplexity"] = math.exp(min(result["loss"], 50.0))
         if self.questions:
-            def logits_fn(tokens: torch.Tensor) -> torch.Tensor:
+            def logits_fn(tokens: torch.Tensor,
+                          bank_path: torch.Tensor | None = None) -> torch.Tensor:
                 with self._autocast():
-                    return gather_logits(self.model(tokens.to(self.device)), self.state).float()
+                    logits = self.model(tokens.to(self.device), ForwardContext(bank_path=bank_path))
+                    return gather_logits(logits, self.state).float()
 
             with local_attention(self.model):  # questions are whole sequences on every rank
                 accuracy = fact_accuracy(logits_fn, self.tokenizer, self.questions,
-                                         max_len=cfg.model.max_seq_len)
+                                         max_len=cfg.model.max_seq_len,
+                                         bank_paths=self.question_paths)
             result.update({f"fact_acc/{k}": v for k, v in accuracy.items()})
         self.model.train()
         return result
