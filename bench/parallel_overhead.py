@@ -160,7 +160,7 @@ def _rank_main(rank: int, world: int, layout: Layout, data: str, warmup: int,
                     "state": trainer.state.describe()}
             lookups = (cfg.data.micro_batch_size * cfg.data.seq_len * cfg.train.grad_accum
                        * len(trainer.model.memory_layers()))
-            batches = iter(trainer.loader)
+            batches = trainer.batches()
             loss = None
             for step in range(1, warmup + steps + 1):
                 measured = step > warmup

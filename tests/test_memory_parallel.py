@@ -175,7 +175,7 @@ def test_no_dense_table_gradient_in_a_training_step(tiny_config):
     cfg = tiny_config(**{"memory.n_sub_keys": 1024, "memory.value_dim": 32,
                          "model.n_heads": 4, "model.n_kv_heads": 2})
     trainer = Trainer(cfg)
-    batches = iter(trainer.loader)
+    batches = trainer.batches()
     trainer.train_step(batches)  # optimizer state allocated once, outside the probe
     table = trainer.tables["table0"].weight
     with _LargestNewTensor() as probe:

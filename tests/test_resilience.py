@@ -51,7 +51,7 @@ def test_divergence_stops_without_checkpointing_the_bad_state(tiny_corpus, tmp_p
     ``injected``: a NaN loss on every step from step 4 on."""
     if cause == "injected":
         loss = Trainer._loss
-        monkeypatch.setattr(Trainer, "_loss", lambda self, tokens: loss(self, tokens) * (
+        monkeypatch.setattr(Trainer, "_loss", lambda self, *args: loss(self, *args) * (
             math.nan if self.step >= 3 else 1.0))
     run_dir = tmp_path / "nan"
     lr = {"optim.lr": 1e4, "optim.grad_clip": 0} if cause == "lr" else {}

@@ -299,7 +299,8 @@ class Trainer:
                                                        explicit=explicit))
         return parallel_lm_loss(logits, targets, self.state)
 
-    def train_step(self, batches) -> dict[str, float]:
+    def train_step(self, batches: Iterator[tuple[Batch, ExplicitKV | None]]) -> dict[str, float]:
+        """One optimizer step over ``grad_accum`` items of ``batches`` (from :meth:`batches`)."""
         cfg = self.cfg
         lr = lr_at(self.step + 1, cfg.train.steps, cfg.optim)
         set_lr(self.dense_opt, self.sparse_opt, lr, cfg.optim.memory_lr_mult)
@@ -436,7 +437,7 @@ class Trainer:
         return result
 
     # ----------------------------------------------------------------------- loop
-    def _batches(self) -> Iterator[tuple[Batch, ExplicitKV | None]]:
+    def batches(self) -> Iterator[tuple[Batch, ExplicitKV | None]]:
         """(batch, its explicit memories or None) from where the loader stands; with explicit
         memories configured, through the prefetching loader (memories from start_step on)."""
         if self.explicit is None:
@@ -510,7 +511,7 @@ class Trainer:
         if resume is not None:
             log.print(f"resumed from {resume} at step {self.step}")
         previous = {s: signal.signal(s, self._on_signal) for s in STOP_SIGNALS}
-        batches = self._batches()
+        batches = self.batches()
         bad_streak = 0
         try:
             stop = None
