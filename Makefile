@@ -10,7 +10,7 @@ install:
 
 install-dev:
 	scripts/install-system.sh
-	PYTHON=$(PYTHON) scripts/install.sh dev,megatron,deepspeed,mpi,serve,hf,eval,report
+	PYTHON=$(PYTHON) scripts/install.sh dev,megatron,deepspeed,mpi,serve,hf,eval,report,retrieval
 
 # Regenerated when the generator (and so the demo corpus) changes. 1,000 questions per bucket
 # (2,000 in all) keep the intervals at about +-2 points; the committed reference numbers
