@@ -35,7 +35,7 @@ from memtron.data.prepare import prepare
 from memtron.data.synthetic import generate_corpus, load_questions
 from memtron.data.tokenizer import load_tokenizer
 from memtron.eval.facts import bucket_scores, chance_level, choice_logprobs, picked_answer
-from memtron.export.explicit import store_bytes
+from memtron.export.explicit import size_per_reference
 from memtron.infer.explicit import open_explicit
 from memtron.infer.model import load_model
 from memtron.model.forward import ForwardContext
@@ -98,19 +98,17 @@ def sizes(store: Path, cfg) -> dict:
     bf16 K/V in the memory layers (every token, not the top m)."""
     manifest = json.loads((store / "manifest.json").read_text())
     meta = manifest["source"]["explicit"]
-    tables = store_bytes(manifest)
     references = [json.loads(line) for line in (store / "references.jsonl").read_text()
                   .splitlines() if line.strip()]
     n = meta["n_memories"]
-    raw = json.loads((store.parent / "raw_bytes.json").read_text())["bytes"]
-    tokens_per_ref = raw / n  # byte tokenizer: one token per byte
-    dense = tokens_per_ref * len(meta["layers"]) * meta["n_kv_heads"] * meta["head_dim"] * 2 * 2
+    text = json.loads((store.parent / "raw_bytes.json").read_text())["bytes"] / n
+    size = size_per_reference(manifest, text, tokens=text)  # byte tokenizer: a token per byte
     return {"n_memories": n, "n_documents": len(references), "store_dtype": meta["dtype"],
             "m": meta["m"], "ref_len": meta["ref_len"], "layers": meta["layers"],
-            "memory_bytes_per_reference": tables["memories"] / n,
-            "store_bytes_per_reference": sum(tables.values()) / n,
-            "raw_text_bytes_per_reference": raw / n,
-            "dense_kv_bytes_per_reference": dense,
+            "memory_bytes_per_reference": size["memory_bytes"],
+            "store_bytes_per_reference": size["store_bytes"],
+            "raw_text_bytes_per_reference": text,
+            "dense_kv_bytes_per_reference": size["dense_kv_bytes"],
             "model_d_model": cfg.model.d_model}
 
 

@@ -134,7 +134,7 @@ def _ring_rank(rank: int, cp: int, length: int, chunk: int, slots: int) -> dict:
         memories = ExplicitKV(mk_held, mv_held, (0,), chunk, held)
         memories.check(idx)
         out = ring_attention(ql, kl, vl, state.cp_group, cp, state.cp_rank,
-                             memories.layer(0, idx))
+                             memories.layer(0, memories.query_chunks(idx)))
         grad = torch.randn(2, 4, length, 8, generator=torch.Generator().manual_seed(5))
         out.backward(grad[:, :, idx])
         full = [torch.zeros(2, 2, n_chunks, slots, 8) for _ in range(2)]

@@ -9,6 +9,9 @@ sentence-embedding model directory is the option (``SentenceModelEmbedder``).
 An embedder is rebuilt from its saved state (``save_embedder`` / ``load_embedder``): a tree or a
 retrieval index stores the embedder it was built with, so a prompt at inference is embedded by
 exactly the function that placed the training documents.
+
+Every embedder's ``embed(texts)`` returns ``[len(texts), dim]`` float32 rows, L2-normalised
+(an empty text gives a zero row).
 """
 
 from __future__ import annotations
@@ -16,7 +19,6 @@ from __future__ import annotations
 import json
 from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Protocol
 
 import numpy as np
 
@@ -24,14 +26,6 @@ import numpy as np
 _MIX1 = np.uint64(0xBF58476D1CE4E5B9)
 _MIX2 = np.uint64(0x94D049BB133111EB)
 _BASE = np.uint64(0x100000001B3)
-
-
-class Embedder(Protocol):
-    dim: int
-
-    def embed(self, texts: Sequence[str]) -> np.ndarray:
-        """``[len(texts), dim]`` float32, rows L2-normalised (zero rows stay zero)."""
-        ...
 
 
 def _mix(h: np.ndarray) -> np.ndarray:

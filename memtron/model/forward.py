@@ -112,15 +112,15 @@ class ExplicitKV:
             query_chunk = torch.searchsorted(self.chunks.to(positions.device), query_chunk)
         return query_chunk
 
-    def layer(self, index: int, positions: torch.Tensor) -> MemoryKV | None:
-        """The memories of attention layer ``index`` for queries at ``positions`` ([L] or
-        [B, L]); None if it is not a memory layer."""
+    def layer(self, index: int, query_chunk: torch.Tensor) -> MemoryKV | None:
+        """The memories of attention layer ``index`` for queries whose held-chunk indices are
+        ``query_chunk`` (:meth:`query_chunks`, computed once per forward for all layers);
+        None if it is not a memory layer."""
         if index not in self.layers:
             return None
         i = self.layers.index(index)
         k, v = self.keys[i], self.values[i]
-        return MemoryKV(k.flatten(2, 3), v.flatten(2, 3), k.shape[3],
-                        self.query_chunks(positions))
+        return MemoryKV(k.flatten(2, 3), v.flatten(2, 3), k.shape[3], query_chunk)
 
     def check(self, positions: torch.Tensor) -> None:
         """Every query must have its chunk's memories (a missing chunk is a caller bug)."""

@@ -158,15 +158,17 @@ class Transformer(nn.Module):
         positions = ctx.resolve_positions(length, tokens.device)
         rope = self.rope(positions)
         mask = ctx.attention_mask(length, tokens.device)
+        query_chunk = None
         if ctx.explicit is not None:
             ctx.explicit.check(positions)
+            query_chunk = ctx.explicit.query_chunks(positions)
         x = self.embed(tokens)
         bank = None
         if self.bank is not None:
             path = ctx.bank_path
             bank = self.bank.fetch(None if path is None else path.to(tokens.device))
         for i, block in enumerate(self.blocks):
-            memory = None if ctx.explicit is None else ctx.explicit.layer(i, positions)
+            memory = None if ctx.explicit is None else ctx.explicit.layer(i, query_chunk)
             x = block(x, rope, mask, ctx.cache, bank, memory)
         if ctx.cache is not None:
             ctx.cache.advance(length)
