@@ -56,6 +56,7 @@ import torch
 
 from memtron.bench.harness import BenchRun, add_output_args
 from memtron.config import BankConfig, load_config
+from memtron.data.clustering import TreeShape
 from memtron.export.bank import TableRows, write_bank
 from memtron.infer.bank import HierarchicalBank, level_table
 from memtron.infer.server import running_server
@@ -141,21 +142,6 @@ def server_pass(url: str, batches: list[torch.Tensor], clients: int) -> tuple[in
     for store in stores:
         store.close()
     return total, wall
-
-
-class TreeShape:
-    """What ``HierarchicalBank`` uses of a cluster tree (levels, branching, node numbering),
-    without centroids: the benchmark draws paths itself, nothing routes text."""
-
-    def __init__(self, levels: int, branching: int) -> None:
-        self.levels, self.branching = levels, branching
-
-    def nodes_per_level(self) -> list[int]:
-        return [self.branching**level for level in range(1, self.levels + 1)]
-
-    def level_offset(self, level: int) -> int:
-        """First node id of ``level`` (1-based), as ``ClusterTree.level_offset``."""
-        return sum(self.branching**j for j in range(1, level))
 
 
 def bank_shape(a: argparse.Namespace) -> tuple[BankConfig, int]:

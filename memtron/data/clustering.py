@@ -162,32 +162,19 @@ def _fit_node(x: np.ndarray, b: int, rng: np.random.Generator, tolerance: float,
     return centers, balance_biases(_sqdist(x, centers[None]), tolerance)
 
 
-class ClusterTree:
-    """A balanced k-means tree over document embeddings; see the module docstring."""
+class TreeShape:
+    """The node numbering of a tree of ``levels`` x ``branching``: level-major without the root,
+    a child of node index i within its level being ``i * branching + c``. Bank tables are
+    addressed by it, whether or not a fitted tree is at hand."""
 
-    def __init__(self, levels: int, branching: int, centroids: np.ndarray, biases: np.ndarray,
-                 embedder: AnyEmbedder, info: dict | None = None,
-                 fit_paths: np.ndarray | None = None) -> None:
+    def __init__(self, levels: int, branching: int) -> None:
         if levels < 1 or branching < 2:
             raise ValueError(f"need levels >= 1 and branching >= 2, got {levels}, {branching}")
         self.levels, self.branching = int(levels), int(branching)
-        n_nodes = sum(branching**level for level in range(1, levels + 1))
-        if centroids.shape != (n_nodes, embedder.dim) or biases.shape != (n_nodes,):
-            raise ValueError(f"centroids {centroids.shape} / biases {biases.shape} do not fit "
-                             f"{n_nodes} nodes of dim {embedder.dim}")
-        self.centroids = centroids.astype(np.float32, copy=False)
-        self.biases = biases.astype(np.float32, copy=False)
-        self.embedder = embedder
-        self.info = dict(info or {})  # build figures: seed, sample size, balance per level
-        self.fit_paths = fit_paths  # paths of the fitting sample's documents, in sample order
 
     @property
     def n_nodes(self) -> int:
-        return len(self.centroids)
-
-    @property
-    def dim(self) -> int:
-        return self.centroids.shape[1]
+        return sum(self.nodes_per_level())
 
     def nodes_per_level(self) -> list[int]:
         return [self.branching**level for level in range(1, self.levels + 1)]
@@ -202,6 +189,28 @@ class ClusterTree:
             raise ValueError(f"node id {node_id} is not in [0, {self.n_nodes})")
         return next(level for level in range(self.levels, 0, -1)
                     if node_id >= self.level_offset(level))
+
+
+class ClusterTree(TreeShape):
+    """A balanced k-means tree over document embeddings; see the module docstring."""
+
+    def __init__(self, levels: int, branching: int, centroids: np.ndarray, biases: np.ndarray,
+                 embedder: AnyEmbedder, info: dict | None = None,
+                 fit_paths: np.ndarray | None = None) -> None:
+        super().__init__(levels, branching)
+        n_nodes = self.n_nodes
+        if centroids.shape != (n_nodes, embedder.dim) or biases.shape != (n_nodes,):
+            raise ValueError(f"centroids {centroids.shape} / biases {biases.shape} do not fit "
+                             f"{n_nodes} nodes of dim {embedder.dim}")
+        self.centroids = centroids.astype(np.float32, copy=False)
+        self.biases = biases.astype(np.float32, copy=False)
+        self.embedder = embedder
+        self.info = dict(info or {})  # build figures: seed, sample size, balance per level
+        self.fit_paths = fit_paths  # paths of the fitting sample's documents, in sample order
+
+    @property
+    def dim(self) -> int:
+        return self.centroids.shape[1]
 
     def _step(self, x: np.ndarray, parent: np.ndarray, level: int) -> np.ndarray:
         """Indices within ``level`` of the children chosen by rows ``x`` under ``parent``."""
