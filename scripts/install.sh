@@ -23,3 +23,7 @@ echo "[install] memtron${extras:+[$extras]} with torch pinned to ${torch_version
 "$PYTHON" -m pip install -q --disable-pip-version-check -c "$constraints" -e "$target" 2>&1 \
     | grep -v "Running pip as the 'root' user" || true
 "$PYTHON" -c "import memtron, torch; assert torch.__version__ == '${torch_version}', torch.__version__"
+# Build the CPU value-table kernels now rather than in the first training step (a machine
+# without a compiler warns and keeps the torch ops).
+"$PYTHON" -m memtron.model.memory.cpu_kernels \
+    || echo "[install] C++ CPU kernels did not build: value tables use the torch ops"

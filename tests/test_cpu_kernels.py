@@ -5,6 +5,7 @@ import torch
 
 from memtron.model.memory import cpu_kernels
 from memtron.model.memory.values import LocalValueTable, bag_index, sum_rows_by_id
+from memtron.train.optim import MEMORY_OPTIMIZERS, SparseRowOptimizer
 
 needs_ext = pytest.mark.skipif(not cpu_kernels.builds(),
                                reason="the C++ extension does not build here")
@@ -68,3 +69,65 @@ def test_falls_back_when_the_extension_does_not_build(monkeypatch):
     assert torch.equal(ids, torch.tensor([1, 2]))
     assert torch.equal(rows, torch.tensor([[0.5] * 4, [0.375] * 4]))
     torch.testing.assert_close(w.grad, table.weight.detach()[[1, 2, 2]].sum(1, keepdim=True).T)
+
+
+def _optimizer_run(monkeypatch, enabled: bool, mode: str, value_dtype: torch.dtype,
+                   moment_dtype: torch.dtype, decay_mode: str) -> list[torch.Tensor]:
+    """Rows and state after 4 steps (one touching nothing, rows repeating, weight decay on)."""
+    monkeypatch.setattr(cpu_kernels, "ENABLED", enabled)
+    table = LocalValueTable(40, 24, seed=5, dtype=value_dtype)
+    opt = SparseRowOptimizer({"t": table}, lr=0.05, betas=(0.9, 0.95), eps=1e-8,
+                             weight_decay=0.1, mode=mode, moment_dtype=moment_dtype,
+                             decay_mode=decay_mode)
+    g = torch.Generator().manual_seed(1)
+    for step in range(4):
+        n = 0 if step == 2 else 5
+        ids = torch.randint(0, 20, (n, 3), generator=g)
+        w = torch.rand(n, 3, generator=g, requires_grad=True)
+        if n:
+            table.lookup(ids, w).backward(torch.randn(n, 24, generator=g))
+        opt.step()
+        opt.zero_grad()
+    return [table.weight.detach().clone()] + [s.clone() for s in opt.state["t"].values()]
+
+
+@needs_ext
+@pytest.mark.parametrize("decay_mode", ["touched", "global"])
+@pytest.mark.parametrize("mode,value_dtype,moment_dtype", [
+    (mode, value, torch.float32) for mode in MEMORY_OPTIMIZERS
+    for value in (torch.float32, torch.bfloat16)] + [
+    ("adam_rowwise_v", torch.bfloat16, torch.bfloat16), ("adam", torch.float32, torch.bfloat16)])
+def test_sparse_update_matches_torch_path(monkeypatch, mode, value_dtype, moment_dtype,
+                                          decay_mode):
+    """The fused in-place update equals SparseRowOptimizer's torch ops: fp32 rows and state to
+    1e-6; bf16 rows (stochastically rounded with the same keys) to one bf16 ulp."""
+    ours = _optimizer_run(monkeypatch, True, mode, value_dtype, moment_dtype, decay_mode)
+    ref = _optimizer_run(monkeypatch, False, mode, value_dtype, moment_dtype, decay_mode)
+    for a, b in zip(ours, ref, strict=True):
+        if a.dtype == torch.bfloat16:
+            scale = b.float().abs().clamp_min(1e-3)
+            assert ((a.float() - b.float()).abs() / scale).max() <= 2.0**-7
+            assert (a != b).float().mean() < 0.05  # nearly every element identical
+        elif a.is_floating_point():
+            torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+        else:
+            assert torch.equal(a, b)
+    assert not torch.equal(ours[0].float(), _fresh_rows(value_dtype))  # rows did move
+
+
+def _fresh_rows(dtype: torch.dtype) -> torch.Tensor:
+    return LocalValueTable(40, 24, seed=5, dtype=dtype).weight.detach().float()
+
+
+@needs_ext
+def test_sparse_update_is_in_place_without_row_temporaries(monkeypatch):
+    """Rows and moments are written where they live (no re-allocation of the state)."""
+    monkeypatch.setattr(cpu_kernels, "ENABLED", True)
+    table = LocalValueTable(30, 8, seed=2)
+    opt = SparseRowOptimizer({"t": table}, lr=0.1, betas=(0.9, 0.95))
+    pointers = [table.weight.data_ptr()] + [s.data_ptr() for s in opt.state["t"].values()]
+    table.lookup(torch.tensor([[1, 4]]), torch.ones(1, 2)).backward(torch.ones(1, 8))
+    opt.step()
+    assert pointers == [table.weight.data_ptr()] + [s.data_ptr()
+                                                     for s in opt.state["t"].values()]
+    assert int((opt.state["t"]["exp_avg"].abs().sum(1) > 0).sum()) == 2

@@ -53,9 +53,15 @@ import torch.distributed as dist
 from torch import nn
 
 from memtron.config import MemoryDecayMode, MemoryOptimizer, OptimConfig
-from memtron.model.memory import kernels
+from memtron.model.memory import cpu_kernels, kernels
 from memtron.model.memory.hierarchical import BANK_TABLE
-from memtron.model.memory.values import STORAGE_DTYPES, LazyDecay, ValueTable, store_rows
+from memtron.model.memory.values import (
+    STORAGE_DTYPES,
+    LazyDecay,
+    ValueTable,
+    rounding_keys,
+    store_rows,
+)
 from memtron.parallel.launch import collective_device
 
 MEMORY_OPTIMIZERS: tuple[str, ...] = typing.get_args(MemoryOptimizer)
@@ -157,11 +163,19 @@ class SparseRowOptimizer:
             # The decay the rows owe for the steps they missed, times this step's.
             decay = table.lazy_decay.factors(ids).unsqueeze(1)
             state["row_decay_clock"].index_fill_(0, ids, float(state["decay_clock"]))
+        step_size = self._step_size(lr, t)
         if self.mode == "adam" and weight.dtype == torch.float32 and kernels.use_triton(weight) \
                 and isinstance(decay, float):
             kernels.sparse_adam_(weight, state["exp_avg"], state["exp_avg_sq"], ids, grad,
                                  betas=self.betas, eps=self.eps, decay=decay,
-                                 step_size=lr * math.sqrt(1 - beta2**t) / (1 - beta1**t))
+                                 step_size=step_size)
+            return
+        if cpu_kernels.available(weight) and weight.is_contiguous():
+            keys = rounding_keys(table, ids, t) if weight.dtype == torch.bfloat16 else None
+            cpu_kernels.sparse_update(self.mode, weight, ids, grad, state,
+                                      decay=decay if self.weight_decay else 1.0,
+                                      betas=self.betas, eps=self.eps, step_size=step_size,
+                                      step=t, round_keys=keys, col_start=table.col_start)
             return
         if self.mode in ROWWISE_MODES:  # mean(g^2) per row, with no [U, d] temporary
             mean_sq = torch.linalg.vector_norm(grad, dim=1).square_().div_(grad.shape[1])
@@ -169,14 +183,12 @@ class SparseRowOptimizer:
         if self.mode == "rowwise_adagrad":
             denom = state["sum_sq"].index_select(0, ids).add_(mean_sq)
             state["sum_sq"].index_copy_(0, ids, denom)
-            step_size = lr
         elif self.mode == "adam_b1zero_rowwise":
             missed = (t - state["last_step"].index_select(0, ids)).double()
             denom = state["exp_avg_sq"].index_select(0, ids)
             denom.mul_(torch.pow(beta2, missed).float()).add_(mean_sq, alpha=1 - beta2)
             state["exp_avg_sq"].index_copy_(0, ids, denom)
             state["last_step"].index_fill_(0, ids, t)
-            step_size = lr * math.sqrt(1 - beta2**t)
         else:  # adam, adam_rowwise_v
             direction = state["exp_avg"].index_select(0, ids).float().lerp_(grad, 1 - beta1)
             state["exp_avg"].index_copy_(0, ids, direction.to(state["exp_avg"].dtype))
@@ -186,7 +198,6 @@ class SparseRowOptimizer:
             else:
                 denom.add_(mean_sq, alpha=1 - beta2)
             state["exp_avg_sq"].index_copy_(0, ids, denom)
-            step_size = lr * math.sqrt(1 - beta2**t) / (1 - beta1**t)
         denom.sqrt_().add_(self.eps)
         new_rows = weight.index_select(0, ids).float()
         if self.weight_decay:
@@ -196,6 +207,16 @@ class SparseRowOptimizer:
         else:
             new_rows.addcdiv_(direction, denom, value=-step_size)
         store_rows(table, ids, new_rows, t)
+
+    def _step_size(self, lr: float, t: int) -> float:
+        """The mode's step size at step ``t``: lr with Adam's bias corrections where it has
+        moments (none for Adagrad; only v's for b1 = 0)."""
+        beta1, beta2 = self.betas
+        if self.mode == "rowwise_adagrad":
+            return lr
+        if self.mode == "adam_b1zero_rowwise":
+            return lr * math.sqrt(1 - beta2**t)
+        return lr * math.sqrt(1 - beta2**t) / (1 - beta1**t)
 
     def zero_grad(self) -> None:
         for table in self.tables.values():

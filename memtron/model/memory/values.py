@@ -98,15 +98,20 @@ def sum_rows_by_id(
     return unique_ids, summed
 
 
+def rounding_keys(table: LocalValueTable, ids: torch.Tensor, step: int) -> torch.Tensor:
+    """The stochastic-rounding key of local rows ``ids`` of ``table`` at optimizer ``step``:
+    keyed by (table seed, step, global row), so a resharded or resumed run rounds alike."""
+    return counter_rng.row_keys(table.seed, counter_rng.ROUND_STREAM, step, ids + table.row_start)
+
+
 def store_rows(table: LocalValueTable, ids: torch.Tensor, rows: torch.Tensor, step: int) -> None:
     """Write fp32 ``rows`` (consumed) to local rows ``ids`` of ``table``. A bf16 table rounds
     them stochastically with bits keyed by (table seed, ``step``, global row, column), so the
     rounding is unbiased, and a resumed or resharded run rounds exactly as the original."""
     weight = table.weight.detach()
     if weight.dtype == torch.bfloat16:
-        keys = counter_rng.row_keys(table.seed, counter_rng.ROUND_STREAM, step,
-                                    ids + table.row_start)
-        rows = counter_rng.stochastic_round_bf16(rows, keys, table.col_start)
+        rows = counter_rng.stochastic_round_bf16(rows, rounding_keys(table, ids, step),
+                                                 table.col_start)
     weight.index_copy_(0, ids, rows.to(weight.dtype))
 
 
