@@ -38,8 +38,10 @@ Decoupled weight decay (``wd``, config ``optim.memory_weight_decay``) comes in t
 
 All state is fp32 except, optionally, the first moment (``moment_dtype``), and the fp64 decay
 clocks; per-row state is [N], sharded on dim 0 with the rows.
-On CUDA the ``adam`` update is one fused Triton kernel (``model.memory.kernels.sparse_adam_``)
-with the same arithmetic, op for op; the other modes take the torch path there.
+On CUDA, for fp32 tables and ``touched`` decay, every mode's update is one fused Triton kernel
+(``model.memory.kernels``: ``sparse_adam_`` for ``adam``, ``sparse_rowwise_`` for the row-wise
+modes) with the same arithmetic, op for op; bf16 tables (stochastic rounding) and ``global``
+decay (a decay per row) take the torch path there.
 """
 
 from __future__ import annotations
@@ -145,6 +147,15 @@ class SparseRowOptimizer:
                 store_rows(table, ids, rows, int(state["step"]))
                 row_clock.index_fill_(0, ids, float(clock))
 
+    def _step_size(self, lr: float, t: int) -> float:
+        """``self.mode``'s step size at step ``t``: ``lr`` times its bias corrections."""
+        beta1, beta2 = self.betas
+        if self.mode == "rowwise_adagrad":
+            return lr
+        if self.mode == "adam_b1zero_rowwise":
+            return lr * math.sqrt(1 - beta2**t)
+        return lr * math.sqrt(1 - beta2**t) / (1 - beta1**t)
+
     def _update(self, table: ValueTable, state: dict[str, torch.Tensor], ids: torch.Tensor,
                 grad: torch.Tensor, lr: float) -> None:
         """One step of ``self.mode`` at ``lr`` on rows ``ids`` (unique) of ``table`` with fp32
@@ -157,11 +168,19 @@ class SparseRowOptimizer:
             # The decay the rows owe for the steps they missed, times this step's.
             decay = table.lazy_decay.factors(ids).unsqueeze(1)
             state["row_decay_clock"].index_fill_(0, ids, float(state["decay_clock"]))
-        if self.mode == "adam" and weight.dtype == torch.float32 and kernels.use_triton(weight) \
+        step_size = self._step_size(lr, t)
+        if weight.dtype == torch.float32 and kernels.use_triton(weight) \
                 and isinstance(decay, float):
-            kernels.sparse_adam_(weight, state["exp_avg"], state["exp_avg_sq"], ids, grad,
-                                 betas=self.betas, eps=self.eps, decay=decay,
-                                 step_size=lr * math.sqrt(1 - beta2**t) / (1 - beta1**t))
+            if self.mode == "adam":
+                kernels.sparse_adam_(weight, state["exp_avg"], state["exp_avg_sq"], ids, grad,
+                                     betas=self.betas, eps=self.eps, decay=decay,
+                                     step_size=step_size)
+            else:
+                kernels.sparse_rowwise_(
+                    weight, ids, grad, mode=self.mode,
+                    row_state=state["sum_sq" if self.mode == "rowwise_adagrad" else "exp_avg_sq"],
+                    exp_avg=state.get("exp_avg"), last_step=state.get("last_step"), step=t,
+                    betas=self.betas, eps=self.eps, step_size=step_size, decay=decay)
             return
         if self.mode in ROWWISE_MODES:  # mean(g^2) per row, with no [U, d] temporary
             mean_sq = torch.linalg.vector_norm(grad, dim=1).square_().div_(grad.shape[1])
@@ -169,14 +188,12 @@ class SparseRowOptimizer:
         if self.mode == "rowwise_adagrad":
             denom = state["sum_sq"].index_select(0, ids).add_(mean_sq)
             state["sum_sq"].index_copy_(0, ids, denom)
-            step_size = lr
         elif self.mode == "adam_b1zero_rowwise":
             missed = (t - state["last_step"].index_select(0, ids)).double()
             denom = state["exp_avg_sq"].index_select(0, ids)
             denom.mul_(torch.pow(beta2, missed).float()).add_(mean_sq, alpha=1 - beta2)
             state["exp_avg_sq"].index_copy_(0, ids, denom)
             state["last_step"].index_fill_(0, ids, t)
-            step_size = lr * math.sqrt(1 - beta2**t)
         else:  # adam, adam_rowwise_v
             direction = state["exp_avg"].index_select(0, ids).float().lerp_(grad, 1 - beta1)
             state["exp_avg"].index_copy_(0, ids, direction.to(state["exp_avg"].dtype))
@@ -186,7 +203,6 @@ class SparseRowOptimizer:
             else:
                 denom.add_(mean_sq, alpha=1 - beta2)
             state["exp_avg_sq"].index_copy_(0, ids, denom)
-            step_size = lr * math.sqrt(1 - beta2**t) / (1 - beta1**t)
         denom.sqrt_().add_(self.eps)
         new_rows = weight.index_select(0, ids).float()
         if self.weight_decay:
