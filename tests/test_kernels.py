@@ -9,10 +9,11 @@ marked). Tolerances, as max |error| over the largest |reference| of the tensor:
   sums of their bf16 values): 1e-6;
 - Triton against the torch path's own bf16 arithmetic (embedding_bag rounds weights and sums
   to bf16): 2e-2;
-- the Adam update on the same gradients: 1e-6 for fp32 rows and moments; bf16 rows within one
-  bf16 ulp of each element (2^-7 of its magnitude). After a whole layer step, whose gradients
-  differ in fp32 rounding, fp32 rows: 1e-4 (Adam divides by sqrt(v) + eps, so a gradient
-  element near zero turns a rounding difference into a larger step difference);
+- the Adam and row-wise updates on the same gradients: 1e-6 for fp32 rows and moments; bf16
+  rows and bf16 first moments within one bf16 ulp of each element (2^-7 of its magnitude).
+  After a whole layer step, whose gradients differ in fp32 rounding, fp32 rows: 1e-4 (Adam
+  divides by sqrt(v) + eps, so a gradient element near zero turns a rounding difference into a
+  larger step difference);
 - SDPA attention against the blocked fp32 kernel: 1e-4 with fp32 inputs (the kernel's fp32
   matmuls are 3xTF32); with bf16 inputs 1e-2 for out, 1e-3 for lse, 2e-2 for gradients.
 """
@@ -27,6 +28,7 @@ import subprocess
 import sys
 from collections.abc import Callable
 from pathlib import Path
+from unittest import mock
 
 import pytest
 import torch
@@ -42,7 +44,7 @@ from memtron.parallel.context import (
     blocked_attention_lse_backward,
     merge_partial,
 )
-from memtron.train.optim import SparseRowOptimizer
+from memtron.train.optim import ROWWISE_MODES, SparseRowOptimizer
 
 HAS_TRITON = importlib.util.find_spec("triton") is not None
 needs_triton = pytest.mark.skipif(not HAS_TRITON, reason="needs triton")
@@ -156,6 +158,67 @@ def check_adam(device: torch.device) -> None:
                     assert_within_bf16_ulp(ours.weight, ref.weight, f"{what} rows")
 
 
+def _rowwise_pair(mode: str, dim: int, device: torch.device, **options):
+    """Two tables, SparseRowOptimizer ``mode`` on each, 3 steps on the same gradients (25 of 60
+    rows a step, so rows miss steps), the first with the Triton kernels on, the second off:
+    (table, state, reference table, reference state, calls to ``kernels.sparse_rowwise_``).
+    A bf16 first moment is compared every step within one bf16 ulp and carried on from the
+    reference's: the interpreter rounds it to bf16 by truncation (the GPU, as torch, to
+    nearest even), and a moment one ulp apart moves later rows by far more than 1e-6."""
+    dtype = options.pop("dtype", torch.float32)
+    pair = []
+    for _ in range(2):
+        table = LocalValueTable(60, dim, seed=3, dtype=dtype).to(device)
+        pair.append((table, SparseRowOptimizer({"t": table}, lr=0.01, mode=mode, **options)))
+    (ours, opt), (ref, ref_opt) = pair
+    state, ref_state = opt.state["t"], ref_opt.state["t"]
+    g = torch.Generator().manual_seed(10)
+    with mock.patch.object(kernels, "sparse_rowwise_", wraps=kernels.sparse_rowwise_) as kernel:
+        for step in range(3):
+            ids = torch.randperm(60, generator=g)[:25].sort().values.to(device)
+            rows = torch.randn(25, dim, generator=g).to(device)
+            for table, optimizer, enabled in ((ours, opt, True), (ref, ref_opt, False)):
+                table.accumulate_grad(ids, rows.clone())
+                with kernels.triton_enabled(enabled):
+                    assert kernels.use_triton(table.weight) == enabled
+                    optimizer.step()
+                optimizer.zero_grad()
+            if options.get("moment_dtype") == torch.bfloat16:
+                assert_within_bf16_ulp(state["exp_avg"], ref_state["exp_avg"],
+                                       f"{mode} bf16 exp_avg d={dim} step {step}")
+                state["exp_avg"].copy_(ref_state["exp_avg"])
+    return ours, state, ref, ref_state, kernel.call_count
+
+
+def check_rowwise(device: torch.device) -> None:
+    """The fused row-wise update against SparseRowOptimizer's torch path, step after step, for
+    each row-wise mode (a bf16 first moment too; betas with 1 - beta1 above 0.5 take
+    torch.lerp's other formula); bf16 tables and global decay stay on the torch path."""
+    cases = [(mode, torch.float32) for mode in ROWWISE_MODES]
+    cases.append(("adam_rowwise_v", torch.bfloat16))
+    for mode, moment_dtype in cases:
+        for dim in (24, 768):
+            for betas in ((0.9, 0.95), (0.3, 0.999)):
+                ours, state, ref, ref_state, calls = _rowwise_pair(
+                    mode, dim, device, betas=betas, weight_decay=0.1, moment_dtype=moment_dtype)
+                assert calls == 3, f"{mode}: the kernel ran {calls} of 3 steps"
+                what = f"{mode} {moment_dtype} moment d={dim} betas={betas}"
+                assert_close(ours.weight, ref.weight, 1e-6, f"{what} rows")
+                for key, value in state.items():
+                    if value.is_floating_point():
+                        assert_close(value, ref_state[key], 1e-6, f"{what} {key}")
+                    else:
+                        assert torch.equal(value, ref_state[key]), f"{what} {key}"
+    for mode in ROWWISE_MODES:
+        for options in ({"dtype": torch.bfloat16}, {"decay_mode": "global"}):
+            ours, state, ref, ref_state, calls = _rowwise_pair(
+                mode, 24, device, betas=(0.9, 0.95), weight_decay=0.1, **options)
+            assert calls == 0, f"{mode} {options}: took the kernel"
+            assert torch.equal(ours.weight, ref.weight), f"{mode} {options}: rows differ"
+            for key, value in state.items():
+                assert torch.equal(value, ref_state[key]), f"{mode} {options}: {key} differs"
+
+
 def _layer_step(table: LocalValueTable, hits: list, enabled: bool):
     """Two 'layers' looking up one shared table plus a lookup_bags call with empty bags, one
     backward, one SparseRowOptimizer step: outputs, weight grads, the coalesced sparse grad."""
@@ -215,7 +278,7 @@ def check_layer(device: torch.device) -> None:
 
 CHECKS: dict[str, Callable[[torch.device], None]] = {
     "gather": check_gather, "backward": check_backward, "adam": check_adam,
-    "layer": check_layer,
+    "rowwise": check_rowwise, "layer": check_layer,
 }
 
 

@@ -38,8 +38,10 @@ Decoupled weight decay (``wd``, config ``optim.memory_weight_decay``) comes in t
 
 All state is fp32 except, optionally, the first moment (``moment_dtype``), and the fp64 decay
 clocks; per-row state is [N], sharded on dim 0 with the rows.
-On CUDA the ``adam`` update is one fused Triton kernel (``model.memory.kernels.sparse_adam_``)
-with the same arithmetic, op for op; the other modes take the torch path there.
+On CUDA, for fp32 tables and ``touched`` decay, every mode's update is one fused Triton kernel
+(``model.memory.kernels``: ``sparse_adam_`` for ``adam``, ``sparse_rowwise_`` for the row-wise
+modes) with the same arithmetic, op for op; bf16 tables (stochastic rounding) and ``global``
+decay (a decay per row) take the torch path there.
 """
 
 from __future__ import annotations
@@ -151,6 +153,15 @@ class SparseRowOptimizer:
                 store_rows(table, ids, rows, int(state["step"]))
                 row_clock.index_fill_(0, ids, float(clock))
 
+    def _step_size(self, lr: float, t: int) -> float:
+        """``self.mode``'s step size at step ``t``: ``lr`` times its bias corrections."""
+        beta1, beta2 = self.betas
+        if self.mode == "rowwise_adagrad":
+            return lr
+        if self.mode == "adam_b1zero_rowwise":
+            return lr * math.sqrt(1 - beta2**t)
+        return lr * math.sqrt(1 - beta2**t) / (1 - beta1**t)
+
     def _update(self, table: ValueTable, state: dict[str, torch.Tensor], ids: torch.Tensor,
                 grad: torch.Tensor, lr: float) -> None:
         """One step of ``self.mode`` at ``lr`` on rows ``ids`` (unique) of ``table`` with fp32
@@ -164,11 +175,18 @@ class SparseRowOptimizer:
             decay = table.lazy_decay.factors(ids).unsqueeze(1)
             state["row_decay_clock"].index_fill_(0, ids, float(state["decay_clock"]))
         step_size = self._step_size(lr, t)
-        if self.mode == "adam" and weight.dtype == torch.float32 and kernels.use_triton(weight) \
+        if weight.dtype == torch.float32 and kernels.use_triton(weight) \
                 and isinstance(decay, float):
-            kernels.sparse_adam_(weight, state["exp_avg"], state["exp_avg_sq"], ids, grad,
-                                 betas=self.betas, eps=self.eps, decay=decay,
-                                 step_size=step_size)
+            if self.mode == "adam":
+                kernels.sparse_adam_(weight, state["exp_avg"], state["exp_avg_sq"], ids, grad,
+                                     betas=self.betas, eps=self.eps, decay=decay,
+                                     step_size=step_size)
+            else:
+                kernels.sparse_rowwise_(
+                    weight, ids, grad, mode=self.mode,
+                    row_state=state["sum_sq" if self.mode == "rowwise_adagrad" else "exp_avg_sq"],
+                    exp_avg=state.get("exp_avg"), last_step=state.get("last_step"), step=t,
+                    betas=self.betas, eps=self.eps, step_size=step_size, decay=decay)
             return
         if cpu_kernels.available(weight) and weight.is_contiguous():
             keys = rounding_keys(table, ids, t) if weight.dtype == torch.bfloat16 else None
@@ -207,16 +225,6 @@ class SparseRowOptimizer:
         else:
             new_rows.addcdiv_(direction, denom, value=-step_size)
         store_rows(table, ids, new_rows, t)
-
-    def _step_size(self, lr: float, t: int) -> float:
-        """The mode's step size at step ``t``: lr with Adam's bias corrections where it has
-        moments (none for Adagrad; only v's for b1 = 0)."""
-        beta1, beta2 = self.betas
-        if self.mode == "rowwise_adagrad":
-            return lr
-        if self.mode == "adam_b1zero_rowwise":
-            return lr * math.sqrt(1 - beta2**t)
-        return lr * math.sqrt(1 - beta2**t) / (1 - beta1**t)
 
     def zero_grad(self) -> None:
         for table in self.tables.values():

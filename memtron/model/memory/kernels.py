@@ -1,5 +1,6 @@
 """Triton kernels for value tables (DESIGN §3): the weighted bag gather, its sparse backward, and
-a fused row-wise Adam update, in the spirit of Meta's Triton EmbeddingBag and FBGEMM's TBE.
+fused sparse optimizer updates (lazy Adam, the row-wise modes), in the spirit of Meta's Triton
+EmbeddingBag and FBGEMM's TBE.
 
 The forward is one pass, as ``embedding_bag`` is. The backward is one pass where the torch path
 takes two: a program per distinct id (hits sorted by id, so no atomics) sums its hits' output
@@ -19,6 +20,7 @@ tensors: that is how they are tested on machines without a GPU.
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 from collections.abc import Iterator
 
@@ -32,9 +34,11 @@ except ImportError:  # no triton: every caller takes the torch path
 
 ENABLED = os.environ.get("MEMTRON_TRITON", "1") != "0"
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "yes", "on")
-# Widest row the kernels take: the backward holds a whole row per program in registers.
+# Widest row the kernels take: the backward and the row-wise update hold whole rows per
+# program in registers.
 MAX_DIM = 8192
 TILE = 4096  # elements a program loads per step (hits x row chunk): enough bytes in flight
+UPDATE_TILE = 2048  # elements of rows an optimizer-update program updates
 # The gather's (elements a program loads per step, warps a program). ptxas schedules the gather
 # so that a thread waits for each 16-byte row load before issuing the next (its SASS, sm_90,
 # Triton 3.6), so bytes in flight come from many small resident programs, not deep ones.
@@ -130,6 +134,16 @@ if triton is not None:
         tl.store(rows_ptr + u.to(tl.int64) * dim + cols, tl.sum(acc, axis=0), mask=col_mask)
 
     @triton.jit
+    def _lerp(start, end, weight, SMALL: tl.constexpr):
+        """torch.lerp(start, end, weight) with a scalar weight, op for op: start + weight
+        (end - start) for |weight| < 0.5 (SMALL), else end - (end - start) (1 - weight), each
+        one fma as torch computes them (CPU: fmadd; CUDA: nvcc's contraction), so that a bf16
+        moment rounds as the torch path's does."""
+        if SMALL:
+            return tl.fma(weight, end - start, start)
+        return tl.fma(start - end, 1.0 - weight, end)
+
+    @triton.jit
     def _sparse_adam_kernel(weight_ptr, m_ptr, v_ptr, grad_ptr, ids_ptr, n_rows, dim,
                             weight_stride, decay, neg_step_size, lerp_weight, beta2,
                             one_minus_beta2, eps, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
@@ -148,8 +162,7 @@ if triton is not None:
         m = tl.load(m_ptr + state, mask=mask, other=0.0)
         v = tl.load(v_ptr + state, mask=mask, other=0.0)
         w = tl.load(weight_ptr + at, mask=mask, other=0.0).to(tl.float32)
-        # torch.lerp(m, g, t): m + t (g - m) for |t| < 0.5, else g - (g - m) (1 - t)
-        m = m + lerp_weight * (g - m) if SMALL_LERP else g - (g - m) * (1.0 - lerp_weight)
+        m = _lerp(m, g, lerp_weight, SMALL_LERP)
         v = v * beta2
         v = v + one_minus_beta2 * g * g
         w = w * decay
@@ -157,6 +170,52 @@ if triton is not None:
         tl.store(m_ptr + state, m, mask=mask)
         tl.store(v_ptr + state, v, mask=mask)
         tl.store(weight_ptr + at, w.to(weight_ptr.dtype.element_ty), mask=mask)
+
+    @triton.jit(do_not_specialize=["step"])
+    def _sparse_rowwise_kernel(weight_ptr, stat_ptr, m_ptr, last_ptr, grad_ptr, ids_ptr, n_rows,
+                               dim, weight_stride, step, decay, neg_step_size, lerp_weight, beta2,
+                               one_minus_beta2, log2_beta2: tl.float64, eps, MODE: tl.constexpr,
+                               BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
+                               SMALL_LERP: tl.constexpr):
+        """A row-wise mode (MODE) on rows ids[r] of weight and their state with grad[r], in
+        place: the arithmetic of ``SparseRowOptimizer._update``'s torch path, op for op. A
+        program holds whole rows (dim <= MAX_DIM, as the backward does), so the gradient is
+        read once for both mean(g^2) and the update, not once per pass of a column loop."""
+        r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+        cols = tl.arange(0, BLOCK_D)
+        row_mask = r < n_rows
+        mask = row_mask[:, None] & (cols < dim)[None, :]
+        ids = tl.load(ids_ptr + r, mask=row_mask, other=0).to(tl.int64)
+        g = tl.load(grad_ptr + r.to(tl.int64)[:, None] * dim + cols[None, :], mask=mask,
+                    other=0.0)
+        # mean(g^2) as the torch path forms it: the row's 2-norm, squared, over d
+        norm = tl.sqrt_rn(tl.sum(g * g, axis=1))
+        mean_sq = tl.div_rn(norm * norm, tl.cast(dim, tl.float32))
+        stat = tl.load(stat_ptr + ids, mask=row_mask, other=0.0)
+        direction = g
+        if MODE == "rowwise_adagrad":
+            stat = stat + mean_sq
+        elif MODE == "adam_b1zero_rowwise":
+            # beta2^(step - last) in fp64, rounded to fp32 as torch.pow(beta2, missed).float();
+            # exp2 of missed x log2(beta2) is within |missed log2(beta2)| 2^-53 of it
+            missed = step - tl.load(last_ptr + ids, mask=row_mask, other=0)
+            stat = stat * tl.exp2(missed.to(tl.float64) * log2_beta2).to(tl.float32)
+            stat = stat + one_minus_beta2 * mean_sq
+            tl.store(last_ptr + ids, tl.full([BLOCK_R], step, tl.int64), mask=row_mask)
+        else:  # adam_rowwise_v: per-element first moment, fp32 or bf16 storage
+            state = ids[:, None] * dim + cols[None, :]
+            m = tl.load(m_ptr + state, mask=mask, other=0.0).to(tl.float32)
+            direction = _lerp(m, g, lerp_weight, SMALL_LERP)
+            tl.store(m_ptr + state, direction.to(m_ptr.dtype.element_ty), mask=mask)
+            stat = stat * beta2
+            stat = stat + one_minus_beta2 * mean_sq
+        tl.store(stat_ptr + ids, stat, mask=row_mask)
+        inv_denom = tl.div_rn(1.0, tl.sqrt_rn(stat) + eps)
+        at = ids[:, None] * weight_stride + cols[None, :]
+        w = tl.load(weight_ptr + at, mask=mask, other=0.0)
+        w = w * decay
+        w = w + neg_step_size * direction * inv_denom[:, None]
+        tl.store(weight_ptr + at, w, mask=mask)
 
 
 def _check_rows(t: torch.Tensor) -> None:
@@ -229,9 +288,46 @@ def sparse_adam_(weight: torch.Tensor, exp_avg: torch.Tensor, exp_avg_sq: torch.
         return
     beta1, beta2 = betas
     block_d = _row_block(dim, 1024)
-    block_r = max(1, 2048 // block_d)
+    block_r = max(1, UPDATE_TILE // block_d)
     _sparse_adam_kernel[(triton.cdiv(n_rows, block_r), triton.cdiv(dim, block_d))](
         weight, exp_avg, exp_avg_sq, grad.contiguous(), ids.contiguous(), n_rows, dim,
         weight.stride(0), float(decay), -float(step_size), float(1 - beta1), float(beta2),
         float(1 - beta2), float(eps), BLOCK_R=block_r, BLOCK_D=block_d,
         SMALL_LERP=abs(1 - beta1) < 0.5, num_warps=4)
+
+
+def sparse_rowwise_(weight: torch.Tensor, ids: torch.Tensor, grad: torch.Tensor, *, mode: str,
+                    row_state: torch.Tensor, exp_avg: torch.Tensor | None = None,
+                    last_step: torch.Tensor | None = None, step: int,
+                    betas: tuple[float, float], eps: float, step_size: float,
+                    decay: float) -> None:
+    """One step of a row-wise ``mode`` of ``SparseRowOptimizer`` (``adam_rowwise_v``,
+    ``rowwise_adagrad``, ``adam_b1zero_rowwise``) on rows ``ids`` (unique) of the fp32
+    ``weight`` [N, d] with fp32 row gradients ``grad`` [U, d], in place: one read and one write
+    of each row, its per-row statistic ``row_state`` [N] (fp32 exp_avg_sq or sum_sq), and per
+    mode its first moment ``exp_avg`` [N, d] (fp32 or bf16; ``adam_rowwise_v``) or its
+    ``last_step`` [N] (int64; ``adam_b1zero_rowwise``, set to ``step``). The caller's scalars,
+    as ``SparseRowOptimizer`` forms them: ``step`` its step count t, ``step_size`` the mode's
+    (lr, times its bias corrections), ``decay`` = 1 - lr * wd."""
+    _check_rows(weight)
+    if weight.dtype != torch.float32:
+        raise ValueError(f"the row-wise update takes fp32 tables, got {weight.dtype}")
+    if mode not in ("adam_rowwise_v", "rowwise_adagrad", "adam_b1zero_rowwise") \
+            or (mode == "adam_rowwise_v") != (exp_avg is not None) \
+            or (mode == "adam_b1zero_rowwise") != (last_step is not None):
+        raise ValueError(f"row-wise mode {mode!r} with exp_avg {exp_avg is not None}, "
+                         f"last_step {last_step is not None}")
+    if not all(t is None or t.is_contiguous() for t in (row_state, exp_avg, last_step)):
+        raise ValueError("row-wise optimizer state must be contiguous")
+    n_rows, dim = ids.numel(), weight.shape[1]
+    if n_rows == 0 or dim == 0:
+        return
+    beta1, beta2 = betas
+    block_d = triton.next_power_of_2(dim)
+    block_r = max(1, UPDATE_TILE // block_d)
+    _sparse_rowwise_kernel[(triton.cdiv(n_rows, block_r),)](
+        weight, row_state, exp_avg, last_step, grad.contiguous(), ids.contiguous(), n_rows, dim,
+        weight.stride(0), step, float(decay), -float(step_size), float(1 - beta1),
+        float(beta2), float(1 - beta2), math.log2(beta2) if beta2 > 0 else -math.inf,
+        float(eps), MODE=mode, BLOCK_R=block_r, BLOCK_D=block_d,
+        SMALL_LERP=abs(1 - beta1) < 0.5, num_warps=4 if block_d <= 2048 else 8)
