@@ -41,6 +41,7 @@ BENCHES: tuple[BenchSpec, ...] = (
     BenchSpec("context_parallel"),
     BenchSpec("parallel_overhead"),
     BenchSpec("memory_fetch"),
+    BenchSpec("table_scale"),
     BenchSpec("checkpoint_save"),
     BenchSpec("generation", quick=("--quick", "--threads", "1"), full=("--threads", "1")),
     BenchSpec("gpu_kernels", cuda=True),
@@ -424,6 +425,43 @@ def fig_memory_fetch(data: dict[str, Any], out: Path) -> list[Section]:
         f"Baseline measured in the same run: {data['baseline']['kind']}.")]
 
 
+def fig_table_scale(data: dict[str, Any], out: Path) -> list[Section]:
+    plt = _pyplot()
+    res = data["results"]
+    scaling = res["scaling"]
+    labels = [f"{r['rows'] >> 10:,}K" for r in scaling]
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(9, 3.4))
+    _bars(a1, labels, {"table step": [1e3 * r["step_s"] for r in scaling]}, "ms")
+    _bars(a2, labels, {"per touched row": [r["us_per_touched_row"] for r in scaling]}, "us")
+    for ax in (a1, a2):
+        ax.set_xlabel("table rows")
+    sections = [Section("Value tables at scale: step time against table size", [
+        _save(fig, out, "table_scale.png", f"Table step (lookup + backward + update), "
+              f"{res['kernels']}", data)],
+        _table(["rows", "step ms", "x smallest", "rows touched", "us / touched row",
+                "x smallest"],
+               [[lab, 1e3 * r["step_s"], r["ratio"], r["touched"], r["us_per_touched_row"],
+                 r["per_row_ratio"]] for lab, r in zip(labels, scaling)]),
+        f"Baseline measured in the same run: {data['baseline']['kind']}.")]
+    largest = res.get("largest")
+    init_rows = [[f"{r['rows'] >> 10:,}K x {r['dim']} {r['dtype']}", r["init_gbs"],
+                  r["fill_gbs"], r["init_over_fill"]] for r in res["init"]]
+    text = _table(["table", "init GB/s", "fill_ GB/s", "init / fill"], init_rows)
+    if largest and "error" not in largest:
+        text += "\n" + _table(
+            ["largest table", "params", "rows", "peak RSS GiB", "build s", "step ms",
+             "B / param"],
+            [[f"{largest['dtype']} + {largest['optimizer']}", largest["params"],
+              largest["rows"], largest["peak_rss"] / 2**30, largest["build_s"],
+              1e3 * largest["step_s_median"], largest["bytes_per_param"]]])
+    text += "\n" + _table(["optimizer", "rows", "moment", "bytes / table param"],
+                          [[r["optimizer"], r["dtype"], r["moment"], r["bytes_per_param"]]
+                           for r in res["bytes"]])
+    sections.append(Section("Value tables at scale: init, largest table, bytes per parameter",
+                            [], text, "Baseline measured in the same run: `fill_` of the same bytes (init)."))
+    return sections
+
+
 def fig_checkpoint_save(data: dict[str, Any], out: Path) -> list[Section]:
     import statistics
 
@@ -493,7 +531,8 @@ def fig_quality(data: dict[str, Any], out: Path) -> list[Section]:
 FIGURES: dict[str, Callable[[dict[str, Any], Path], list[Section]]] = {
     "pkm_layer": fig_pkm_layer, "memory_parallel": fig_memory_parallel,
     "context_parallel": fig_context_parallel, "parallel_overhead": fig_parallel_overhead,
-    "memory_fetch": fig_memory_fetch, "checkpoint_save": fig_checkpoint_save,
+    "memory_fetch": fig_memory_fetch, "table_scale": fig_table_scale,
+    "checkpoint_save": fig_checkpoint_save,
     "generation": fig_generation, "gpu_kernels": fig_gpu_kernels, QUALITY: fig_quality}
 
 
