@@ -13,11 +13,22 @@ with 95 % Wilson intervals, and the valid loss (each valid sample with its own p
 
     python bench/hier_quality.py --quick          # a smoke run: tiny corpus, 30 steps
     python bench/hier_quality.py --out hier.json  # the recipe's corpus and 1500 steps
+
+Another corpus (``--entities --zipf --train-docs --questions-per-bucket``, as ``memtron data
+synth``), anchor or bank (trailing ``key=value`` overrides, applied to every arm) and seed.
+With ``--data DIR`` the clustered corpus is prepared there once and reused, so the arms can run
+as parallel processes (``--arms hier --data DIR``), each writing its own ``--out``:
+
+    python bench/hier_quality.py --data runs/hq --prepare-only --entities 500 --zipf 0.5 \
+        --train-docs 20000 --questions-per-bucket 1000
+    python bench/hier_quality.py --data runs/hq --arms hier --steps 5000 --threads 1 \
+        --out hier.json model.d_model=64 model.n_layers=2 model.d_ff=192 bank.layers=[1]
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -38,9 +49,14 @@ from memtron.train.trainer import Trainer
 REPO = Path(__file__).resolve().parent.parent
 
 
-def prepare_data(root: Path, quick: bool, levels: int, branching: int) -> None:
+def prepare_data(root: Path, args: argparse.Namespace) -> None:
+    """The synthetic corpus, its cluster tree and the clustered shards under ``root``."""
+    levels, branching = args.levels, args.branching
     sizes = dict(n_entities=80, n_train_docs=600, n_valid_docs=60, questions_per_bucket=20) \
-        if quick else {}
+        if args.quick else {}
+    corpus = {"n_entities": args.entities, "n_train_docs": args.train_docs, "zipf": args.zipf,
+              "questions_per_bucket": args.questions_per_bucket}
+    sizes.update({k: v for k, v in corpus.items() if v is not None})
     generate_corpus(root / "raw-root", seed=0, **sizes)
     raw = root / "raw-root" / "raw"
     docs = [json.loads(line)["text"] for line in (raw / "train.jsonl").read_text().splitlines()]
@@ -50,10 +66,12 @@ def prepare_data(root: Path, quick: bool, levels: int, branching: int) -> None:
 
 
 def arm_overrides(arm: str, root: Path, steps: int, levels: int, branching: int,
-                  blocks: list[int]) -> list[str]:
-    common = [f"data.train={root / 'train'}", f"data.valid={root / 'valid'}",
+                  blocks: list[int], extra: list[str], seed: int) -> list[str]:
+    common = [*extra, f"train.seed={seed}", f"data.train={root / 'train'}",
+              f"data.valid={root / 'valid'}",
               f"data.questions={root / 'raw-root' / 'questions.jsonl'}",
-              f"train.steps={steps}", "train.eval_every=0", f"train.run_dir={root / arm}",
+              f"train.steps={steps}", "train.eval_every=0",
+              f"train.run_dir={root / f'{arm}-seed{seed}'}",
               "checkpoint.every=0", "logging.tensorboard=false", "logging.progress=false",
               f"train.log_every={max(1, steps // 10)}", f"optim.warmup_steps={min(50, steps // 5)}",
               f"bank.levels={levels}", f"bank.branching={branching}",
@@ -68,7 +86,8 @@ def arm_overrides(arm: str, root: Path, steps: int, levels: int, branching: int,
 
 def run_arm(arm: str, root: Path, args: argparse.Namespace, blocks: list[int]) -> dict:
     cfg = load_config(REPO / "configs" / "hier-tiny.yaml",
-                      arm_overrides(arm, root, args.steps, args.levels, args.branching, blocks))
+                      arm_overrides(arm, root, args.steps, args.levels, args.branching, blocks,
+                                    args.overrides, args.seed))
     start = time.perf_counter()
     result = Trainer(cfg).run()
     seconds = time.perf_counter() - start
@@ -78,7 +97,8 @@ def run_arm(arm: str, root: Path, args: argparse.Namespace, blocks: list[int]) -
     loaded = load_model(result.checkpoint)
     dense = sum(p.numel() for n, p in loaded.model.named_parameters()
                 if not n.startswith(("value_tables", "bank")))
-    return {"arm": arm, "train_s": seconds, "final_loss": result.losses[max(result.losses)],
+    return {"arm": arm, "seed": args.seed, "train_s": seconds,
+            "final_loss": result.losses[max(result.losses)],
             "valid_loss": report["valid"]["loss"], "routed": report["routed"],
             "anchor_params": dense, "chance": report["chance"], "facts": report["buckets"]}
 
@@ -95,15 +115,28 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=0,
                         help="torch threads (default: the CPUs, at most 4)")
     parser.add_argument("--out", help="write the results as JSON")
+    parser.add_argument("--seed", type=int, default=1234, help="training seed (train.seed)")
+    parser.add_argument("--data", help="prepare the corpus here once and reuse it (default: a "
+                        "temporary directory)")
+    parser.add_argument("--prepare-only", action="store_true", help="prepare --data and stop")
+    parser.add_argument("--entities", type=int, help="corpus entities (the generator's default)")
+    parser.add_argument("--zipf", type=float, help="entity frequency exponent")
+    parser.add_argument("--train-docs", type=int, help="training documents")
+    parser.add_argument("--questions-per-bucket", type=int, help="fact questions per bucket")
+    parser.add_argument("overrides", nargs="*", metavar="key=value",
+                        help="config overrides for every arm, e.g. model.d_model=64")
     args = parser.parse_args()
     args.steps = args.steps or (30 if args.quick else 1500)
     blocks = [int(b) for b in args.blocks.split(",")]
     args.threads = args.threads or max(1, min(4, os.cpu_count() or 1))
     torch.set_num_threads(args.threads)
     load_before = os.getloadavg()
-    with tempfile.TemporaryDirectory() as tmp:
-        root = Path(tmp)
-        prepare_data(root, args.quick, args.levels, args.branching)
+    with contextlib.ExitStack() as stack:
+        root = Path(args.data or stack.enter_context(tempfile.TemporaryDirectory()))
+        if not (root / "valid" / "index.json").is_file():
+            prepare_data(root, args)
+        if args.prepare_only:
+            return
         results = [run_arm(arm, root, args, blocks) for arm in args.arms.split(",")]
     print(f"\n{args.steps} steps, tree {args.levels} x {args.branching}, blocks {blocks}, "
           f"{args.threads} thread(s), load average {os.getloadavg()[0]:.1f} on "

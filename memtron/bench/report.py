@@ -458,7 +458,8 @@ def fig_table_scale(data: dict[str, Any], out: Path) -> list[Section]:
                           [[r["optimizer"], r["dtype"], r["moment"], r["bytes_per_param"]]
                            for r in res["bytes"]])
     sections.append(Section("Value tables at scale: init, largest table, bytes per parameter",
-                            [], text, "Baseline measured in the same run: `fill_` of the same bytes (init)."))
+                            [], text, "Baseline measured in the same run: `fill_` of the same "
+                            "bytes (init)."))
     return sections
 
 
