@@ -37,9 +37,16 @@ from types import SimpleNamespace
 from typing import TYPE_CHECKING
 
 import torch
-from table_scale import fmt_rows, parse_rows  # bench/ is the script's directory
 
-from memtron.bench.harness import BenchRun, ForeignCpu, GiB, add_output_args, mem_available
+from memtron.bench.harness import (
+    BenchRun,
+    ForeignCpu,
+    GiB,
+    add_output_args,
+    fmt_count,
+    mem_available,
+    parse_count,
+)
 
 if TYPE_CHECKING:
     from memtron.model.memory.values import LocalValueTable
@@ -172,7 +179,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dim", type=int, default=256)
     p.add_argument("--tokens", type=int, default=2048, help="tokens (bags) per step T")
     p.add_argument("--hits", type=int, default=128, help="ids per token")
-    p.add_argument("--sizes", nargs="+", type=parse_rows, default=None,
+    p.add_argument("--sizes", nargs="+", type=parse_count, default=None,
                    help="table rows (64K 1M 4M; --quick: 64K 256K)")
     p.add_argument("--steps", type=int, default=5, help="timed steps per side (median)")
     p.add_argument("--lr", type=float, default=0.01)
@@ -208,7 +215,7 @@ def main(argv: list[str] | None = None) -> int:
     check = equivalence(fb, n0, d, make_inputs(n0, d, a.tokens, a.hits, 1, seed=1), a.lr, a.eps)
     results["equivalence"] = check
     gc.collect()
-    print(f"\n-- equivalence, one step from the same {fmt_rows(n0)} x {d} rows "
+    print(f"\n-- equivalence, one step from the same {fmt_count(n0)} x {d} rows "
           f"({check['rows_touched']:,} touched): max |diff| output {check['output']:.2e}, "
           f"weight grad {check['weight_grad']:.2e}, accumulator {check['accumulator']:.2e}, "
           f"rows {check['rows_after']:.2e} (largest update {check['largest_update']:.2e}): "
@@ -220,7 +227,7 @@ def main(argv: list[str] | None = None) -> int:
     for n in a.sizes:
         need = n * d * 4 * 1.1 + GiB
         if need > mem_available():
-            print(f"  {fmt_rows(n)}: skipped (needs ~{need / GiB:.1f} GiB)")
+            print(f"  {fmt_count(n)}: skipped (needs ~{need / GiB:.1f} GiB)")
             continue
         inputs = make_inputs(n, d, a.tokens, a.hits, a.steps + 1)
         row: dict = {"rows": n}
@@ -235,7 +242,7 @@ def main(argv: list[str] | None = None) -> int:
         row["fbgemm_over_memtron"] = row["fbgemm"]["step_s"] / row["memtron"]["step_s"]
         row["busy"] = max(row["memtron"]["foreign"], row["fbgemm"]["foreign"]) > BUSY
         results["steps"].append(row)
-        print(f" {'*' if row['busy'] else ' '}{fmt_rows(n):>5} rows: memtron "
+        print(f" {'*' if row['busy'] else ' '}{fmt_count(n):>5} rows: memtron "
               f"{1e3 * row['memtron']['step_s']:7.1f} ms, FBGEMM "
               f"{1e3 * row['fbgemm']['step_s']:7.1f} ms, FBGEMM / memtron "
               f"{row['fbgemm_over_memtron']:.2f}x (others {row['memtron']['foreign']:.0%} / "

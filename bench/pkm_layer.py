@@ -63,7 +63,9 @@ from memtron.bench.harness import (
     MiB,
     add_output_args,
     cpu_model,
+    fmt_count,
     mem_available,
+    parse_count,
     peak_rss,
     reset_peak_rss,
     rss,
@@ -79,8 +81,7 @@ BUSY = 0.10  # foreign CPU share above which a row's timings are flagged
 # -- sizes and estimates -------------------------------------------------------------------------
 def parse_slots(text: str) -> int:
     """'64K' / '1M' / '4M' / '65536' (slots, a perfect square) -> n_sub_keys."""
-    scale = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}.get(text[-1].upper(), 1)
-    slots = int(float(text[:-1] if scale > 1 else text) * scale)
+    slots = parse_count(text)
     n = math.isqrt(slots)
     if n * n != slots:
         raise argparse.ArgumentTypeError(f"{text}: slot count {slots} is not a perfect square")
@@ -88,11 +89,7 @@ def parse_slots(text: str) -> int:
 
 
 def fmt_slots(n: int) -> str:
-    slots = n * n
-    for unit, scale in (("M", 1 << 20), ("K", 1 << 10)):
-        if slots % scale == 0:
-            return f"{slots // scale}{unit}"
-    return str(slots)
+    return fmt_count(n * n)
 
 
 def estimate_bytes(side: str, n: int, d: int, a: argparse.Namespace) -> int:

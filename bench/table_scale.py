@@ -37,7 +37,9 @@ from memtron.bench.harness import (
     BenchRun,
     GiB,
     add_output_args,
+    fmt_count,
     mem_available,
+    parse_count,
     peak_rss,
     reset_peak_rss,
     rss,
@@ -45,16 +47,6 @@ from memtron.bench.harness import (
 )
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
-
-
-def parse_rows(text: str) -> int:
-    """64K, 16M, 23M or a plain number."""
-    scale = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}.get(text[-1].upper(), 1)
-    return int(float(text[:-1] if scale > 1 else text) * scale)
-
-
-def fmt_rows(n: int) -> str:
-    return f"{n >> 20}M" if n >= 1 << 20 and n % (1 << 20) == 0 else f"{n >> 10}K"
 
 
 def build(n: int, d: int, dtype: str, mode: str, moment: str = "fp32"):
@@ -150,13 +142,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dim", type=int, default=256)
     p.add_argument("--tokens", type=int, default=2048, help="tokens per step T")
     p.add_argument("--hits", type=int, default=128, help="H*k hits per token")
-    p.add_argument("--sizes", nargs="+", type=parse_rows, default=None,
+    p.add_argument("--sizes", nargs="+", type=parse_count, default=None,
                    help="table rows for the scaling part (64K 1M 4M 16M)")
     p.add_argument("--dtype", choices=DTYPES, default="bf16", help="scaling part's table dtype")
     p.add_argument("--optimizer", default="rowwise_adagrad", help="scaling part's mode")
     p.add_argument("--steps", type=int, default=5, help="timed steps per size (median)")
-    p.add_argument("--init-rows", type=parse_rows, default=None, help="init part (4M)")
-    p.add_argument("--largest-rows", type=parse_rows, default=None,
+    p.add_argument("--init-rows", type=parse_count, default=None, help="init part (4M)")
+    p.add_argument("--largest-rows", type=parse_count, default=None,
                    help="rows of the largest-table run (6e9 / dim; 0 skips it)")
     p.add_argument("--largest-dtype", choices=DTYPES, default="bf16")
     p.add_argument("--largest-optimizer", default="rowwise_adagrad")
@@ -187,7 +179,7 @@ def main(argv: list[str] | None = None) -> int:
     for dtype in ("fp32", "bf16"):
         row = measure_init(a.init_rows, d, dtype)
         results["init"].append(row)
-        print(f"  {fmt_rows(a.init_rows)} x {d} {dtype}: {row['bytes'] / GiB:.2f} GiB in "
+        print(f"  {fmt_count(a.init_rows)} x {d} {dtype}: {row['bytes'] / GiB:.2f} GiB in "
               f"{row['init_s']:.2f} s = {row['init_gbs']:.2f} GB/s (fill_ {row['fill_gbs']:.2f}"
               f" GB/s; init / fill {row['init_over_fill']:.2f}x)", flush=True)
     bench.baseline = {"kind": "fill_ of the same bytes (init); the smallest table (scaling)",
@@ -199,7 +191,7 @@ def main(argv: list[str] | None = None) -> int:
     for n in a.sizes:
         need = n * d * DTYPES[a.dtype].itemsize * 1.1 + GiB
         if need > mem_available():
-            print(f"  {fmt_rows(n)}: skipped (needs ~{need / GiB:.1f} GiB)")
+            print(f"  {fmt_count(n)}: skipped (needs ~{need / GiB:.1f} GiB)")
             continue
         table, opt = build(n, d, a.dtype, a.optimizer)
         times = step_times(table, opt, a.tokens, a.hits, a.steps)
@@ -214,7 +206,7 @@ def main(argv: list[str] | None = None) -> int:
             "rows": n, "step_s": median, "ratio": median / first["step_s"], "touched": touched,
             "us_per_touched_row": per_row,
             "per_row_ratio": per_row / first["us_per_touched_row"], "times": times})
-        print(f"  {fmt_rows(n):>5} rows: {1e3 * median:7.1f} ms ({median / first['step_s']:.2f}x"
+        print(f"  {fmt_count(n):>5} rows: {1e3 * median:7.1f} ms ({median / first['step_s']:.2f}x"
               f" the smallest); {touched:,} rows touched, {per_row:.2f} us each "
               f"({per_row / first['us_per_touched_row']:.2f}x)", flush=True)
 

@@ -40,6 +40,20 @@ LAUNCH_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_A
 # --------------------------------------------------------------------------- machine and RAM
 
 
+def parse_count(text: str) -> int:
+    """A count written '64K', '1M', '1.5G' (binary units) or '65536', for size options."""
+    scale = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}.get(text[-1].upper(), 1)
+    return int(float(text[:-1] if scale > 1 else text) * scale)
+
+
+def fmt_count(n: int) -> str:
+    """'64K' / '16M' where the count is a whole number of those units, else the number."""
+    for unit, scale in (("G", 1 << 30), ("M", 1 << 20), ("K", 1 << 10)):
+        if n >= scale and n % scale == 0:
+            return f"{n // scale}{unit}"
+    return str(n)
+
+
 def cpu_model() -> str:
     """The CPU's model name (/proc/cpuinfo), so that a number is never read without it."""
     try:
