@@ -122,6 +122,20 @@ def check_backward(device: torch.device) -> None:
             assert_close(rows, ref_rows, 1e-6, f"row grads alone {dtype} d={dim}")
 
 
+def _step_with_and_without_triton(pair, dim: int, device: torch.device,
+                                  g: torch.Generator) -> None:
+    """One optimizer step of both (table, optimizer) of ``pair`` on the same row gradients (25
+    of 60 rows), the first with the Triton kernels on, the second off."""
+    ids = torch.randperm(60, generator=g)[:25].sort().values.to(device)
+    rows = torch.randn(25, dim, generator=g).to(device)
+    for (table, optimizer), enabled in zip(pair, (True, False), strict=True):
+        table.accumulate_grad(ids, rows.clone())
+        with kernels.triton_enabled(enabled):
+            assert kernels.use_triton(table.weight) == enabled
+            optimizer.step()
+        optimizer.zero_grad()
+
+
 def _adam_pair(dtype: torch.dtype, dim: int, device: torch.device, betas, wd: float):
     tables = []
     for _ in range(2):
@@ -140,14 +154,7 @@ def check_adam(device: torch.device) -> None:
             for betas, wd in (((0.9, 0.95), 0.1), ((0.3, 0.999), 0.0)):
                 (ours, opt), (ref, ref_opt) = _adam_pair(dtype, dim, device, betas, wd)
                 for _ in range(steps):
-                    ids = torch.randperm(60, generator=g)[:25].sort().values.to(device)
-                    rows = torch.randn(25, dim, generator=g).to(device)
-                    for table, optimizer, enabled in ((ours, opt, True), (ref, ref_opt, False)):
-                        table.accumulate_grad(ids, rows.clone())
-                        with kernels.triton_enabled(enabled):
-                            assert kernels.use_triton(table.weight) == enabled
-                            optimizer.step()
-                        optimizer.zero_grad()
+                    _step_with_and_without_triton(((ours, opt), (ref, ref_opt)), dim, device, g)
                 what = f"adam {dtype} d={dim} betas={betas} wd={wd}"
                 for key in ("exp_avg", "exp_avg_sq"):
                     assert_close(opt.state["t"][key], ref_opt.state["t"][key], 1e-6,
@@ -175,14 +182,7 @@ def _rowwise_pair(mode: str, dim: int, device: torch.device, **options):
     g = torch.Generator().manual_seed(10)
     with mock.patch.object(kernels, "sparse_rowwise_", wraps=kernels.sparse_rowwise_) as kernel:
         for step in range(3):
-            ids = torch.randperm(60, generator=g)[:25].sort().values.to(device)
-            rows = torch.randn(25, dim, generator=g).to(device)
-            for table, optimizer, enabled in ((ours, opt, True), (ref, ref_opt, False)):
-                table.accumulate_grad(ids, rows.clone())
-                with kernels.triton_enabled(enabled):
-                    assert kernels.use_triton(table.weight) == enabled
-                    optimizer.step()
-                optimizer.zero_grad()
+            _step_with_and_without_triton(pair, dim, device, g)
             if options.get("moment_dtype") == torch.bfloat16:
                 assert_within_bf16_ulp(state["exp_avg"], ref_state["exp_avg"],
                                        f"{mode} bf16 exp_avg d={dim} step {step}")
