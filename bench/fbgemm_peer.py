@@ -34,9 +34,9 @@ import statistics
 import time
 from collections.abc import Callable
 from types import SimpleNamespace
-from typing import TYPE_CHECKING
 
 import torch
+from table_scale import build, table_step  # bench/ is the script's directory: memtron's step
 
 from memtron.bench.harness import (
     BenchRun,
@@ -47,10 +47,6 @@ from memtron.bench.harness import (
     mem_available,
     parse_count,
 )
-
-if TYPE_CHECKING:
-    from memtron.model.memory.values import LocalValueTable
-    from memtron.train.optim import SparseRowOptimizer
 
 Inputs = list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]  # (ids, weights, output grad)
 Step = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
@@ -89,29 +85,6 @@ def make_inputs(n: int, d: int, tokens: int, hits: int, count: int, seed: int = 
             for _ in range(count)]
 
 
-def build_memtron(n: int, d: int, lr: float,
-                  eps: float) -> tuple[LocalValueTable, SparseRowOptimizer]:
-    """(table, optimizer): memtron's fp32 table with its row-wise AdaGrad."""
-    from memtron.model.memory.values import LocalValueTable
-    from memtron.train.optim import SparseRowOptimizer
-
-    table = LocalValueTable(n, d, seed=0, dtype=torch.float32)
-    opt = SparseRowOptimizer({"values": table}, lr=lr, betas=(0.9, 0.95), eps=eps,
-                             mode="rowwise_adagrad")
-    return table, opt
-
-
-def memtron_step(table: LocalValueTable, opt: SparseRowOptimizer, ids: torch.Tensor,
-                 weights: torch.Tensor, grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """One table step through memtron's public API; (forward output, weight gradient)."""
-    w = weights.clone().requires_grad_(True)
-    out = table.lookup(ids, w)
-    out.backward(grad)
-    opt.step()
-    opt.zero_grad()
-    return out.detach(), w.grad
-
-
 def build_fbgemm(fb: SimpleNamespace, n: int, d: int, lr: float, eps: float) -> torch.nn.Module:
     """FBGEMM's CPU TBE with one fp32 n x d table and EXACT_ROWWISE_ADAGRAD (fused update)."""
     return fb.TBE([(n, d, fb.Location.HOST, fb.Device.CPU)],
@@ -136,13 +109,13 @@ def equivalence(fb: SimpleNamespace, n: int, d: int, inputs: Inputs, lr: float,
                 eps: float) -> dict:
     """One step of each from the same initial rows on the same inputs: max abs differences of
     the forward outputs, weight gradients, row accumulators and updated rows."""
-    table, opt = build_memtron(n, d, lr, eps)
+    table, opt = build(n, d, "fp32", "rowwise_adagrad", lr=lr, eps=eps)
     tbe = build_fbgemm(fb, n, d, lr, eps)
     initial = table.weight.detach().clone()
     with torch.no_grad():
         tbe.split_embedding_weights()[0].copy_(initial)
     ids, weights, grad = inputs[0]
-    out_m, wgrad_m = memtron_step(table, opt, ids, weights, grad)
+    out_m, wgrad_m = table_step(table, opt, ids, weights, grad)
     out_f, wgrad_f = fbgemm_step(tbe, ids, weights, grad)
     rows_f = tbe.split_embedding_weights()[0]
 
@@ -231,8 +204,8 @@ def main(argv: list[str] | None = None) -> int:
             continue
         inputs = make_inputs(n, d, a.tokens, a.hits, a.steps + 1)
         row: dict = {"rows": n}
-        table, opt = build_memtron(n, d, a.lr, a.eps)
-        row["memtron"] = time_steps(functools.partial(memtron_step, table, opt), inputs)
+        table, opt = build(n, d, "fp32", "rowwise_adagrad", lr=a.lr, eps=a.eps)
+        row["memtron"] = time_steps(functools.partial(table_step, table, opt), inputs)
         del table, opt
         gc.collect()
         tbe = build_fbgemm(fb, n, d, a.lr, a.eps)

@@ -49,30 +49,37 @@ from memtron.bench.harness import (
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
-def build(n: int, d: int, dtype: str, mode: str, moment: str = "fp32"):
+def build(n: int, d: int, dtype: str, mode: str, moment: str = "fp32", lr: float = 1e-3,
+          eps: float = 1e-8):
     """(table, optimizer): memtron's table and its sparse row optimizer in ``mode``."""
     from memtron.model.memory.values import LocalValueTable
     from memtron.train.optim import SparseRowOptimizer
 
     table = LocalValueTable(n, d, seed=0, dtype=DTYPES[dtype])
-    opt = SparseRowOptimizer({"values": table}, lr=1e-3, betas=(0.9, 0.95), mode=mode,
+    opt = SparseRowOptimizer({"values": table}, lr=lr, betas=(0.9, 0.95), eps=eps, mode=mode,
                              moment_dtype=DTYPES[moment])
     return table, opt
 
 
 def table_step(table, opt, ids: torch.Tensor, weights: torch.Tensor,
-               grad: torch.Tensor) -> None:
+               grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """One table step through memtron's public API: lookup, backward, the optimizer's update;
+    (forward output, weight gradient)."""
     w = weights.clone().requires_grad_(True)
-    table.lookup(ids, w).backward(grad)
+    out = table.lookup(ids, w)
+    out.backward(grad)
     opt.step()
     opt.zero_grad()
+    return out.detach(), w.grad
 
 
-def step_times(table, opt, tokens: int, hits: int, steps: int, seed: int = 0) -> list[float]:
+def step_times(table, opt, tokens: int, hits: int, steps: int,
+               seed: int = 0) -> tuple[list[float], int]:
     """Seconds of each of ``steps`` table steps after one warm-up step, each with fresh
-    uniform random ids over the whole table."""
+    uniform random ids over the whole table, and the median count of distinct rows those
+    steps touched (counted outside the timed region)."""
     g = torch.Generator().manual_seed(seed)
-    times = []
+    times, touched = [], []
     for i in range(steps + 1):
         ids = torch.randint(0, table.n_rows, (tokens, hits), generator=g)
         weights = torch.rand(tokens, hits, generator=g)
@@ -81,7 +88,8 @@ def step_times(table, opt, tokens: int, hits: int, steps: int, seed: int = 0) ->
         table_step(table, opt, ids, weights, grad)
         if i:
             times.append(time.perf_counter() - start)
-    return times
+            touched.append(torch.unique(ids).numel())
+    return times, int(statistics.median(touched))
 
 
 def measure_init(n: int, d: int, dtype: str) -> dict:
@@ -112,7 +120,7 @@ def largest_child(rank: int, world: int, n: int, d: int, dtype: str, mode: str, 
     start = time.perf_counter()
     table, opt = build(n, d, dtype, mode, moment)
     build_s = time.perf_counter() - start
-    times = step_times(table, opt, tokens, hits, steps)
+    times, _ = step_times(table, opt, tokens, hits, steps)
     finite = bool(torch.isfinite(table.weight[: min(n, 1 << 16)].float()).all())
     return {"rows": n, "dim": d, "params": n * d, "dtype": dtype, "optimizer": mode,
             "moment": moment, "build_s": build_s, "init_gbs": n * d * DTYPES[dtype].itemsize
@@ -194,11 +202,10 @@ def main(argv: list[str] | None = None) -> int:
             print(f"  {fmt_count(n)}: skipped (needs ~{need / GiB:.1f} GiB)")
             continue
         table, opt = build(n, d, a.dtype, a.optimizer)
-        times = step_times(table, opt, a.tokens, a.hits, a.steps)
+        times, touched = step_times(table, opt, a.tokens, a.hits, a.steps)
         del table, opt
         gc.collect()
         median = statistics.median(times)
-        touched = torch.unique(torch.randint(0, n, (a.tokens * a.hits,))).numel()
         first = results["scaling"][0] if results["scaling"] else {
             "step_s": median, "us_per_touched_row": 1e6 * median / touched}
         per_row = 1e6 * median / touched
