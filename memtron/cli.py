@@ -280,6 +280,22 @@ def _cmd_prepare(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_tokenizer(args: argparse.Namespace) -> int:
+    import itertools
+
+    from memtron.data.prepare import iter_documents
+    from memtron.data.tokenizer import train_bpe
+
+    texts = itertools.chain.from_iterable(iter_documents(f, args.text_key) for f in args.inputs)
+    try:
+        tokenizer = train_bpe(texts, args.vocab_size, args.out)
+    except ValueError as e:
+        raise ConfigError(f"--vocab-size: {e}") from e
+    print(f"wrote {tokenizer.spec} ({tokenizer.vocab_size} tokens, eos {tokenizer.eos_id}); "
+          f"train with model.vocab_size={tokenizer.vocab_size} data.tokenizer={tokenizer.spec}")
+    return 0
+
+
 def _cmd_cluster(args: argparse.Namespace) -> int:
     import itertools
 
@@ -811,6 +827,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--clusters", help="tree dir from `memtron data cluster`: pack per leaf and "
                    "write each sample's bank_path")
     p.set_defaults(func=_cmd_prepare)
+
+    p = data.add_parser("tokenizer", help="train a byte-level BPE tokenizer.json on documents")
+    p.add_argument("inputs", nargs="+", help=".txt, .jsonl or .parquet files")
+    p.add_argument("--out", required=True, help="directory to write tokenizer.json into")
+    p.add_argument("--vocab-size", type=int, default=4096)
+    p.add_argument("--text-key", default="text")
+    p.set_defaults(func=_cmd_tokenizer)
 
     p = data.add_parser("cluster", help="balanced hierarchical k-means tree of the documents "
                         "(hierarchical memory bank addresses)")

@@ -7,7 +7,7 @@ Both append nothing on their own: document boundaries are marked by ``eos_id``, 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Protocol
 
@@ -81,3 +81,26 @@ def load_tokenizer(spec: str) -> Tokenizer:
     if Path(spec).exists():
         return HFTokenizer(spec)
     raise ValueError(f"tokenizer {spec!r}: neither 'byte' nor an existing tokenizer.json path")
+
+
+def train_bpe(texts: Iterable[str], vocab_size: int, out: str | Path) -> HFTokenizer:
+    """Train a byte-level BPE ``tokenizer.json`` (GPT-2's pre-tokenizer, ``</s>`` as eos) on
+    ``texts`` and write it under ``out``. Byte-level, so any text still round-trips; a larger
+    vocabulary merges whole words, which lets a layer see a name as one or two tokens."""
+    from tokenizers import Tokenizer as _RustTokenizer
+    from tokenizers import decoders, models, pre_tokenizers, trainers
+
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    if vocab_size < len(alphabet) + 1:
+        raise ValueError(f"vocab_size {vocab_size}: needs at least {len(alphabet) + 1} "
+                         "(the 256 bytes and </s>)")
+    tokenizer = _RustTokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[EOS_CANDIDATES[0]],
+                                  initial_alphabet=alphabet, show_progress=False)
+    tokenizer.train_from_iterator(texts, trainer)
+    directory = Path(out)
+    directory.mkdir(parents=True, exist_ok=True)
+    tokenizer.save(str(directory / "tokenizer.json"))
+    return HFTokenizer(directory)
