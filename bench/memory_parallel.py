@@ -49,9 +49,9 @@ Largest trainable table at P=4: the per-rank footprint is solved for N in each l
 rowwise and replicated figures (d = 256) are then verified by running one step at 97 % of the
 computed N (``--no-largest`` skips that).
 
-Table values: built by memtron's own ``init_rows`` as shipped (block by block from per-block
-generators; the column-sharded table draws N*d normals per rank). That is set-up, reported in
-the "setup s" column, and outside the timed steps.
+Table values: built by memtron's own ``init_rows`` as shipped (counter-based: each rank draws
+only the values it holds, N*d/P in the sharded layouts, N*d replicated). That is set-up,
+reported in the "setup s" column, and outside the timed steps.
 
 Everything is measured through the shared harness (``memtron.bench.harness``): ranks, the byte
 meter on ``torch.distributed``, the load probe; ``--out FILE`` writes the rows as JSON, with the

@@ -35,7 +35,7 @@ With ``--device cuda`` both sides run on the GPU: times are wall-clock with
 over build + steps in this process minus what was allocated before the build (no children),
 sides are skipped by the free GPU memory, the copy bandwidth is a device-to-device ``copy_`` of
 1 GiB, and memtron's table rows are drawn on the GPU (``LocalValueTable.drawn_on_device``: the
-seeded host init of N x d values would take minutes of the run).
+host init's counter-based values, computed by torch ops on the GPU, never held on the host).
 
 Other processes on the cores wreck CPU timings (a parallel torch op waits on a preempted
 thread): the share of CPU they took is measured per row, and rows above 10% are starred.

@@ -1,7 +1,7 @@
 """Value tables at scale (issue 15): initialisation speed, step time against table size at fixed
 tokens, the largest table one process trains, and bytes per table parameter per optimizer mode.
 
-All of it is memtron as shipped: ``LocalValueTable`` (its seeded block init), ``table.lookup``
+All of it is memtron as shipped: ``LocalValueTable`` (its counter-based init), ``table.lookup``
 with its sparse backward, ``SparseRowOptimizer`` in the mode asked (``train.optim``), on CPU
 with whatever kernels memtron picks there (the C++ extension unless ``MEMTRON_CPU_EXT=0``).
 
@@ -182,7 +182,7 @@ def main(argv: list[str] | None = None) -> int:
           f"{torch.get_num_threads()}, CPU kernels: {kernels}", flush=True)
     results: dict = {"kernels": kernels}
 
-    print("\n-- init (LocalValueTable, seeded per-block draws) against fill_ of the same bytes")
+    print("\n-- init (LocalValueTable, counter-based normal draws) against fill_ of the same bytes")
     results["init"] = []
     for dtype in ("fp32", "bf16"):
         row = measure_init(a.init_rows, d, dtype)

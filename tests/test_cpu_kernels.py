@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from memtron.model.memory import cpu_kernels
+from memtron.model.memory import counter_rng, cpu_kernels
 from memtron.model.memory.values import LocalValueTable, bag_index, sum_rows_by_id
 from memtron.train.optim import MEMORY_OPTIMIZERS, SparseRowOptimizer
 
@@ -56,6 +56,29 @@ def test_lookup_backward_same_with_extension_on_and_off(monkeypatch):
         results.append(grads)
     for ours, ref in zip(*results):
         torch.testing.assert_close(ours, ref, rtol=1e-6, atol=1e-6)
+
+
+@needs_ext
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("full_dim,columns", [(256, None), (1, None), (7, None), (12, (3, 10)),
+                                              (12, (4, 6)), (12, (5, 6))])
+def test_init_normal_matches_torch_ops(dtype, full_dim, columns):
+    """The C++ init writes counter_rng.normal's values bit for bit (the same polynomials, no
+    fused multiply-adds), rounded to nearest even for bf16, whatever the row and column
+    offsets (odd column starts split a Box-Muller pair)."""
+    first, last = columns or (0, full_dim)
+    rows = torch.arange(2**32 - 700, 2**32 + 500)
+    ref = counter_rng.normal(9, counter_rng.INIT_STREAM, rows, first, last - first,
+                             full_dim**-0.5)
+    weight = torch.full((rows.numel(), last - first), float("nan"), dtype=dtype)
+    cpu_kernels.init_normal(weight, int(rows[0]), first, 9, counter_rng.INIT_STREAM,
+                            full_dim**-0.5)
+    assert torch.equal(weight, ref.to(dtype))
+    strided = torch.zeros(rows.numel(), last - first + 3, dtype=dtype)  # rows of a wider tensor
+    cpu_kernels.init_normal(strided[:, 1 : last - first + 1], int(rows[0]), first, 9,
+                            counter_rng.INIT_STREAM, full_dim**-0.5)
+    assert torch.equal(strided[:, 1 : last - first + 1], weight)
+    assert not strided[:, 0].any() and not strided[:, last - first + 1 :].any()
 
 
 def test_falls_back_when_the_extension_does_not_build(monkeypatch):

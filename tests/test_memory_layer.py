@@ -5,6 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from memtron.config import MemoryConfig
+from memtron.model.memory import values
 from memtron.model.memory.product_key import ProductKeyMemory, product_key_topk
 from memtron.model.memory.values import LocalValueTable, sum_rows_by_id
 
@@ -111,30 +112,78 @@ def test_usage_counts_hits_and_resets():
     assert table.hits.sum() == 0
 
 
-def test_init_rows_same_for_any_row_range_and_threads():
-    """Shards (unaligned, bf16, a column slice) initialise to the rows of the whole table, on
-    one thread or several; block 0 is still torch.randn of its generator (values unchanged)."""
-    from memtron.model.memory.values import INIT_BLOCK_ROWS, init_rows
+@pytest.mark.parametrize("extension", [True, False])
+def test_init_rows_same_for_any_row_range_column_slice_and_threads(monkeypatch, extension):
+    """Shards (unaligned, bf16, column slices starting on odd and even columns) initialise to
+    the rows of the whole table, on one thread or several, by the C++ extension or the torch
+    ops (chunked: more rows than one chunk)."""
+    from memtron.model.memory import cpu_kernels
+    from memtron.model.memory.values import init_rows
 
-    dim, n = 8, 3 * INIT_BLOCK_ROWS + 17
+    if extension and not cpu_kernels.builds():
+        pytest.skip("the C++ extension does not build here")
+    monkeypatch.setattr(cpu_kernels, "ENABLED", extension)
+    monkeypatch.setitem(values.INIT_CHUNK, "cpu", 4096)
+    dim, n = 9, 3000
     whole = torch.empty(n, dim)
     init_rows(whole, 0, seed=5)
-    gen = torch.Generator().manual_seed(5 * 1_000_003)
-    torch.testing.assert_close(whole[:INIT_BLOCK_ROWS],
-                               torch.randn(INIT_BLOCK_ROWS, dim, generator=gen) * dim**-0.5)
     threads = torch.get_num_threads()
     try:
         for t in (1, 2):
             torch.set_num_threads(t)
-            part = torch.empty(2 * INIT_BLOCK_ROWS, dim)
+            part = torch.empty(1500, dim)
             init_rows(part, 700, seed=5)
-            assert torch.equal(part, whole[700 : 700 + 2 * INIT_BLOCK_ROWS])
+            assert torch.equal(part, whole[700:2200])
             assert torch.equal(LocalValueTable(n, dim, seed=5).weight, whole)  # a Parameter
     finally:
         torch.set_num_threads(threads)
     half = torch.empty(n - 3, dim, dtype=torch.bfloat16)
     init_rows(half, 3, seed=5)
-    assert torch.equal(half, whole[3:].to(torch.bfloat16))
-    cols = torch.empty(100, 3)
-    init_rows(cols, INIT_BLOCK_ROWS - 50, seed=5, columns=slice(2, 5), full_dim=dim)
-    assert torch.equal(cols, whole[INIT_BLOCK_ROWS - 50 : INIT_BLOCK_ROWS + 50, 2:5])
+    assert torch.equal(half, whole[3:].to(torch.bfloat16))  # rounded to nearest even
+    for first, last in ((2, 5), (3, 8), (0, 1), (8, 9)):
+        cols = torch.empty(100, last - first)
+        init_rows(cols, 950, seed=5, columns=slice(first, last), full_dim=dim)
+        assert torch.equal(cols, whole[950:1050, first:last])
+
+
+def test_init_rows_is_normal_with_std_of_the_full_dim():
+    """1M values: mean 0 and std dim**-0.5 (of the full dim for a column slice), the share
+    beyond 2 and 3 std and the kurtosis of a normal, the two values of a Box-Muller pair
+    uncorrelated (also their squares: independent), all within ~5 standard errors;
+    seeds and rows differ."""
+    from memtron.model.memory.values import init_rows
+
+    dim, n = 256, 4096
+    w = torch.empty(n, dim)
+    init_rows(w, 2**32 - 100, seed=3)  # row ids past 32 bits: keys hash both halves
+    z = w.double().flatten() * dim**0.5
+    count = z.numel()
+    assert abs(z.mean().item()) < 5 / count**0.5
+    assert abs(z.var().item() - 1) < 5 * (2 / count) ** 0.5
+    for k, share in ((2, 0.0455003), (3, 0.0026998)):
+        error = (share * (1 - share) / count) ** 0.5
+        assert abs((z.abs() > k).double().mean().item() - share) < 5 * error
+    assert abs((z**4).mean().item() - 3) < 5 * (96 / count) ** 0.5
+    x, y = z.view(n, dim // 2, 2).unbind(2)
+    for a, b in ((x, y), (x**2, y**2)):
+        assert abs(torch.corrcoef(torch.stack((a.flatten(), b.flatten())))[0, 1]) < 5 / (
+            count / 2) ** 0.5
+    assert z.abs().max() < 6  # 24-bit uniforms reach 5.8 std
+    cols = torch.empty(n, 64)
+    init_rows(cols, 0, seed=3, columns=slice(64, 128), full_dim=1024)
+    assert abs(cols.double().std().item() * 1024**0.5 - 1) < 5 * (2 / cols.numel()) ** 0.5
+    other = torch.empty(n, dim)
+    init_rows(other, 2**32 - 100, seed=4)
+    assert (other == w).float().mean() < 1e-3
+    assert torch.unique(w, dim=0).shape[0] == n
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="no GPU"))])
+def test_drawn_on_device_is_the_seeded_table(device):
+    """A table drawn on a device (torch ops on a GPU) holds the host table's values, bit for
+    bit: the same polynomials in fp32 ops that round alike everywhere."""
+    for dtype in (torch.float32, torch.bfloat16):
+        drawn = LocalValueTable.drawn_on_device(300, 12, device, dtype, seed=7)
+        assert drawn.weight.device.type == device and drawn.hits.shape == (300,)
+        assert torch.equal(drawn.weight.cpu(), LocalValueTable(300, 12, seed=7, dtype=dtype).weight)

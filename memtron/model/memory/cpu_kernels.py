@@ -9,7 +9,11 @@ memtron.model.memory.cpu_kernels``, which ``scripts/install.sh`` runs) and cache
   gathers each hit's row, ``sum_rows_by_id`` sorts and sums again) into a fresh [U, d] tensor;
 * the sparse optimizer's update of every mode in place, one pass over each touched row and its
   state, where the torch path gathers rows and moments into [U, d] temporaries, updates them in
-  several passes and scatters them back.
+  several passes and scatters them back;
+* the table's init (``counter_rng.normal``) in one pass that writes each row once, fp32 or bf16,
+  where the torch path runs ~150 ops over int64 and fp32 temporaries. Built for AVX-512 and AVX2
+  besides the baseline (picked at load time) and without fused multiply-adds
+  (``-ffp-contract=off``), so it gives the torch ops' bits on any x86 CPU.
 
 On by default on CPU tensors; ``MEMTRON_CPU_EXT=0`` runs the torch ops (the reference), as does
 a machine where the extension does not build. Measured at 1M x 256 (``bench/README.md``): the
@@ -27,6 +31,8 @@ from types import ModuleType
 
 import torch
 
+from memtron.model.memory import counter_rng
+
 ENABLED = os.environ.get("MEMTRON_CPU_EXT", "1") != "0"
 SOURCE = Path(__file__).parent / "csrc" / "rows.cpp"
 
@@ -41,7 +47,8 @@ def _extension() -> ModuleType | None:
     build.mkdir(parents=True, exist_ok=True)
     try:
         return load("memtron_cpu_rows", [str(SOURCE)], build_directory=str(build),
-                    extra_cflags=["-O3", "-fopenmp-simd", "-fno-math-errno"], verbose=False)
+                    extra_cflags=["-O3", "-fopenmp-simd", "-fno-math-errno", "-ffp-contract=off"],
+                    verbose=False)
     except Exception as e:  # no compiler, no ninja, a failed build: the torch path serves
         warnings.warn(f"memtron CPU extension unavailable, using torch ops: {e}", stacklevel=2)
         return None
@@ -90,6 +97,15 @@ def bag_backward(grad_out: torch.Tensor, table: torch.Tensor, ids: torch.Tensor,
     unique, rows, grad_w = _extension().bag_backward(
         grad_out.float(), table, ids, weights.float(), offsets, weight_grad, arena)
     return unique, rows, grad_w if weight_grad else None
+
+
+def init_normal(weight: torch.Tensor, row_start: int, col_start: int, seed: int, stream: int,
+                std: float) -> None:
+    """``weight`` [R, n] (fp32 or bf16) = ``counter_rng.normal`` of global rows ``row_start
+    ...`` and columns ``col_start ...``, the same bits, written in place (no temporaries)."""
+    _extension().init_normal(weight, row_start, col_start,
+                             counter_rng.stream_base(seed, stream, 0),
+                             counter_rng.stream_base(seed, stream, 1), -2.0 * std * std)
 
 
 if __name__ == "__main__":  # build ahead

@@ -1,7 +1,8 @@
 // CPU kernels for value tables (memtron.model.memory.cpu_kernels): the sparse backward of the
-// weighted bag gather in one pass over the distinct rows, and the sparse optimizer's row update
+// weighted bag gather in one pass over the distinct rows, the sparse optimizer's row update
 // in place, one pass over each touched row and its state (the torch path gathers rows and
-// moments into [U, d] temporaries, updates them in several passes and scatters them back).
+// moments into [U, d] temporaries, updates them in several passes and scatters them back), and
+// the table's counter-based normal init.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 
@@ -12,6 +13,11 @@
 #include <string>
 #include <type_traits>
 #include <vector>
+
+#if defined(__linux__)
+#include <sys/mman.h>
+#include <unistd.h>
+#endif
 
 #if defined(__SSE2__)
 #include <emmintrin.h>
@@ -212,6 +218,144 @@ void update_row(W* row, const float* g, int64_t dim, M* m, float* v_elem,
   }
 }
 
+// -- the init -----------------------------------------------------------------------------
+
+// Built for AVX-512 and AVX2 as well as the baseline, picked when the extension loads (the
+// build is cached per torch version, not per CPU, so no -march=native). Every version gives the
+// same bits: the extension is built with -ffp-contract=off, so no multiply-add is fused.
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
+#define MEMTRON_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
+#else
+#define MEMTRON_CLONES
+#endif
+
+inline float bits_float(uint32_t b) {
+  float f;
+  std::memcpy(&f, &b, sizeof(f));
+  return f;
+}
+
+inline uint32_t float_bits(float f) {
+  uint32_t b;
+  std::memcpy(&b, &f, sizeof(b));
+  return b;
+}
+
+// counter_rng.row_keys of global row ``row`` from the stream's base (counter_rng.stream_base).
+inline uint32_t row_key(uint32_t base, int64_t row) {
+  return mix32(mix32(static_cast<uint32_t>(static_cast<uint64_t>(row) >> 32) ^ base) ^
+               static_cast<uint32_t>(row));
+}
+
+// Constants as counter_rng.py has them (doubles rounded to float, as torch rounds scalars).
+constexpr float kLogPoly[] = {
+    static_cast<float>(7.0376836292e-2), static_cast<float>(-1.1514610310e-1),
+    static_cast<float>(1.1676998740e-1), static_cast<float>(-1.2420140846e-1),
+    static_cast<float>(1.4249322787e-1), static_cast<float>(-1.6668057665e-1),
+    static_cast<float>(2.0000714765e-1), static_cast<float>(-2.4999993993e-1),
+    static_cast<float>(3.3333331174e-1)};
+constexpr float kSinPoly[] = {static_cast<float>(-1.9515295891e-4),
+                              static_cast<float>(8.3321608736e-3),
+                              static_cast<float>(-1.6666654611e-1)};
+constexpr float kCosPoly[] = {static_cast<float>(2.443315711809948e-5),
+                              static_cast<float>(-1.388731625493765e-3),
+                              static_cast<float>(4.166664568298827e-2)};
+constexpr float kLn2Low = static_cast<float>(-2.12194440e-4), kLn2High = 0.693359375f;
+constexpr float kHalfPi = static_cast<float>(1.57079632679489661923);
+constexpr uint32_t kSqrtHalfBits = 0x3F3504F3u, kOneBits = 0x3F800000u;
+
+// counter_rng._log: ln(u) for u in [2^-24, 1], branch-free.
+inline float log_poly(float u) {
+  const uint32_t i = float_bits(u) + (kOneBits - kSqrtHalfBits);
+  const float e = static_cast<float>(static_cast<int32_t>(i >> 23) - 0x7F);
+  const float x = bits_float((i & 0x7FFFFFu) + kSqrtHalfBits) - 1.0f;
+  const float z = x * x;
+  float y = kLogPoly[0];
+  for (int k = 1; k < 9; ++k) y = y * x + kLogPoly[k];
+  y = y * x * z;
+  y = y + e * kLn2Low;
+  y = y - z * 0.5f;
+  return x + y + e * kLn2High;
+}
+
+constexpr int64_t kPopulateBytes = 1 << 20;  // bytes of rows the init faults in per call
+
+// Faults in the whole pages of [begin, end) with one call (MADV_POPULATE_WRITE, Linux 5.14+)
+// where the first writes would take one trap per page: on the 2-core VM measured, faulting in
+// and zeroing a fresh table's pages costs more than drawing its values, and one call per MiB
+// took ~20% off the init (fewer traps; the zeroing stays). Where the call is missing or fails,
+// the writes fault the pages in as before.
+inline void populate(char* begin, char* end) {
+#if defined(__linux__) && defined(MADV_POPULATE_WRITE)
+  static const uintptr_t page = static_cast<uintptr_t>(sysconf(_SC_PAGESIZE));
+  const uintptr_t first = (reinterpret_cast<uintptr_t>(begin) + page - 1) & ~(page - 1);
+  const uintptr_t last = reinterpret_cast<uintptr_t>(end) & ~(page - 1);
+  if (last > first) madvise(reinterpret_cast<void*>(first), last - first, MADV_POPULATE_WRITE);
+#else
+  (void)begin;
+  (void)end;
+#endif
+}
+
+// counter_rng.normal's values of columns 2p and 2p + 1 (``counter`` = 2p) of the row keyed
+// by k1, k2 into out[0], out[1]: one mix32 per uniform, Box-Muller with the polynomials above
+// and bit selects for the quadrant (no branches: the loop over p vectorizes).
+inline void normal_pair(uint32_t counter, uint32_t k1, uint32_t k2, float neg_two_var,
+                        float* out) {
+  const uint32_t radius_bits = mix32((counter * 0x9E3779B9u + k1) ^ k2);
+  const uint32_t angle_bits = mix32(((counter + 1) * 0x9E3779B9u + k1) ^ k2);
+  const float u = static_cast<float>(static_cast<int32_t>((radius_bits >> 8) + 1)) *
+                  5.9604644775390625e-8f;  // 2^-24
+  const float radius = std::sqrt(log_poly(u) * neg_two_var);
+  const uint32_t quadrant = angle_bits >> 30;
+  const float x = (static_cast<float>(static_cast<int32_t>((angle_bits >> 8) & 0x3FFFFFu)) *
+                   2.384185791015625e-7f - 0.5f) * kHalfPi;  // 2^-22
+  const float z = x * x;
+  float sin_x = kSinPoly[0], cos_x = kCosPoly[0];
+  for (int k = 1; k < 3; ++k) {
+    sin_x = sin_x * z + kSinPoly[k];
+    cos_x = cos_x * z + kCosPoly[k];
+  }
+  sin_x = sin_x * z * x + x;
+  cos_x = cos_x * z * z - z * 0.5f + 1.0f;
+  // (cos, sin) of x + quadrant * pi/2: swapped in odd quadrants, then the quadrant's signs
+  const uint32_t odd = 0u - (quadrant & 1u);
+  const uint32_t sin_b = float_bits(sin_x), cos_b = float_bits(cos_x);
+  const uint32_t first_sign = ((quadrant ^ (quadrant >> 1)) & 1u) << 31;
+  out[0] = bits_float(((sin_b & odd) | (cos_b & ~odd)) ^ first_sign) * radius;
+  out[1] = bits_float(((cos_b & odd) | (sin_b & ~odd)) ^ ((quadrant >> 1) << 31)) * radius;
+}
+
+// counter_rng.normal into rows [begin, end) of ``out`` (global rows row_start + r, columns
+// col_start ... col_start + n_cols). fp32 rows of whole pairs take the values directly; others
+// go through ``buffer`` (n_cols + 2 floats), then to the row (bf16: rounded to nearest even;
+// the values are never NaN).
+MEMTRON_CLONES
+void normal_rows(void* out, bool bf16, int64_t stride, int64_t begin, int64_t end,
+                 int64_t row_start, int64_t col_start, int64_t n_cols, uint32_t base1,
+                 uint32_t base2, float neg_two_var, float* buffer) {
+  const int64_t offset = col_start % 2, n_pairs = (offset + n_cols + 1) / 2;
+  const uint32_t counter0 = static_cast<uint32_t>(col_start - offset);
+  const bool direct = !bf16 && offset == 0 && n_cols % 2 == 0;
+  for (int64_t r = begin; r < end; ++r) {
+    const uint32_t k1 = row_key(base1, row_start + r), k2 = row_key(base2, row_start + r);
+    float* values = direct ? static_cast<float*>(out) + r * stride : buffer;
+#pragma omp simd
+    for (int64_t p = 0; p < n_pairs; ++p)
+      normal_pair(counter0 + 2 * static_cast<uint32_t>(p), k1, k2, neg_two_var, values + 2 * p);
+    if (bf16) {
+      uint16_t* row = static_cast<uint16_t*>(out) + r * stride;
+#pragma omp simd
+      for (int64_t c = 0; c < n_cols; ++c) {
+        const uint32_t word = float_bits(buffer[offset + c]);
+        row[c] = static_cast<uint16_t>((word + 0x7FFFu + ((word >> 16) & 1u)) >> 16);
+      }
+    } else if (!direct) {
+      std::memcpy(static_cast<float*>(out) + r * stride, buffer + offset, n_cols * sizeof(float));
+    }
+  }
+}
+
 }  // namespace
 
 // (sorted unique ids [U], fp32 row gradients [U, d], fp32 weight gradients [M] or empty).
@@ -337,7 +481,36 @@ void sparse_update(const std::string& mode_name, at::Tensor weight, at::Tensor i
   }
 }
 
+// counter_rng.normal into ``weight`` [R, n] (fp32 or bf16, rows of unit-stride columns):
+// global rows row_start ..., columns col_start ..., N(0, -neg_two_var / 2), the row keys from
+// the stream bases of counters 0 and 1. Rows are split over torch's intra-op threads.
+void init_normal(at::Tensor weight, int64_t row_start, int64_t col_start, int64_t base1,
+                 int64_t base2, double neg_two_var) {
+  const bool bf16 = weight.scalar_type() == at::kBFloat16;
+  TORCH_CHECK(weight.dim() == 2 && (bf16 || weight.scalar_type() == at::kFloat) &&
+              (weight.size(1) <= 1 || weight.stride(1) == 1),
+              "init_normal: fp32 or bf16 [R, n] with unit-stride columns");
+  const int64_t n_rows = weight.size(0), n_cols = weight.size(1), stride = weight.stride(0);
+  if (n_rows == 0 || n_cols == 0) return;
+  void* out = weight.data_ptr();
+  char* bytes = static_cast<char*>(out);
+  const int64_t elem_bytes = bf16 ? 2 : 4, row_bytes = stride * elem_bytes;
+  const int64_t block = std::max<int64_t>(1, kPopulateBytes / std::max<int64_t>(1, row_bytes));
+  at::parallel_for(0, n_rows, std::max<int64_t>(1, 16384 / n_cols), [&](int64_t begin,
+                                                                          int64_t end) {
+    std::vector<float> buffer(n_cols + 2);
+    for (int64_t b = begin; b < end; b += block) {
+      const int64_t e = std::min(end, b + block);
+      populate(bytes + b * row_bytes, bytes + (e - 1) * row_bytes + n_cols * elem_bytes);
+      normal_rows(out, bf16, stride, b, e, row_start, col_start, n_cols,
+                  static_cast<uint32_t>(base1), static_cast<uint32_t>(base2),
+                  static_cast<float>(neg_two_var), buffer.data());
+    }
+  });
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("bag_backward", &bag_backward, "sparse backward of the weighted bag gather");
   m.def("sparse_update", &sparse_update, "sparse row optimizer update, in place");
+  m.def("init_normal", &init_normal, "counter-based N(0, var) rows, in place");
 }
