@@ -42,8 +42,9 @@ def _extension() -> ModuleType | None:
     """The compiled extension, or None (with a warning) where it does not build."""
     from torch.utils.cpp_extension import load
 
-    build = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "memtron" / \
-        f"cpu_ext-torch{torch.__version__}"
+    # An empty XDG_CACHE_HOME counts as unset (the XDG spec), not as the current directory.
+    cache = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    build = Path(cache) / "memtron" / f"cpu_ext-torch{torch.__version__}"
     build.mkdir(parents=True, exist_ok=True)
     try:
         return load("memtron_cpu_rows", [str(SOURCE)], build_directory=str(build),
