@@ -175,12 +175,16 @@ def _cmd_eval_lm(args: argparse.Namespace) -> int:
 
 
 def _cmd_compare(args: argparse.Namespace) -> int:
-    from memtron.eval.compare import compare, markdown_table, parse_list
+    from memtron.eval.compare import CompareError, compare, markdown_table, parse_list
 
-    summary = compare(args.config, parse_list(args.arms, "--arms"),
-                      parse_list(args.seeds, "--seeds", int), args.out, args.overrides,
-                      args.steps, args.questions,
-                      log=lambda line: print(line, file=sys.stderr, flush=True))
+    try:
+        summary = compare(args.config, parse_list(args.arms, "--arms"),
+                          parse_list(args.seeds, "--seeds", int), args.out, args.overrides,
+                          args.steps, args.questions,
+                          log=lambda line: print(line, file=sys.stderr, flush=True))
+    except CompareError as e:
+        print(f"memtron: error: {e}", file=sys.stderr)
+        return e.exit_code
     print(markdown_table(summary), end="")
     print(f"wrote {Path(args.out) / 'compare.md'}, compare.json and compare.png")
     return 0

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import signal
 
 import pytest
 
@@ -33,6 +34,34 @@ def test_compare_two_arms_one_seed(tiny_corpus, tmp_path, capsys):
     assert main(["compare", "--arms", "dense,nope", "--out", str(out),
                  *tiny_overrides(tiny_corpus, tmp_path / "unused")]) == 2
     assert "unknown arm 'nope'" in capsys.readouterr().err
+
+
+def test_a_stopped_run_is_not_recorded(tiny_corpus, tmp_path, capsys, monkeypatch):
+    """A run a signal stopped (SIGTERM: a checkpoint at the step it reached) is not an arm at
+    equal steps: compare exits 128 + the signal and records nothing, so the next call retrains
+    it instead of reusing a half-trained model."""
+    from memtron.train import trainer
+
+    real_train = trainer.train
+
+    def stopped_train(cfg):  # the trainer as a SIGTERM at step 2 of 3 leaves it
+        cfg.train.steps = 2
+        result = real_train(cfg)
+        result.stopped_by = signal.SIGTERM
+        return result
+
+    out = tmp_path / "cmp"
+    args = ["compare", "--arms", "dense", "--seeds", "0", "--steps", "3", "--out", str(out),
+            *tiny_overrides(tiny_corpus, tmp_path / "unused")]
+    monkeypatch.setattr(trainer, "train", stopped_train)
+    assert main(args) == 128 + signal.SIGTERM
+    assert "dense seed 0 stopped at step 2 of 3" in capsys.readouterr().err
+    assert not list(out.rglob("compare-run.json")) and not (out / "compare.json").exists()
+    monkeypatch.setattr(trainer, "train", real_train)
+    assert main(args) == 0  # retrained, not reused
+    assert "compare: training dense seed 0" in capsys.readouterr().err
+    assert json.loads((out / "compare.json").read_text())["summary"][0]["train_tokens"] == \
+        3 * 4 * 32
 
 
 def test_reference_is_printed_beside_a_run(tiny_corpus, tmp_path, capsys):

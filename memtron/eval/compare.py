@@ -52,6 +52,15 @@ ARMS: dict[str, Callable[[Config], list[str]]] = {
     "dense": _dense, "dense2x": _dense2x, "memory": _memory, "memory-beside": _memory_beside}
 
 
+class CompareError(RuntimeError):
+    """A run that cannot enter the comparison; ``exit_code`` is the CLI's (128 + the signal for
+    a run a signal stopped, as ``memtron train`` exits)."""
+
+    def __init__(self, message: str, exit_code: int = 1) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
 RUN_RECORD = "compare-run.json"  # per run dir: its config, questions hash and eval record
 
 
@@ -190,12 +199,19 @@ def compare(config: str | None, arms: list[str], seeds: list[int], out: str | Pa
                 runs[arm].append(record)
                 continue
             log(f"compare: training {arm} seed {seed} ({cfg.train.steps} steps) in {run_dir}")
-            start = time.perf_counter()
+            start, wanted = time.perf_counter(), cfg.train.steps
             result = train(cfg)
             seconds = time.perf_counter() - start
             if result.checkpoint is None or result.diverged:
-                raise RuntimeError(f"compare: {arm} seed {seed} did not finish: "
+                raise CompareError(f"compare: {arm} seed {seed} did not finish: "
                                    f"{result.diverged or 'no checkpoint'}")
+            if result.stopped_by is not None or result.step < wanted:
+                # A stopped run is not an arm at equal steps: recording it would put a
+                # half-trained model in the table (compare restarts it on the next call).
+                raise CompareError(
+                    f"compare: {arm} seed {seed} stopped at step {result.step} of "
+                    f"{wanted} (signal {result.stopped_by}); not recorded: run compare "
+                    "again to train it", 128 + (result.stopped_by or 0))
             report = eval_facts(result.checkpoint, questions or None)
             record = {**report, "seed": seed, "arm": arm, "train_seconds": seconds,
                       "overrides": arm_overrides[arm], "loadavg": os.getloadavg()}
@@ -205,7 +221,7 @@ def compare(config: str | None, arms: list[str], seeds: list[int], out: str | Pa
             runs[arm].append(record)
     summary = [_summarise(arm, runs[arm]) for arm in arms]
     if len({row["train_tokens"] for row in summary}) != 1:
-        raise RuntimeError("compare: arms trained on different numbers of tokens")
+        raise CompareError("compare: arms trained on different numbers of tokens")
     out.mkdir(parents=True, exist_ok=True)
     (out / "compare.json").write_text(json.dumps(
         {"config": config, "overrides": base, "seeds": seeds, "summary": summary,
