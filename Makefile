@@ -18,13 +18,16 @@ install-dev:
 $(DATA)/raw/train.jsonl: memtron/data/synthetic.py
 	memtron data synth --out $(DATA) --questions-per-bucket 1000
 
-$(DATA)/train/index.json: $(DATA)/raw/train.jsonl
-	memtron data prepare $(DATA)/raw/train.jsonl --out $(DATA)/train --seq-len 128
+# A 4,096-token BPE vocabulary trained on the corpus (deterministic): names become 1-3 tokens,
+# which the memory query can see (docs/quality.md, round 4).
+$(DATA)/bpe/tokenizer.json: $(DATA)/raw/train.jsonl
+	memtron data tokenizer $(DATA)/raw/train.jsonl --out $(DATA)/bpe --vocab-size 4096
 
-$(DATA)/valid/index.json: $(DATA)/raw/train.jsonl
-	memtron data prepare $(DATA)/raw/valid.jsonl --out $(DATA)/valid --seq-len 128
+$(DATA)/bpe/%/index.json: $(DATA)/bpe/tokenizer.json
+	memtron data prepare $(DATA)/raw/$*.jsonl --out $(DATA)/bpe/$* \
+	    --tokenizer $(DATA)/bpe/tokenizer.json --seq-len 128
 
-data: $(DATA)/train/index.json $(DATA)/valid/index.json
+data: $(DATA)/bpe/train/index.json $(DATA)/bpe/valid/index.json
 
 # The main job on the embedded default: tiny Memory+ model, generated facts corpus, CPU; then
 # its fact accuracy per frequency bucket beside the committed equal-compute comparison.

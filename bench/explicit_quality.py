@@ -29,6 +29,7 @@ from pathlib import Path
 
 import torch
 
+from memtron.bench.harness import BYTE_LEVEL
 from memtron.cli import main as cli
 from memtron.config import load_config
 from memtron.data.prepare import prepare
@@ -59,7 +60,7 @@ def overrides(data: Path, shards: Path, run_dir: Path, steps: int, every: int,
             f"train.run_dir={run_dir}", f"checkpoint.every={every}", "checkpoint.keep_last=4",
             "checkpoint.resume=none",
             "train.eval_every=0", "logging.tensorboard=false", "logging.progress=false",
-            *extra]
+            *BYTE_LEVEL, *extra]
 
 
 def memory_logits_fn(model, explicit, questions: list[dict], tokenizer, device):

@@ -25,6 +25,7 @@ from pathlib import Path
 
 import torch
 
+from memtron.bench.harness import BYTE_LEVEL
 from memtron.config import load_config
 from memtron.data.synthetic import generate_corpus
 from memtron.data.tokenizer import load_tokenizer
@@ -44,7 +45,7 @@ REPO = Path(__file__).resolve().parent.parent
 
 
 def _checkpoint(config: str, overrides: list[str], root: Path) -> Path:
-    cfg = load_config(config, overrides)
+    cfg = load_config(config, [*BYTE_LEVEL, *overrides])
     torch.manual_seed(0)
     model = build_model(cfg)
     return save_checkpoint(root / "run" / "checkpoints", 0, {"model": model.state_dict()},

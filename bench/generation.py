@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from memtron.bench.harness import BenchRun, add_output_args, cpu_model
+from memtron.bench.harness import BYTE_LEVEL, BenchRun, add_output_args, cpu_model
 from memtron.config import load_config
 from memtron.export.bank import export_bank
 from memtron.infer.generate import SamplingConfig, generate
@@ -37,7 +37,7 @@ PROMPTS = ["Zabrin Lothe was born in", "The birthplace of Kael Thorn is",
 
 
 def make_checkpoint(root: Path, overrides: list[str]) -> tuple[Path, int]:
-    cfg = load_config(REPO / "configs" / "tiny-cpu.yaml", overrides)
+    cfg = load_config(REPO / "configs" / "tiny-cpu.yaml", [*BYTE_LEVEL, *overrides])
     torch.manual_seed(0)
     model = build_model(cfg)
     ckpt = save_checkpoint(root / "checkpoints", 1, {"model": model.state_dict()},

@@ -70,6 +70,7 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 from memtron.bench.harness import (  # noqa: E402 - after the sys.path line
+    BYTE_LEVEL,
     BenchRun,
     ByteMeter,
     Call,
@@ -147,7 +148,7 @@ def _rank_main(rank: int, world: int, layout: Layout, data: str, warmup: int,
         "train.run_dir": run_tmp.name, "checkpoint.every": 0, "checkpoint.resume": "none",
         "logging.tensorboard": "false", "logging.progress": "false", "logging.jsonl": "false",
     }
-    cfg = load_config(CONFIG, [f"{k}={v}" for k, v in overrides.items()])
+    cfg = load_config(CONFIG, [*BYTE_LEVEL, *(f"{k}={v}" for k, v in overrides.items())])
     init_distributed(cfg.parallel.timeout_s, cfg.parallel.backend)
     durations: list[float] = []
     traffic = [0, 0]  # memtron's own memory-exchange bytes (sent, received), from its metrics

@@ -163,8 +163,9 @@ def run_quality(repo: Path, results: Path, steps: int, seeds: str, arms: str,
     ``results/quality``."""
     import tempfile
 
-    from memtron.data.prepare import prepare
+    from memtron.data.prepare import iter_documents, prepare
     from memtron.data.synthetic import generate_corpus
+    from memtron.data.tokenizer import train_bpe
 
     keep = results / QUALITY
     shutil.rmtree(keep, ignore_errors=True)
@@ -174,15 +175,19 @@ def run_quality(repo: Path, results: Path, steps: int, seeds: str, arms: str,
     with tempfile.TemporaryDirectory(prefix="memtron-report-quality-") as tmp:
         data, out = Path(tmp) / "data", Path(tmp) / "compare"
         generate_corpus(data)
+        # The demo's tokenizer, trained on this corpus as `make data` does.
+        tokenizer = train_bpe(iter_documents(data / "raw" / "train.jsonl", "text"), 4096,
+                              data / "bpe")
         for split in ("train", "valid"):
-            prepare([data / "raw" / f"{split}.jsonl"], data / split, seq_len=128)
+            prepare([data / "raw" / f"{split}.jsonl"], data / split, tokenizer=tokenizer.spec,
+                    seq_len=128)
         questions = data / "questions.jsonl"
         cmd = [sys.executable, "-m", "memtron.cli", "compare",
                "--config", str(repo / "configs" / "tiny-cpu.yaml"), "--arms", arms,
                "--seeds", seeds, "--steps", str(steps), "--out", str(out),
                "--questions", str(questions), f"data.train={data / 'train'}",
                f"data.valid={data / 'valid'}", f"data.questions={questions}",
-               *QUICK_QUALITY_OVERRIDES]
+               f"data.tokenizer={tokenizer.spec}", *QUICK_QUALITY_OVERRIDES]
         outcome = run_command(QUALITY, cmd, out / "compare.json",
                               results / "logs" / "quality.log",
                               max(1.0, timeout - (time.perf_counter() - start)), cwd=repo)
