@@ -34,7 +34,7 @@ data: $(DATA)/bpe/train/index.json $(DATA)/bpe/valid/index.json
 demo: install
 	$(MAKE) data
 	memtron train --config configs/tiny-cpu.yaml --resume none
-	@echo "--- fact accuracy per bucket, beside the committed dense reference (docs/quality.md):"
+	@echo "--- fact accuracy per bucket, beside the committed reference arms, dense and memory (docs/quality.md):"
 	memtron eval facts --ckpt runs/tiny-cpu --reference docs/quality-reference.json
 	@echo "--- the trained model answers fact questions (greedy, KV cache):"
 	memtron generate --ckpt runs/tiny-cpu --prompts $(DATA)/questions.jsonl --limit 3 \
