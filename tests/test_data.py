@@ -17,7 +17,7 @@ import torch
 
 from memtron.cli import main
 from memtron.data.loader import Batch, DataError, ShardLoader, eval_batches
-from memtron.data.prepare import prepare
+from memtron.data.prepare import iter_documents, prepare
 from memtron.data.shards import add_sample_field
 from memtron.data.synthetic import generate_corpus, load_questions
 from memtron.data.tokenizer import ByteTokenizer, HFTokenizer, load_tokenizer, train_bpe
@@ -60,8 +60,7 @@ def test_tokenizer_errors_name_the_spec(tmp_path):
 
 def test_train_bpe_round_trips_and_merges_names(corpus, tmp_path):
     out, _ = corpus
-    lines = (out / "raw" / "train.jsonl").read_text().splitlines()
-    texts = [json.loads(line)["text"] for line in lines]
+    texts = list(iter_documents(out / "raw" / "train.jsonl", "text"))
     tok = train_bpe(texts, 4096, tmp_path / "bpe")
     assert load_tokenizer(str(tmp_path / "bpe")).spec == tok.spec
     assert tok.vocab_size <= 4096 and tok.eos_id == 0  # </s>, the first special token

@@ -376,14 +376,12 @@ def _torchrun_env_for(port: int):
 
 def test_failing_rank_exits_and_blocked_peer_fails():
     """Rank 1 raises before the collective; rank 0, blocked in all_reduce, must not hang."""
-    start = time.monotonic()
     procs = spawn_ranks(_torchrun_env_for(free_port()), ["fail", "5"])
+    # wait_all fails the test if a rank is still running at LAUNCH_TIMEOUT_S (the hang guard)
     (rc0, out0, err0), (rc1, _, err1) = wait_all(procs, LAUNCH_TIMEOUT_S)
-    elapsed = time.monotonic() - start
     assert rc1 != 0 and rc0 != 0, (rc0, rc1, err0, err1)
     assert "[rank 1] ValueError: rank 1 fails on purpose" in err1
     assert "[rank 0] RuntimeError" in err0 and "LAUNCH_OK" not in out0
-    assert elapsed < LAUNCH_TIMEOUT_S
 
 
 def test_stalled_peer_fails_blocked_rank_by_collective_timeout():

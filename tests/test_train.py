@@ -15,7 +15,7 @@ import torch
 from memtron.cli import main
 from memtron.config import ConfigError, load_config
 from memtron.data.loader import DataError
-from memtron.data.prepare import prepare
+from memtron.data.prepare import iter_documents, prepare
 from memtron.data.synthetic import generate_corpus, load_questions
 from memtron.data.tokenizer import train_bpe
 from memtron.eval.facts import eval_facts
@@ -190,13 +190,13 @@ def test_default_demo_learns_facts(tmp_path, monkeypatch, capsys):
     """The README's demo recipe, unchanged but for paths: loss falls, frequent facts are learned."""
     data = tmp_path / "data"
     generate_corpus(data)
-    texts = [json.loads(line)["text"]
-             for line in (data / "raw" / "train.jsonl").read_text().splitlines()]
-    tokenizer = train_bpe(texts, 4096, data / "bpe")  # as `make data`
+    config = REPO / "configs" / "tiny-cpu.yaml"
+    tokenizer = train_bpe(iter_documents(data / "raw" / "train.jsonl", "text"),  # as `make data`
+                          load_config(config).model.vocab_size, data / "bpe")
     for split in ("train", "valid"):
         prepare([data / "raw" / f"{split}.jsonl"], data / split, tokenizer=tokenizer.spec,
                 seq_len=128)
-    cfg = load_config(REPO / "configs" / "tiny-cpu.yaml", [
+    cfg = load_config(config, [
         f"data.train={data / 'train'}", f"data.valid={data / 'valid'}",
         f"data.tokenizer={tokenizer.spec}",
         f"data.questions={data / 'questions.jsonl'}", f"train.run_dir={tmp_path / 'run'}",

@@ -163,6 +163,7 @@ def run_quality(repo: Path, results: Path, steps: int, seeds: str, arms: str,
     ``results/quality``."""
     import tempfile
 
+    from memtron.config import load_config
     from memtron.data.prepare import iter_documents, prepare
     from memtron.data.synthetic import generate_corpus
     from memtron.data.tokenizer import train_bpe
@@ -175,8 +176,9 @@ def run_quality(repo: Path, results: Path, steps: int, seeds: str, arms: str,
     with tempfile.TemporaryDirectory(prefix="memtron-report-quality-") as tmp:
         data, out = Path(tmp) / "data", Path(tmp) / "compare"
         generate_corpus(data)
-        # The demo's tokenizer, trained on this corpus as `make data` does.
-        tokenizer = train_bpe(iter_documents(data / "raw" / "train.jsonl", "text"), 4096,
+        # The demo's tokenizer, trained on this corpus as `make data` does, at its vocabulary.
+        vocab = load_config(repo / "configs" / "tiny-cpu.yaml").model.vocab_size
+        tokenizer = train_bpe(iter_documents(data / "raw" / "train.jsonl", "text"), vocab,
                               data / "bpe")
         for split in ("train", "valid"):
             prepare([data / "raw" / f"{split}.jsonl"], data / split, tokenizer=tokenizer.spec,
@@ -521,7 +523,8 @@ def fig_quality(data: dict[str, Any], out: Path) -> list[Section]:
     compare = data["results"]
     summary = compare["summary"]
     shown = [o for o in compare.get("overrides") or []
-             if not o.startswith(("data.train=", "data.valid=", "data.questions="))]
+             if not o.startswith(("data.train=", "data.valid=", "data.questions=",
+                                  "data.tokenizer="))]
     title = (f"{len(compare['seeds'])} seed(s), {summary[0]['train_tokens']:,} training tokens "
              f"per run\n{context_line(data)}\nbaseline (same run): {data['baseline']['kind']}")
     plot(summary, out / "quality.png", title)
