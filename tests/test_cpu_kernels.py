@@ -154,3 +154,63 @@ def test_sparse_update_is_in_place_without_row_temporaries(monkeypatch):
     assert pointers == [table.weight.data_ptr()] + [s.data_ptr()
                                                      for s in opt.state["t"].values()]
     assert int((opt.state["t"]["exp_avg"].abs().sum(1) > 0).sum()) == 2
+
+
+def _kernel_outputs() -> dict[str, torch.Tensor]:
+    """Init, backward and update of fixed inputs through the extension this process built."""
+    out = {}
+    for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
+        weight = torch.empty(300, 40, dtype=dtype)
+        cpu_kernels.init_normal(weight, 2**32 - 100, 3, 9, counter_rng.INIT_STREAM, 0.1)
+        out[f"init_{name}"] = weight
+    g = torch.Generator().manual_seed(3)
+
+    def exact(*shape: int) -> torch.Tensor:  # randn's bits depend on torch's own vector width
+        return torch.randint(-512, 512, shape, generator=g) / 256.0
+
+    table, ids = exact(500, 40), torch.randint(0, 500, (64 * 16,), generator=g)
+    weights, grad = exact(64 * 16).abs(), exact(64, 40)
+    unique, rows, grad_w = cpu_kernels.bag_backward(grad, table, ids, weights,
+                                                    torch.arange(0, 64 * 16, 16), True)
+    out.update(unique=unique, rows=rows, grad_w=grad_w)
+    for mode, dtype in (("adam", torch.float32), ("rowwise_adagrad", torch.bfloat16)):
+        weight = table.to(dtype)
+        state = ({"exp_avg": torch.zeros_like(table), "exp_avg_sq": torch.zeros_like(table)}
+                 if mode == "adam" else {"sum_sq": torch.zeros(500)})
+        keys = (counter_rng.row_keys(0, counter_rng.ROUND_STREAM, 7, unique)
+                if dtype == torch.bfloat16 else None)
+        cpu_kernels.sparse_update(mode, weight, unique, rows, state, decay=0.99,
+                                  betas=(0.9, 0.95), eps=1e-8, step_size=1e-2, step=1,
+                                  round_keys=keys)
+        out[f"update_{mode}"] = weight
+    return out
+
+
+@needs_ext
+@pytest.mark.skipif(cpu_kernels.capability() == "DEFAULT", reason="no wider build to compare")
+def test_every_vector_build_gives_the_same_results(tmp_path):
+    """The extension is built per vector capability (AVX-512 / AVX2 / baseline): each lower
+    build, loaded in a child with ``ATEN_CPU_CAPABILITY``, draws the same init bits and computes
+    the backward and the update as this process's build does (sums may differ in order)."""
+    import os
+    import subprocess
+    import sys
+
+    ours = _kernel_outputs()
+    caps = [c for c in ("AVX2", "DEFAULT") if c != cpu_kernels.capability()]
+    for cap in caps:
+        path = tmp_path / f"{cap}.pt"
+        code = ("import sys, torch; sys.path.insert(0, sys.argv[2]); "
+                "from memtron.model.memory import cpu_kernels; "
+                f"assert cpu_kernels.capability() == {cap!r}, cpu_kernels.capability(); "
+                "import test_cpu_kernels as t; torch.save(t._kernel_outputs(), sys.argv[1])")
+        subprocess.run([sys.executable, "-c", code, str(path), os.path.dirname(__file__)],
+                       check=True, env={**os.environ, "ATEN_CPU_CAPABILITY": cap.lower()},
+                       timeout=600)
+        theirs = torch.load(path)
+        for key in ("init_fp32", "init_bf16", "unique"):
+            assert torch.equal(ours[key], theirs[key]), (cap, key)
+        for key in ("rows", "grad_w", "update_adam"):
+            torch.testing.assert_close(ours[key], theirs[key], rtol=1e-6, atol=1e-6)
+        diff = (ours["update_rowwise_adagrad"].float() - theirs["update_rowwise_adagrad"].float())
+        assert (diff.abs() <= ours["update_rowwise_adagrad"].float().abs() * 2.0**-7).all()

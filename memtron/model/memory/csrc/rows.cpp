@@ -178,6 +178,7 @@ void update_row(W* row, const float* g, int64_t dim, M* m, float* v_elem,
   float mean_sq = 0.0f;
   if constexpr (mode != Mode::kAdam) {
     double sum = 0.0;  // vector_norm's fp32 sum differs in order: accumulate wider
+#pragma omp simd reduction(+ : sum)
     for (int64_t c = 0; c < dim; ++c) sum += static_cast<double>(g[c]) * g[c];
     const float norm = static_cast<float>(std::sqrt(sum));
     mean_sq = norm * norm / static_cast<float>(dim);
@@ -220,15 +221,8 @@ void update_row(W* row, const float* g, int64_t dim, M* m, float* v_elem,
 
 // -- the init -----------------------------------------------------------------------------
 
-// Built for AVX-512 and AVX2 as well as the baseline, picked when the extension loads (the
-// build is cached per torch version, not per CPU, so no -march=native). Every version gives the
-// same bits: the extension is built with -ffp-contract=off, so no multiply-add is fused.
-#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
-#define MEMTRON_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
-#else
-#define MEMTRON_CLONES
-#endif
-
+// The file is built once per vector capability (cpu_kernels.ISA_FLAGS) with -ffp-contract=off:
+// no multiply-add is fused, so every build draws the torch ops' bits.
 inline float bits_float(uint32_t b) {
   float f;
   std::memcpy(&f, &b, sizeof(f));
@@ -330,7 +324,6 @@ inline void normal_pair(uint32_t counter, uint32_t k1, uint32_t k2, float neg_tw
 // col_start ... col_start + n_cols). fp32 rows of whole pairs take the values directly; others
 // go through ``buffer`` (n_cols + 2 floats), then to the row (bf16: rounded to nearest even;
 // the values are never NaN).
-MEMTRON_CLONES
 void normal_rows(void* out, bool bf16, int64_t stride, int64_t begin, int64_t end,
                  int64_t row_start, int64_t col_start, int64_t n_cols, uint32_t base1,
                  uint32_t base2, float neg_two_var, float* buffer) {
@@ -450,6 +443,8 @@ void sparse_update(const std::string& mode_name, at::Tensor weight, at::Tensor i
           prefetch_row(w + next, dim * sizeof(*w));
           if (m) prefetch_row(m + next, dim * sizeof(*m));
           if (v && !rowwise_v) prefetch_row(v + next, dim * sizeof(float));
+          if (v && rowwise_v) __builtin_prefetch(v + id[r + kAhead]);
+          if (last) __builtin_prefetch(last + id[r + kAhead]);
         }
         update_row<kMode>(w + i * dim, g + r * dim, dim, m ? m + i * dim : m,
                    rowwise_v || !v ? nullptr : v + i * dim, rowwise_v && v ? v + i : nullptr,
