@@ -11,7 +11,9 @@ with whatever kernels memtron picks there (the C++ extension unless ``MEMTRON_CP
   optimizer update, zero_grad) at each size, median of ``--steps``, as a ratio to the smallest
   size. The hits are the same count at every size but the distinct rows they touch are not
   (at 64K rows 262K hits touch ~64K rows, at 16M ~260K), so the time per touched row is given
-  too: a table whose cost does not depend on its size keeps that flat. The product-key scoring
+  too: a table whose cost does not depend on its size keeps that flat. The same sizes are timed
+  again with the hits spread over ``--distinct`` rows drawn afresh each step (the same rows'
+  work at every size), which leaves only the table size itself. The product-key scoring
   that picks the ids grows with sqrt(N) sub-keys and is not part of this: ``pkm_layer.py``
   times the whole layer.
 * **largest**: a fresh 'spawn' child builds an N x d table in ``--largest-dtype`` with the
@@ -73,15 +75,20 @@ def table_step(table, opt, ids: torch.Tensor, weights: torch.Tensor,
     return out.detach(), w.grad
 
 
-def step_times(table, opt, tokens: int, hits: int, steps: int,
-               seed: int = 0) -> tuple[list[float], int]:
+def step_times(table, opt, tokens: int, hits: int, steps: int, seed: int = 0,
+               distinct: int | None = None) -> tuple[list[float], int]:
     """Seconds of each of ``steps`` table steps after one warm-up step, each with fresh
-    uniform random ids over the whole table, and the median count of distinct rows those
-    steps touched (counted outside the timed region)."""
+    uniform random ids over the whole table (or, with ``distinct``, over that many distinct
+    rows drawn from the whole table afresh each step), and the median count of distinct rows
+    those steps touched (counted outside the timed region)."""
     g = torch.Generator().manual_seed(seed)
     times, touched = [], []
     for i in range(steps + 1):
-        ids = torch.randint(0, table.n_rows, (tokens, hits), generator=g)
+        if distinct is None:
+            ids = torch.randint(0, table.n_rows, (tokens, hits), generator=g)
+        else:
+            pool = torch.randperm(table.n_rows, generator=g)[:distinct]
+            ids = pool[torch.randint(0, distinct, (tokens, hits), generator=g)]
         weights = torch.rand(tokens, hits, generator=g)
         grad = torch.randn(tokens, table.dim, generator=g)
         start = time.perf_counter()
@@ -90,6 +97,21 @@ def step_times(table, opt, tokens: int, hits: int, steps: int,
             times.append(time.perf_counter() - start)
             touched.append(torch.unique(ids).numel())
     return times, int(statistics.median(touched))
+
+
+def scaling_row(n: int, times: list[float], touched: int, earlier: list[dict],
+                label: str) -> dict:
+    """One size's median step against the smallest size's (the first of ``earlier``), printed."""
+    median = statistics.median(times)
+    per_row = 1e6 * median / touched
+    first = earlier[0] if earlier else {"step_s": median, "us_per_touched_row": per_row}
+    row = {"rows": n, "step_s": median, "ratio": median / first["step_s"], "touched": touched,
+           "us_per_touched_row": per_row,
+           "per_row_ratio": per_row / first["us_per_touched_row"], "times": times}
+    print(f"  {fmt_count(n):>5} rows, {label:<16}: {1e3 * median:7.1f} ms ({row['ratio']:.2f}x "
+          f"the smallest); {touched:,} rows touched, {per_row:.2f} us each "
+          f"({row['per_row_ratio']:.2f}x)", flush=True)
+    return row
 
 
 def measure_init(n: int, d: int, dtype: str) -> dict:
@@ -152,6 +174,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--hits", type=int, default=128, help="H*k hits per token")
     p.add_argument("--sizes", nargs="+", type=parse_count, default=None,
                    help="table rows for the scaling part (64K 1M 4M 16M)")
+    p.add_argument("--distinct", type=parse_count, default=60_000,
+                   help="distinct rows of the equal-rows scaling steps (at most the table's)")
     p.add_argument("--dtype", choices=DTYPES, default="bf16", help="scaling part's table dtype")
     p.add_argument("--optimizer", default="rowwise_adagrad", help="scaling part's mode")
     p.add_argument("--steps", type=int, default=5, help="timed steps per size (median)")
@@ -194,28 +218,22 @@ def main(argv: list[str] | None = None) -> int:
                       "fill_gbs": [r["fill_gbs"] for r in results["init"]]}
 
     print(f"\n-- one table step (lookup + backward + {a.optimizer} update) against table size, "
-          f"{a.dtype} rows, median of {a.steps}")
-    results["scaling"] = []
+          f"{a.dtype} rows, median of {a.steps}; per size: uniform hits over the table, then "
+          f"hits over {a.distinct:,} distinct rows (the same rows' work at every size)")
+    results["scaling"], results["scaling_equal_rows"] = [], []
     for n in a.sizes:
         need = n * d * DTYPES[a.dtype].itemsize * 1.1 + GiB
         if need > mem_available():
             print(f"  {fmt_count(n)}: skipped (needs ~{need / GiB:.1f} GiB)")
             continue
         table, opt = build(n, d, a.dtype, a.optimizer)
-        times, touched = step_times(table, opt, a.tokens, a.hits, a.steps)
+        for key, distinct in (("scaling", None), ("scaling_equal_rows", min(a.distinct, n))):
+            times, touched = step_times(table, opt, a.tokens, a.hits, a.steps,
+                                        distinct=distinct)
+            label = "uniform hits" if distinct is None else f"{distinct:,} rows' hits"
+            results[key].append(scaling_row(n, times, touched, results[key], label))
         del table, opt
         gc.collect()
-        median = statistics.median(times)
-        first = results["scaling"][0] if results["scaling"] else {
-            "step_s": median, "us_per_touched_row": 1e6 * median / touched}
-        per_row = 1e6 * median / touched
-        results["scaling"].append({
-            "rows": n, "step_s": median, "ratio": median / first["step_s"], "touched": touched,
-            "us_per_touched_row": per_row,
-            "per_row_ratio": per_row / first["us_per_touched_row"], "times": times})
-        print(f"  {fmt_count(n):>5} rows: {1e3 * median:7.1f} ms ({median / first['step_s']:.2f}x"
-              f" the smallest); {touched:,} rows touched, {per_row:.2f} us each "
-              f"({per_row / first['us_per_touched_row']:.2f}x)", flush=True)
 
     if a.largest_rows:
         n = a.largest_rows
