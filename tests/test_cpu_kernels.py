@@ -4,7 +4,12 @@ import pytest
 import torch
 
 from memtron.model.memory import counter_rng, cpu_kernels
-from memtron.model.memory.values import LocalValueTable, bag_index, sum_rows_by_id
+from memtron.model.memory.values import (
+    ARENA_HEADROOM,
+    LocalValueTable,
+    bag_index,
+    sum_rows_by_id,
+)
 from memtron.train.optim import MEMORY_OPTIMIZERS, SparseRowOptimizer
 
 needs_ext = pytest.mark.skipif(not cpu_kernels.builds(),
@@ -214,3 +219,25 @@ def test_every_vector_build_gives_the_same_results(tmp_path):
             torch.testing.assert_close(ours[key], theirs[key], rtol=1e-6, atol=1e-6)
         diff = (ours["update_rowwise_adagrad"].float() - theirs["update_rowwise_adagrad"].float())
         assert (diff.abs() <= ours["update_rowwise_adagrad"].float().abs() * 2.0**-7).all()
+
+
+@needs_ext
+def test_arena_has_headroom_for_wandering_distinct_rows(monkeypatch):
+    """The row-gradient arena grows to the largest step's distinct rows plus 1/ARENA_HEADROOM,
+    so steps a little larger reuse it (a new arena is fresh pages to fault in)."""
+    monkeypatch.setattr(cpu_kernels, "ENABLED", True)
+    table = LocalValueTable(10_000, 8)
+
+    def step(distinct: int) -> None:
+        ids = torch.arange(distinct).view(1, -1)
+        table.lookup(ids, torch.ones(1, distinct)).backward(torch.ones(1, 8))
+        table.zero_grad_rows()
+
+    step(320)
+    arena = table.arena()
+    assert arena.shape[0] == 320 + 320 // ARENA_HEADROOM
+    for distinct in (330, 340, 300):
+        step(distinct)
+        assert table.arena().data_ptr() == arena.data_ptr()
+    step(400)
+    assert table.arena().shape[0] == 400 + 400 // ARENA_HEADROOM
