@@ -43,8 +43,8 @@ SOURCE = Path(__file__).parent / "csrc" / "rows.cpp"
 # or ``default`` lowers it, as it does for torch). The row loops run inside ``at::parallel_for``
 # lambdas, which per-function ``target_clones`` cannot reach, so the whole file is built once per
 # capability. Measured on the AVX-512 VM against the baseline SSE2 build (bench/README.md): the
-# update 1.6-2.8x faster, the backward 1.2-1.5x (64K-16M rows, 262K hits). Every build gives the same init bits and update
-# results: no multiply-add is fused (``-ffp-contract=off``).
+# update 1.6-2.8x faster, the backward 1.2-1.5x (64K-16M rows, 262K hits). Every build draws the
+# same init bits (no multiply-add is fused: ``-ffp-contract=off``); sums may differ in order.
 ISA_FLAGS = {"AVX512": ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx2",
                         "-mfma", "-mf16c", "-mprefer-vector-width=512"],
              "AVX2": ["-mavx2", "-mfma", "-mf16c"]}

@@ -179,7 +179,7 @@ class ValueTable(nn.Module):
         self._arena_used = 0
         if self._arena_wanted > self._arena.shape[0]:  # grown for the next step
             # with headroom: the distinct rows of random batches wander around their mean, and
-            # each new maximum would fault in a fresh arena (~0.4 ms per MiB here)
+            # each new maximum would fault in a fresh arena (~0.5 ms per MiB here)
             rows = self._arena_wanted + self._arena_wanted // ARENA_HEADROOM
             self._arena = self._arena.new_empty(rows, self._arena.shape[1])
         self._arena_wanted = 0
