@@ -1,5 +1,9 @@
 """The C++ CPU backward against the torch ops it replaces; the fallback when it is off."""
 
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -197,10 +201,6 @@ def test_every_vector_build_gives_the_same_results(tmp_path):
     """The extension is built per vector capability (AVX-512 / AVX2 / baseline): each lower
     build, loaded in a child with ``ATEN_CPU_CAPABILITY``, draws the same init bits and computes
     the backward and the update as this process's build does (sums may differ in order)."""
-    import os
-    import subprocess
-    import sys
-
     ours = _kernel_outputs()
     caps = [c for c in ("AVX2", "DEFAULT") if c != cpu_kernels.capability()]
     for cap in caps:

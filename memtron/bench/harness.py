@@ -31,11 +31,12 @@ from typing import Any
 MiB = 1 << 20
 GiB = 1 << 30
 
-# Variables through which a parent's launcher would leak into a spawned rank.
 # Byte-level tokens for benches that build their own corpus on configs/tiny-cpu.yaml (whose
 # BPE tokenizer file exists only after `make data`): what they measure does not depend on the
 # vocabulary, and their recorded results were taken with bytes.
 BYTE_LEVEL = ("data.tokenizer=byte", "model.vocab_size=260")
+
+# Variables through which a parent's launcher would leak into a spawned rank.
 LAUNCH_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR",
                "MASTER_PORT", "TORCHELASTIC_RUN_ID", "SLURM_PROCID", "SLURM_NTASKS",
                "OMPI_COMM_WORLD_RANK", "PMI_RANK")

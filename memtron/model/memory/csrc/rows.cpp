@@ -28,6 +28,18 @@ namespace {
 template <typename T>
 inline float as_float(T x) { return static_cast<float>(x); }
 
+inline float bits_float(uint32_t b) {
+  float f;
+  std::memcpy(&f, &b, sizeof(f));
+  return f;
+}
+
+inline uint32_t float_bits(float f) {
+  uint32_t b;
+  std::memcpy(&b, &f, sizeof(b));
+  return b;
+}
+
 constexpr int64_t kAhead = 4;  // rows prefetched ahead (hits' grads, optimizer rows)
 constexpr int64_t kRowsAhead = 2;  // table rows prefetched ahead in the backward
 constexpr int kRadixBits = 11;  // digits of the LSD radix sort: 2 passes up to 4M rows
@@ -139,9 +151,7 @@ inline uint32_t mix32(uint32_t x) {
 // drops (counter_rng.element_bits of the row's key and the column), then truncated.
 inline at::BFloat16 round_bf16(float x, uint32_t key, int64_t col) {
   const uint32_t bits = mix32(mix32(static_cast<uint32_t>(col) * 0x9E3779B9u + key) ^ key);
-  uint32_t word;
-  std::memcpy(&word, &x, sizeof(word));
-  word = (word + (bits & 0xFFFFu)) & 0xFFFF0000u;
+  const uint32_t word = (float_bits(x) + (bits & 0xFFFFu)) & 0xFFFF0000u;
   at::BFloat16 out;
   out.x = static_cast<uint16_t>(word >> 16);
   return out;
@@ -223,17 +233,6 @@ void update_row(W* row, const float* g, int64_t dim, M* m, float* v_elem,
 
 // The file is built once per vector capability (cpu_kernels.ISA_FLAGS) with -ffp-contract=off:
 // no multiply-add is fused, so every build draws the torch ops' bits.
-inline float bits_float(uint32_t b) {
-  float f;
-  std::memcpy(&f, &b, sizeof(f));
-  return f;
-}
-
-inline uint32_t float_bits(float f) {
-  uint32_t b;
-  std::memcpy(&b, &f, sizeof(b));
-  return b;
-}
 
 // counter_rng.row_keys of global row ``row`` from the stream's base (counter_rng.stream_base).
 inline uint32_t row_key(uint32_t base, int64_t row) {
