@@ -17,6 +17,7 @@ from memtron.parallel.context import ring_attention, zigzag_indices
 from memtron.parallel.launch import init_distributed, shutdown_distributed
 from memtron.parallel.state import build_parallel_state, destroy_parallel_state
 from tests.multiproc import run_ranks
+from tests.tolerance import order_atol
 
 
 def _inputs(b=2, h=4, kv=2, length=40, d=8, n_chunks=3, slots=6, seed=0):
@@ -243,7 +244,8 @@ def test_cached_forward_with_memories_equals_training_forward(built):
             steps.append(model(tokens[:, t:t + 1], ForwardContext(cache=cache,
                                                                  explicit=explicit)))
         plain = model(tokens)
-    torch.testing.assert_close(torch.cat(steps, 1), full, atol=1e-5, rtol=0)
+    # the cache computes attention over other key lengths (another operation order)
+    torch.testing.assert_close(torch.cat(steps, 1), full, atol=order_atol(full), rtol=0)
     assert (plain - full).abs().max() > 1e-2  # the memories matter to these logits
     # a memory id picks its own K/V: another memory in chunk 2 changes chunk 2 onwards only
     other = ids.clone()

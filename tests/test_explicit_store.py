@@ -34,6 +34,7 @@ from memtron.model.memory.explicit import (
 )
 from memtron.model.transformer import build_model
 from memtron.train.checkpoint import save_checkpoint
+from tests.tolerance import order_atol
 
 M, REF_LEN, LAYERS = 4, 24, [0, 1]
 MODEL = {"model.d_model": 32, "model.n_layers": 3, "model.n_heads": 4, "model.n_kv_heads": 2,
@@ -350,7 +351,12 @@ def test_workers_and_server_give_the_same_memories(checkpoint, references, store
                          batch_size=4, workers=2, block_bytes=2048, progress=False)
     one, two = ExplicitStore.open(stores["bf16"]), ExplicitStore.open(out, verify=True)
     ids = torch.arange(len(one))
-    assert torch.equal(torch.cat(one.fetch(ids)), torch.cat(two.fetch(ids)))
+    # Each worker encodes its references in other batches with other thread counts, so the
+    # fp32 K/V may differ by rounding (another GEMM blocking) and a stored bf16 value may then
+    # round one ulp the other way: equal within one bf16 ulp, or fp32 reordering near zero.
+    single, split = torch.cat(one.fetch(ids)), torch.cat(two.fetch(ids))
+    torch.testing.assert_close(split, single, rtol=torch.finfo(torch.bfloat16).eps,
+                               atol=order_atol(single.float(), torch.float32))
     assert torch.equal(one.positions(ids), two.positions(ids))
     with running_server(stores["pq"]) as url:
         remote = ExplicitStore.open(url)

@@ -130,3 +130,15 @@ def test_bad_requests_fail_clearly():
         generate(model, [[EOS]], SamplingConfig(temperature=0), EOS)
     with pytest.raises(GenerationError, match="at least one token"):
         generate(model, [[]], SamplingConfig(), EOS)
+
+
+def test_a_forward_past_max_seq_len_names_the_limit():
+    model = _model("beside")
+    with torch.no_grad():
+        model(torch.zeros(1, 48, dtype=torch.long))  # exactly the limit is fine
+        with pytest.raises(ValueError, match=r"49 token positions .*model.max_seq_len=48"):
+            model(torch.zeros(1, 49, dtype=torch.long))
+        cache = model.new_cache(1, 64)
+        model(torch.zeros(1, 40, dtype=torch.long), ForwardContext(cache=cache))
+        with pytest.raises(ValueError, match=r"50 token positions requested \(40 cached \+ 10 new\)"):
+            model(torch.zeros(1, 10, dtype=torch.long), ForwardContext(cache=cache))

@@ -149,10 +149,16 @@ class ForwardContext:
     bank_path: torch.Tensor | None = None
     explicit: ExplicitKV | None = None
 
-    def resolve_positions(self, length: int, device: torch.device) -> torch.Tensor:
+    def resolve_positions(self, length: int, device: torch.device,
+                          max_len: int) -> torch.Tensor:
+        """The RoPE positions of ``length`` new tokens; the default ones must stay below
+        ``max_len`` (the model's rotary tables), checked on the host, without a device sync."""
         if self.positions is not None:
             return self.positions.to(device)
         start = self.cache.length if self.cache is not None else 0
+        if start + length > max_len:
+            raise ValueError(f"{start + length} token positions requested ({start} cached + "
+                             f"{length} new); the model holds model.max_seq_len={max_len}")
         return torch.arange(start, start + length, device=device)
 
     def attention_mask(self, length: int, device: torch.device) -> torch.Tensor | None:

@@ -155,7 +155,7 @@ class Transformer(nn.Module):
         training forward (positions 0..L-1, causal, no cache)."""
         ctx = ctx or ForwardContext()
         length = tokens.shape[1]
-        positions = ctx.resolve_positions(length, tokens.device)
+        positions = ctx.resolve_positions(length, tokens.device, self.cfg.max_seq_len)
         rope = self.rope(positions)
         mask = ctx.attention_mask(length, tokens.device)
         query_chunk = None
