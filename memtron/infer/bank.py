@@ -59,9 +59,9 @@ class PathBlocks:
         return [b.numel() * b.element_size() for b in self.blocks]
 
 
-class HierarchicalBank:
-    """The level tables of a bank (any :class:`RowStore` backend) plus the tree that routes
-    text to them."""
+class TreeBank:
+    """The tree memory's bank: its level tables (any :class:`RowStore` backend) plus the tree
+    that routes text to them."""
 
     def __init__(self, stores: Sequence[RowStore], tree: ClusterTree, where: str = "bank"):
         if len(stores) != tree.levels:
@@ -76,7 +76,7 @@ class HierarchicalBank:
 
     @classmethod
     def open(cls, bank: str | Path, tree: str | Path | None = None,
-             token: str | None = None) -> HierarchicalBank:
+             token: str | None = None) -> TreeBank:
         """``bank``: a bank directory or a ``memtron serve-memory`` URL; ``tree``: the tree
         directory, when the bank does not say where it is (see the module docstring)."""
         where = str(bank)

@@ -94,14 +94,14 @@ DECAY_BLOCK_ROWS = 1 << 16  # rows per block of _apply_owed_decay's fp32 tempora
 def load_tree(cfg: Config, tree: str | Path | None, bank: str | None,
               token: str | None = None) -> Any:
     """The cluster tree of a model with a bank. With a ``bank`` (dir or URL) it is the one
-    :meth:`memtron.infer.bank.HierarchicalBank.open` finds and checks (``tree``, else what the
+    :meth:`memtron.infer.bank.TreeBank.open` finds and checks (``tree``, else what the
     bank's manifest records, refusing a tree of another hash); with the blocks in RAM, ``tree``
     or the copy kept with the training data. Checked against the model's bank shape."""
     from memtron.data.prepare import TREE_DIR
-    from memtron.infer.bank import HierarchicalBank
+    from memtron.infer.bank import TreeBank
 
     if bank:
-        loaded = HierarchicalBank.open(bank, tree, token).tree
+        loaded = TreeBank.open(bank, tree, token).tree
     else:
         loaded = ClusterTree.load(tree if tree is not None else Path(cfg.data.train) / TREE_DIR)
     return loaded.expect_shape(cfg.bank.levels, cfg.bank.branching)
