@@ -54,13 +54,13 @@ PENDING_MOVES: dict[tuple[str, str], str] = {
 }
 
 
-def _module_name(path: Path) -> str:
-    parts = path.relative_to(ROOT.parent).with_suffix("").parts
+def _module_name(path: Path, root: Path) -> str:
+    parts = path.relative_to(root.parent).with_suffix("").parts
     return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
 
 
-def _modules() -> dict[str, Path]:
-    return {_module_name(p): p for p in sorted(ROOT.rglob("*.py"))}
+def _modules(root: Path) -> dict[str, Path]:
+    return {_module_name(p, root): p for p in sorted(root.rglob("*.py"))}
 
 
 def _package(module: str) -> str | None:
@@ -106,14 +106,15 @@ def _target_package(target: str, name: str | None, used: set) -> str | None:
     return _package(target)
 
 
-def _graph() -> tuple[dict[str, Path], dict[str, dict[str, int]], list[str], set]:
+def _graph(root: Path = ROOT
+           ) -> tuple[dict[str, Path], dict[str, dict[str, int]], list[str], set]:
     """Modules, module -> {imported module: first line}, level violations, pending moves used."""
-    modules = _modules()
+    modules = _modules(root)
     edges: dict[str, dict[str, int]] = defaultdict(dict)
     violations: list[str] = []
     used: set = set()
     for module, path in modules.items():
-        rel = path.relative_to(ROOT.parent)
+        rel = path.relative_to(root.parent)
         mine = _package(module)
         for line, target, name, _ in _imports(path, module, modules):
             if target in modules and target != module:
@@ -211,11 +212,12 @@ def test_cycle_finder_finds_a_cycle():
     assert _cycles({"a": {"b": 1}, "b": {}}) == []
 
 
-def test_no_private_names_across_packages():
-    modules = _modules()
+def _private_uses(root: Path = ROOT) -> list[str]:
+    """file:line of every private name of one package imported or read by another."""
+    modules = _modules(root)
     violations = []
     for module, path in modules.items():
-        rel = path.relative_to(ROOT.parent)
+        rel = path.relative_to(root.parent)
         mine = _package(module)
         module_aliases: dict[str, str] = {}  # local name -> the memtron module it binds
         for line, target, name, bound in _imports(path, module, modules):
@@ -233,4 +235,38 @@ def test_no_private_names_across_packages():
                     and _package(module_aliases[node.value.id]) != mine):
                 violations.append(f"{rel}:{node.lineno}: reads private "
                                   f"{module_aliases[node.value.id]}.{node.attr}")
+    return violations
+
+
+def test_no_private_names_across_packages():
+    violations = _private_uses()
     assert not violations, "private names used across packages:\n" + "\n".join(violations)
+
+
+def test_checks_catch_planted_violations(tmp_path):
+    """The checks are not vacuous: a fake package with one violation of each kind."""
+    files = {
+        "__init__.py": "",
+        "config.py": "",
+        "data/__init__.py": "",
+        "data/a.py": "def f():\n    from memtron.model import b  # lazy, upward\n",
+        "data/c.py": "import memtron.data.d\n",
+        "data/d.py": "from memtron.data import c\n",
+        "model/__init__.py": "",
+        "model/b.py": "from memtron.config import _secret\nfrom memtron import config as cf\n"
+                      "x = cf._hidden\n",
+        "eval/__init__.py": "",
+        "eval/e.py": "from memtron.export import f\n",  # sideways on one level
+        "export/__init__.py": "",
+        "export/f.py": "",
+    }
+    root = tmp_path / "memtron"
+    for name, text in files.items():
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / name).write_text(text)
+    modules, edges, violations, _ = _graph(root)
+    assert [v.split(": ", 1)[0] for v in violations] == ["memtron/data/a.py:2",
+                                                        "memtron/eval/e.py:1"], violations
+    assert _cycles(edges) == [["memtron.data.c", "memtron.data.d"]]
+    assert [v.split(": ", 1)[0] for v in _private_uses(root)] == ["memtron/model/b.py:1",
+                                                                  "memtron/model/b.py:3"]
