@@ -20,7 +20,8 @@ Checked, naming file:line:
     included: a lazy import is still a dependency;
 (b) no cycle between modules (lazy imports included: they hide a cycle, they do not remove it);
 (c) no private name (``_x``) of one package imported into, or read as ``module._x`` by,
-    another.
+    another (a package is a top-level one, ``memtron.model`` with its subpackages: private
+    helpers are shared inside it, never across a boundary of the table above).
 """
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
-"""Hierarchical-bank blocks at inference: text -> cluster-tree path -> the path's node rows,
-from an on-disk bank or a memory server (DESIGN §5, §11).
+"""Tree-memory blocks at inference: text -> cluster-tree path -> the path's node rows, from
+the on-disk bank the tree memory was exported to, or a memory server (DESIGN §5, §11).
 
 Bank layout (what ``memtron export bank`` writes for a hierarchical model): one table per tree
 level, ``bank0`` ... ``bank{levels-1}`` (:func:`level_table`), where row ``i`` of level ``l``'s

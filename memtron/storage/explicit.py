@@ -36,6 +36,8 @@ from typing import Any
 
 import torch
 
+# infer.store (RowStore, the bank format) and sha256_file are moving into memtron/storage/
+# (issue 23; tests/test_layering.py PENDING_MOVES)
 from memtron.infer.store import (
     BANK_MANIFEST,
     BankError,
