@@ -35,11 +35,11 @@ from memtron.config import load_config
 from memtron.data.prepare import prepare
 from memtron.data.synthetic import generate_corpus, load_questions
 from memtron.data.tokenizer import load_tokenizer
-from memtron.eval.facts import bucket_scores, chance_level, choice_logprobs, picked_answer
 from memtron.export.explicit import size_per_reference
 from memtron.infer.explicit import open_explicit
 from memtron.infer.model import load_model
 from memtron.model.forward import ForwardContext
+from memtron.train.facts import bucket_scores, chance_level, choice_logprobs, picked_answer
 from memtron.train.trainer import train
 
 REPO = Path(__file__).resolve().parent.parent

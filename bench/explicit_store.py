@@ -37,8 +37,9 @@ from memtron.export.explicit import (
     store_bytes,
 )
 from memtron.infer.model import load_model
-from memtron.model.memory.explicit import ExplicitStore, encode_references
+from memtron.model.memory.explicit import encode_references
 from memtron.model.transformer import build_model
+from memtron.storage.explicit import ExplicitStore
 from memtron.train.checkpoint import save_checkpoint
 
 REPO = Path(__file__).resolve().parent.parent

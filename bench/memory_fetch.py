@@ -30,7 +30,7 @@ shape comes from ``--bank-config`` (default configs/hier-tiny.yaml), any of ``--
 --branching --block-sizes --d-model --bank-layers``, or ``--published`` (4 levels x 16
 branches, blocks 4/8/16/32 at d_model 64, one bank layer: 69,904 nodes, 1.6 GB). A fetch is
 ``--sequences`` uniformly random root-to-leaf paths, fetched as generation does, by
-``HierarchicalBank.fetch_paths``: one fetch per level for the whole batch (no deduplication, as
+``TreeBank.fetch_paths``: one fetch per level for the whole batch (no deduplication, as
 the model). Throughput is in blocks (one node's row) per second and GB/s, against the same
 sequential read of all level tables' block files:
 
@@ -58,7 +58,7 @@ from memtron.bench.harness import BenchRun, add_output_args
 from memtron.config import BankConfig, load_config
 from memtron.data.clustering import TreeShape
 from memtron.export.bank import TableRows, write_bank
-from memtron.infer.bank import HierarchicalBank, level_table
+from memtron.infer.bank import TreeBank, level_table
 from memtron.infer.server import running_server
 from memtron.infer.store import HttpBank, HttpRowStore, RamRowStore, RowStore, open_bank
 from memtron.model.memory.hierarchical import level_offsets, row_width
@@ -207,7 +207,7 @@ def level_stores(bank: Path | str, levels: int) -> list[RowStore]:
     return [source.table(level_table(level)) for level in range(levels)]
 
 
-def timed_paths(hbank: HierarchicalBank, batches: list[torch.Tensor]) -> float:
+def timed_paths(hbank: TreeBank, batches: list[torch.Tensor]) -> float:
     start = time.perf_counter()
     for paths in batches:
         hbank.fetch_paths(paths)
@@ -217,7 +217,7 @@ def timed_paths(hbank: HierarchicalBank, batches: list[torch.Tensor]) -> float:
 def bank_server_pass(url: str, shape: TreeShape, batches: list[torch.Tensor],
                      clients: int) -> float:
     """``clients`` threads, each with its own HttpRowStores, fetch every batch (rotated)."""
-    banks = [HierarchicalBank(level_stores(url, shape.levels), shape, url)  # type: ignore[arg-type]
+    banks = [TreeBank(level_stores(url, shape.levels), shape, url)  # type: ignore[arg-type]
              for _ in range(clients)]
 
     def client(i: int) -> None:
@@ -257,7 +257,7 @@ def bank_main(a: argparse.Namespace, bench: BenchRun, root: Path) -> None:
     fetched = per_seq * a.sequences * len(batches)
     print(f"fetch: {a.sequences} paths x {cfg.levels} levels = {a.sequences * cfg.levels} blocks"
           f" ({per_seq * a.sequences / 2**20:.1f} MiB) per batch, {len(batches)} batches, "
-          f"one fetch per level per batch (HierarchicalBank.fetch_paths)")
+          f"one fetch per level per batch (TreeBank.fetch_paths)")
     results: dict[str, object] = {
         "config": {"mode": "bank", "levels": cfg.levels, "branching": cfg.branching,
                    "block_sizes": cfg.block_sizes, "d_model": d_model,
@@ -293,7 +293,7 @@ def bank_main(a: argparse.Namespace, bench: BenchRun, root: Path) -> None:
 
     tables = [s.fetch(torch.arange(s.n_rows)) for s in level_stores(bank, cfg.levels)]
     gc.collect()
-    ram = HierarchicalBank([RamRowStore(t) for t in tables], shape)  # type: ignore[arg-type]
+    ram = TreeBank([RamRowStore(t) for t in tables], shape)  # type: ignore[arg-type]
     timed_paths(ram, batches[:1])
     record("ram", fetched, blocks, timed_paths(ram, batches), "warm")
     del ram, tables
@@ -302,13 +302,13 @@ def bank_main(a: argparse.Namespace, bench: BenchRun, root: Path) -> None:
     cold = 0.0
     for paths in batches:
         drop_page_cache(files)  # nothing maps them now: the previous stores are gone
-        hbank = HierarchicalBank(level_stores(bank, cfg.levels), shape)  # type: ignore[arg-type]
+        hbank = TreeBank(level_stores(bank, cfg.levels), shape)  # type: ignore[arg-type]
         cold += timed_paths(hbank, [paths])
         del hbank
         gc.collect()
     record("mmap cold", fetched, blocks, cold, "cold")
 
-    hbank = HierarchicalBank(level_stores(bank, cfg.levels), shape)  # type: ignore[arg-type]
+    hbank = TreeBank(level_stores(bank, cfg.levels), shape)  # type: ignore[arg-type]
     timed_paths(hbank, batches)
     record("mmap warm", fetched, blocks, timed_paths(hbank, batches), "warm")
     del hbank

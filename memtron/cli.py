@@ -331,9 +331,9 @@ def _cmd_cluster(args: argparse.Namespace) -> int:
 
 
 def _cmd_fetch(args: argparse.Namespace) -> int:
-    from memtron.infer.bank import HierarchicalBank
+    from memtron.infer.bank import TreeBank
 
-    bank = HierarchicalBank.open(args.bank, tree=args.tree, token=args.token)
+    bank = TreeBank.open(args.bank, tree=args.tree, token=args.token)
     fetched = bank.fetch(args.text)
     if args.json:
         print(json.dumps([{"text": f.text, "path": f.path, "tables": f.tables, "rows": f.rows,

@@ -15,7 +15,7 @@ from memtron.data.embed import HashedNgramEmbedder
 from memtron.data.prepare import prepare
 from memtron.data.synthetic import generate_corpus
 from memtron.export.bank import TableRows, write_bank
-from memtron.infer.bank import HierarchicalBank, level_table
+from memtron.infer.bank import TreeBank, level_table
 from memtron.infer.server import running_server
 from memtron.infer.store import BankError
 from memtron.train.checkpoint import sha256_file
@@ -65,7 +65,7 @@ def _check(fetched, tree, docs) -> None:
 def test_fetch_from_disk_with_the_tree_the_manifest_names(setup):
     root, _, docs, tree = setup
     _write(root / "bank", tree, {"tree": "../tree"})  # relative to the bank directory
-    bank = HierarchicalBank.open(root / "bank")
+    bank = TreeBank.open(root / "bank")
     _check(bank.fetch(docs[:7]), tree, docs[:7])
     assert [s.stats["requests"] for s in bank.stores] == [1, 1]  # one fetch per level
     batch = bank.fetch_paths(tree.route(docs[:3]))
@@ -80,29 +80,29 @@ def test_export_bank_source_entry_pins_the_tree(setup, tmp_path):
     entry = {"tables": ["bank0", "bank1"], "offsets": [0, 4], "tree": str(root / "tree"),
              "tree_sha256": sha256_file(root / "tree" / "tree.json")}
     _write(tmp_path / "bank", tree, {"bank": entry})
-    _check(HierarchicalBank.open(tmp_path / "bank").fetch(docs[:4]), tree, docs[:4])
+    _check(TreeBank.open(tmp_path / "bank").fetch(docs[:4]), tree, docs[:4])
     build_tree(docs, 2, 4, HashedNgramEmbedder(dim=32), seed=1).save(tmp_path / "other")
     with pytest.raises(BankError, match="not the tree the bank"):
-        HierarchicalBank.open(tmp_path / "bank", tree=tmp_path / "other")
+        TreeBank.open(tmp_path / "bank", tree=tmp_path / "other")
     _write(tmp_path / "bad", tree, {"bank": {**entry, "tables": ["bank0", "bank7"]}})
     with pytest.raises(BankError, match=r"lacks|\['bank7'\]"):
-        HierarchicalBank.open(tmp_path / "bad")
+        TreeBank.open(tmp_path / "bad")
     _write(tmp_path / "off", tree, {"bank": {**entry, "offsets": [0, 3]}})
     with pytest.raises(BankError, match=r"offsets \[0, 3\]"):
-        HierarchicalBank.open(tmp_path / "off")
+        TreeBank.open(tmp_path / "off")
 
 
 def test_tree_found_through_the_training_data(setup, tmp_path):
     root, raw, docs, tree = setup
     prepare([raw], tmp_path / "data", seq_len=31, clusters=root / "tree")
     _write(tmp_path / "bank", tree, {"config": {"data": {"train": str(tmp_path / "data")}}})
-    _check(HierarchicalBank.open(tmp_path / "bank").fetch(docs[:3]), tree, docs[:3])
+    _check(TreeBank.open(tmp_path / "bank").fetch(docs[:3]), tree, docs[:3])
 
     prepare([raw], tmp_path / "plain", seq_len=31)
     _write(tmp_path / "bank2", tree, {"config": {"data": {"train": str(tmp_path / "plain")}}})
     with pytest.raises(BankError, match=r"not prepared with --clusters.*--tree"):
-        HierarchicalBank.open(tmp_path / "bank2")
-    _check(HierarchicalBank.open(tmp_path / "bank2", tree=root / "tree").fetch(docs[:2]),
+        TreeBank.open(tmp_path / "bank2")
+    _check(TreeBank.open(tmp_path / "bank2", tree=root / "tree").fetch(docs[:2]),
            tree, docs[:2])
 
 
@@ -110,11 +110,11 @@ def test_bank_that_does_not_fit_the_tree_is_refused(setup, tmp_path):
     root, _, _, tree = setup
     _write(tmp_path / "short", tree, {"tree": str(root / "tree")}, sizes={1: 15})
     with pytest.raises(BankError, match=r"table bank1 has 15 rows, level 2 .* has 16 nodes"):
-        HierarchicalBank.open(tmp_path / "short")
+        TreeBank.open(tmp_path / "short")
     write_bank(tmp_path / "values", {"values": TableRows(4, 2, torch.float32,
                                                          [torch.zeros(4, 2)])})
     with pytest.raises(BankError, match="no hierarchical level tables"):
-        HierarchicalBank.open(tmp_path / "values", tree=root / "tree")
+        TreeBank.open(tmp_path / "values", tree=root / "tree")
 
 
 def test_fetch_from_the_memory_server_equals_disk(setup):
@@ -122,8 +122,8 @@ def test_fetch_from_the_memory_server_equals_disk(setup):
     _write(root / "served", tree, {"tree": str(root / "tree")})
     with running_server(root / "served") as url:
         with pytest.raises(BankError, match="--tree"):
-            HierarchicalBank.open(url)
-        _check(HierarchicalBank.open(url, tree=root / "tree").fetch(docs[:5]), tree, docs[:5])
+            TreeBank.open(url)
+        _check(TreeBank.open(url, tree=root / "tree").fetch(docs[:5]), tree, docs[:5])
 
 
 def test_cli_fetch_prints_path_ids_and_bytes(setup, capsys):
@@ -161,7 +161,7 @@ def test_fetch_from_an_exported_checkpoint_bank(setup, tmp_path, capsys):
                                            **{"train.steps": 2, "data.questions": ""}))
     checkpoint = Trainer(cfg).run().checkpoint
     export_bank(checkpoint, tmp_path / "bank")
-    fetched = HierarchicalBank.open(tmp_path / "bank").fetch(docs[:3])
+    fetched = TreeBank.open(tmp_path / "bank").fetch(docs[:3])
     assert [f.path for f in fetched] == tree.route(docs[:3]).tolist()
     with CheckpointReader(checkpoint) as reader:
         for f in fetched:

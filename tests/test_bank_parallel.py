@@ -11,7 +11,7 @@ import torch.distributed.checkpoint as dcp
 
 from memtron.config import BankConfig
 from memtron.model.memory.hierarchical import (
-    HierarchicalBank,
+    TreeMemory,
     level_offsets,
     local_bank_table,
     row_std,
@@ -28,7 +28,7 @@ CFG = BankConfig(layers=[0, 2], levels=2, branching=3, block_sizes=[2, 3], gener
 D, SEQ, BATCH, STEPS, SAVED_AT = 8, 3, 8, 3, 2  # BATCH: the global batch, split over ranks
 
 
-def _bank(world: int, rank: int) -> tuple[HierarchicalBank, SparseRowOptimizer]:
+def _bank(world: int, rank: int) -> tuple[TreeMemory, SparseRowOptimizer]:
     tables = []
     for level, n in enumerate(CFG.nodes_per_level()):
         std = row_std(CFG, level, D, 0.3, 0.2)
@@ -36,13 +36,13 @@ def _bank(world: int, rank: int) -> tuple[HierarchicalBank, SparseRowOptimizer]:
         tables.append(local_bank_table(level, *args) if world == 1 else
                       ShardedBankTable(*args, dist.group.WORLD, rank, world))
     torch.manual_seed(5)  # the generic block: replicated, the same on every rank
-    bank = HierarchicalBank(CFG, D, tables, 0.3, 0.2)
+    bank = TreeMemory(CFG, D, tables, 0.3, 0.2)
     opt = SparseRowOptimizer({f"bank{i}": t for i, t in enumerate(tables)}, lr=0.05,
                              betas=(0.9, 0.95), weight_decay=0.01)
     return bank, opt
 
 
-def _step(bank: HierarchicalBank, opt: SparseRowOptimizer, step: int, rank: int,
+def _step(bank: TreeMemory, opt: SparseRowOptimizer, step: int, rank: int,
           world: int) -> dict:
     """One optimizer step on this rank's slice of the global batch of ``step``."""
     g = torch.Generator().manual_seed(700 + step)
@@ -71,7 +71,7 @@ def _step(bank: HierarchicalBank, opt: SparseRowOptimizer, step: int, rank: int,
     return record
 
 
-def _state(bank: HierarchicalBank, opt: SparseRowOptimizer, world: int) -> dict:
+def _state(bank: TreeMemory, opt: SparseRowOptimizer, world: int) -> dict:
     layout = CheckpointLayout(SimpleNamespace(tp=1, ep=world, world_size=world))
     return {f"bank{i}": {"weight": layout.view(t.weight, t.weight),
                          "optim": {k: layout.view(v, t.weight) if v.dim() else v

@@ -8,8 +8,9 @@ import pytest
 
 from memtron.cli import main
 from memtron.config import load_config
-from memtron.eval.facts import eval_facts, wilson_interval
+from memtron.eval.facts import eval_facts
 from memtron.eval.lm import eval_lm
+from memtron.train.facts import wilson_interval
 from memtron.train.trainer import train
 from tests.conftest import tiny_overrides
 from tests.multiproc import run_ranks

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from memtron.data.tokenizer import ByteTokenizer
-from memtron.eval.facts import fact_accuracy
+from memtron.train.facts import fact_accuracy
 
 TOK = ByteTokenizer()
 V = TOK.vocab_size

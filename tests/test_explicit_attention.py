@@ -219,8 +219,8 @@ def built(tmp_path_factory) -> dict:
 
 
 def _memories(built: dict, cache_rows: int = 0):
-    from memtron.model.memory.explicit import ExplicitStore
     from memtron.model.memory.explicit_kv import ExplicitMemories
+    from memtron.storage.explicit import ExplicitStore
 
     store = ExplicitStore.open(built["store"], cache_rows=cache_rows)
     store.check_model(built["cfg"].model)
@@ -271,10 +271,10 @@ def _chunk_ids(retrieve, prompt: list[int], seq: list[int]) -> torch.Tensor:
 
 
 def test_generation_with_memories_equals_training_forward(built):
+    from memtron.data.retrieve import Retriever
     from memtron.infer.explicit import ExplicitGeneration
     from memtron.infer.generate import SamplingConfig, generate
     from memtron.model.forward import ForwardContext
-    from memtron.model.memory.explicit import Retriever
 
     model, memories = built["model"], _memories(built, cache_rows=4)
     retriever = Retriever.load(built["store"], use_faiss=False)

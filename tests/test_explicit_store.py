@@ -12,6 +12,8 @@ import torch
 
 from memtron.cli import main
 from memtron.config import load_config
+from memtron.data.quantize import train_pq
+from memtron.data.retrieve import Retriever, faiss_available
 from memtron.data.tokenizer import ByteTokenizer
 from memtron.export.explicit import (
     build_explicit_store,
@@ -21,18 +23,15 @@ from memtron.export.explicit import (
 )
 from memtron.infer.model import load_model
 from memtron.infer.store import BANK_MANIFEST
-from memtron.model.memory.explicit import (
+from memtron.model.memory.explicit import encode_references, select_top_tokens
+from memtron.model.transformer import build_model
+from memtron.storage.explicit import (
     ExplicitStore,
     ExplicitStoreError,
     Int8Codec,
     Layout,
     PQCodec,
-    Retriever,
-    encode_references,
-    faiss_available,
-    select_top_tokens,
 )
-from memtron.model.transformer import build_model
 from memtron.train.checkpoint import save_checkpoint
 from tests.tolerance import order_atol
 
@@ -245,11 +244,11 @@ def test_pq_and_int8_errors_on_gaussian_vectors():
     err = (codec.decode(codec.encode(x)) - x).abs()
     assert (err <= x.abs().amax(-1, keepdim=True) / 254 * (1 + 2**-10)).all()
     pq = PQCodec(layout, sub_dim=4)
-    pq.train(x)
+    train_pq(pq, x)
     rel = (pq.decode(pq.encode(x)) - x).norm() / x.norm()
     assert 0.25 < rel < 0.30, rel
     small = x[:10]  # 10 memories x 8 tokens = 80 sub-vectors per (group, sub-space) < 256
-    pq.train(small)
+    train_pq(pq, small)
     torch.testing.assert_close(pq.decode(pq.encode(small)), small)
 
 

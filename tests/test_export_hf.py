@@ -18,12 +18,12 @@ from safetensors import safe_open
 from memtron.config import load_config
 from memtron.data.synthetic import load_questions
 from memtron.data.tokenizer import ByteTokenizer
-from memtron.eval.facts import fact_accuracy
 from memtron.export.hf import HFError, export_hf, import_hf, parse_size
 from memtron.infer.generate import SamplingConfig, generate
 from memtron.infer.model import load_model
 from memtron.model.transformer import build_model
 from memtron.train.checkpoint import CheckpointError, CheckpointReader, save_checkpoint
+from memtron.train.facts import fact_accuracy
 from memtron.train.trainer import train
 from tests.conftest import tiny_overrides
 from tests.multiproc import run_ranks

@@ -32,6 +32,7 @@ from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from memtron.data.embed import (
     AnyEmbedder,
@@ -41,7 +42,7 @@ from memtron.data.embed import (
     save_embedder,
 )
 from memtron.data.shards import DataError, building_dir, read_json_manifest
-from memtron.train.checkpoint import sha256_file
+from memtron.train.checkpoint import sha256_file  # moving to storage: test_layering PENDING_MOVES
 
 TREE_MANIFEST = "tree.json"
 TREE_FORMAT = "memtron-cluster-tree"
@@ -237,6 +238,14 @@ class ClusterTree(TreeShape):
         """``[n, levels]`` int64 node ids: embed each text with the tree's embedder, descend."""
         return self.route_embeddings(self.embedder.embed(list(texts)))
 
+    def expect_shape(self, levels: int, branching: int) -> ClusterTree:
+        """This tree, if it is ``levels`` x ``branching`` (the model's ``bank.levels`` and
+        ``bank.branching``): a tree of another shape addresses other blocks."""
+        if (self.levels, self.branching) != (levels, branching):
+            raise TreeError(f"the tree is {self.levels} x {self.branching}, the model's tree "
+                            f"memory (bank.levels x bank.branching) is {levels} x {branching}")
+        return self
+
     def route_stream(self, texts: Iterable[str], batch_size: int = 1024) -> Iterator[np.ndarray]:
         """Paths of any number of texts, ``batch_size`` at a time (bounded memory)."""
         batch: list[str] = []
@@ -292,6 +301,15 @@ class ClusterTree(TreeShape):
             return cls(levels, branching, centroids, biases, embedder, manifest.get("info"))
         except (OSError, ValueError) as e:
             raise TreeError(f"{directory}: {e}") from e
+
+
+def route_texts(tree: ClusterTree | None, texts: list[str]) -> torch.Tensor | None:
+    """[n, levels] node ids of each text's path down ``tree``: the tree path a prompt (or a
+    fact question) is answered with. None without a tree (no tree memory, or a generic-only
+    one)."""
+    if tree is None:
+        return None
+    return torch.from_numpy(tree.route(texts)).long()
 
 
 def reservoir_sample(texts: Iterable[str], size: int, seed: int) -> tuple[list[str], int]:

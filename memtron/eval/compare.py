@@ -20,9 +20,10 @@ from pathlib import Path
 from typing import Any
 
 from memtron.config import Config, ConfigError, load_config
-from memtron.eval.facts import eval_facts, wilson_interval
+from memtron.eval.facts import eval_facts
 from memtron.eval.reference import reference_from_summary
 from memtron.train.checkpoint import sha256_file
+from memtron.train.facts import wilson_interval
 
 
 def _dense(cfg: Config) -> list[str]:

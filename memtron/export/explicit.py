@@ -3,7 +3,8 @@
 References (.jsonl with a ``text`` field and an optional ``id``; .txt paragraphs; .parquet) are
 tokenised with the checkpoint's tokenizer and each document is cut into balanced chunks of at
 most ``ref_len`` tokens (a 130-token document gives two of 65, not 128 + 2). Each chunk becomes
-one memory (:mod:`memtron.model.memory.explicit`). ``workers`` processes each load the model and
+one memory (:mod:`memtron.model.memory.explicit`; the store format is
+:mod:`memtron.storage.explicit`). ``workers`` processes each load the model and
 encode a contiguous slice of the chunks into their own row-block files; the manifest lists the
 parts' blocks in order, so nothing is copied to merge them. PQ codebooks are fitted first, on
 the encodings of an evenly spaced sample of chunks, so every worker quantises with the same ones.
@@ -30,11 +31,14 @@ import torch
 
 from memtron.data.jsonl import jsonl_rows
 from memtron.data.prepare import iter_documents
+from memtron.data.quantize import train_pq
+from memtron.data.retrieve import Retriever
 from memtron.data.shards import building_dir
 from memtron.data.tokenizer import Tokenizer, load_tokenizer
 from memtron.export.bank import DEFAULT_BLOCK_BYTES, TableRows, write_bank
 from memtron.infer.store import BANK_FORMAT, BANK_MANIFEST, BANK_VERSION
-from memtron.model.memory.explicit import (
+from memtron.model.memory.explicit import default_layers, encode_batch, pad_references
+from memtron.storage.explicit import (
     CODEBOOKS,
     MEMORIES,
     META,
@@ -49,13 +53,9 @@ from memtron.model.memory.explicit import (
     Codec,
     ExplicitStoreError,
     PQCodec,
-    Retriever,
-    default_layers,
-    encode_batch,
     make_codec,
     model_fields,
     model_fingerprint,
-    pad_references,
 )
 from memtron.train.checkpoint import CheckpointReader, resolve_checkpoint, sha256_file
 
@@ -283,7 +283,7 @@ def build_explicit_store(ckpt: str | Path, references: str | Path, out: str | Pa
         vectors = torch.cat([_encode_vectors(model, batch, layers, m)[0]
                              for batch in _batches(sample, batch_size)])
         del model
-        codebooks = codec.train(vectors)
+        codebooks = train_pq(codec, vectors)
         log(f"pq codebooks: {codec.layout.n_groups} groups x {codec.n_sub} sub-spaces x "
             f"{PQ_CENTROIDS} centroids of {pq_sub_dim} dims, fitted on {len(sample):,} "
             f"references ({time.perf_counter() - t0:.1f} s)")

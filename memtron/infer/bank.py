@@ -1,5 +1,5 @@
-"""Hierarchical-bank blocks at inference: text -> cluster-tree path -> the path's node rows,
-from an on-disk bank or a memory server (DESIGN §5, §11).
+"""Tree-memory blocks at inference: text -> cluster-tree path -> the path's node rows, from
+the on-disk bank the tree memory was exported to, or a memory server (DESIGN §5, §11).
 
 Bank layout (what ``memtron export bank`` writes for a hierarchical model): one table per tree
 level, ``bank0`` ... ``bank{levels-1}`` (:func:`level_table`), where row ``i`` of level ``l``'s
@@ -59,9 +59,9 @@ class PathBlocks:
         return [b.numel() * b.element_size() for b in self.blocks]
 
 
-class HierarchicalBank:
-    """The level tables of a bank (any :class:`RowStore` backend) plus the tree that routes
-    text to them."""
+class TreeBank:
+    """The tree memory's bank: its level tables (any :class:`RowStore` backend) plus the tree
+    that routes text to them."""
 
     def __init__(self, stores: Sequence[RowStore], tree: ClusterTree, where: str = "bank"):
         if len(stores) != tree.levels:
@@ -76,7 +76,7 @@ class HierarchicalBank:
 
     @classmethod
     def open(cls, bank: str | Path, tree: str | Path | None = None,
-             token: str | None = None) -> HierarchicalBank:
+             token: str | None = None) -> TreeBank:
         """``bank``: a bank directory or a ``memtron serve-memory`` URL; ``tree``: the tree
         directory, when the bank does not say where it is (see the module docstring)."""
         where = str(bank)

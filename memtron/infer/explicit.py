@@ -20,8 +20,10 @@ from typing import Any
 import torch
 
 from memtron.config import Config
+from memtron.data.retrieve import Retriever
 from memtron.model.forward import ExplicitKV
 from memtron.model.memory.explicit_kv import ExplicitMemories
+from memtron.storage.explicit import ExplicitStore, ExplicitStoreError
 
 # token windows -> memory ids [len(windows), r]
 RetrieveFn = Callable[[list[list[int]]], torch.Tensor]
@@ -42,15 +44,12 @@ def open_explicit(spec: str, cfg: Config, tokenizer: Any, retriever_dir: str | N
     store directory or a ``memtron serve-memory`` URL, checked against the model) and the
     retriever saved in ``retriever_dir`` (default: the store directory; required for a URL).
     r, chunk and the memory layers are the checkpoint's ``memory.explicit``."""
-    from memtron.infer.generate import GenerationError
-    from memtron.model.memory.explicit import ExplicitStore, Retriever
-
     x = cfg.memory.explicit
     remote = spec.startswith(("http://", "https://"))
-    if remote and not retriever_dir:
-        raise GenerationError(f"--explicit {spec}: a memory server serves memories, not the "
-                         "retriever; pass --retriever STORE_DIR (a local copy of the store's "
-                         "retriever/)")
+    if remote and not retriever_dir:  # the store is incomplete without its retriever
+        raise ExplicitStoreError(f"--explicit {spec}: a memory server serves memories, not the "
+                                 "retriever; pass --retriever STORE_DIR (a local copy of the "
+                                 "store's retriever/)")
     store = ExplicitStore.open(spec, cache_rows=x.cache if cache_rows is None else cache_rows,
                                token=token)
     store.check_model(cfg.model)

@@ -18,6 +18,7 @@ import torch
 import torch.distributed.checkpoint as dcp
 
 from memtron.config import Config
+from memtron.data.clustering import ClusterTree, route_texts
 from memtron.infer.generate import GenerationError
 from memtron.infer.store import Bank, HttpBank, RowStore, open_bank
 from memtron.infer.values import StoreValueTable
@@ -87,35 +88,23 @@ def _check_bank_source(bank: Bank, reader: CheckpointReader) -> None:
                               f"{reader.step}; export the bank from this checkpoint")
 
 
-def route_texts(tree: Any, texts: list[str]) -> torch.Tensor | None:
-    """[n, levels] node ids of each text's path down ``tree``: the bank path a prompt (or a
-    fact question) is answered with. None without a tree (no bank, or a generic-only one)."""
-    if tree is None:
-        return None
-    return torch.from_numpy(tree.route(texts)).long()
-
-
 DECAY_BLOCK_ROWS = 1 << 16  # rows per block of _apply_owed_decay's fp32 temporaries
 
 
 def load_tree(cfg: Config, tree: str | Path | None, bank: str | None,
               token: str | None = None) -> Any:
     """The cluster tree of a model with a bank. With a ``bank`` (dir or URL) it is the one
-    :meth:`memtron.infer.bank.HierarchicalBank.open` finds and checks (``tree``, else what the
+    :meth:`memtron.infer.bank.TreeBank.open` finds and checks (``tree``, else what the
     bank's manifest records, refusing a tree of another hash); with the blocks in RAM, ``tree``
     or the copy kept with the training data. Checked against the model's bank shape."""
-    from memtron.data.clustering import ClusterTree
     from memtron.data.prepare import TREE_DIR
-    from memtron.infer.bank import HierarchicalBank
+    from memtron.infer.bank import TreeBank
 
     if bank:
-        loaded = HierarchicalBank.open(bank, tree, token).tree
+        loaded = TreeBank.open(bank, tree, token).tree
     else:
         loaded = ClusterTree.load(tree if tree is not None else Path(cfg.data.train) / TREE_DIR)
-    if (loaded.levels, loaded.branching) != (cfg.bank.levels, cfg.bank.branching):
-        raise GenerationError(f"the tree is {loaded.levels} x {loaded.branching}, the model's "
-                              f"bank is {cfg.bank.levels} x {cfg.bank.branching}")
-    return loaded
+    return loaded.expect_shape(cfg.bank.levels, cfg.bank.branching)
 
 
 def open_bank_source(spec: str, token: str | None = None) -> Bank | HttpBank:

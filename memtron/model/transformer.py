@@ -16,8 +16,8 @@ from memtron.model.attention import CausalSelfAttention, RotaryEmbedding
 from memtron.model.forward import ForwardContext, KVCache, MemoryKV
 from memtron.model.memory.hierarchical import (
     BankTableFactory,
-    FetchedBank,
-    HierarchicalBank,
+    FetchedBlocks,
+    TreeMemory,
     local_bank_table,
     row_std,
     row_width,
@@ -53,7 +53,7 @@ class Block(nn.Module):
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
                 mask: torch.Tensor | None, cache: KVCache | None,
-                bank: FetchedBank | None = None,
+                bank: FetchedBlocks | None = None,
                 memory: MemoryKV | None = None) -> torch.Tensor:
         x = x + self.attn(self.attn_norm(x), rope, mask, cache, memory)
         h = self.mlp_norm(x)
@@ -104,7 +104,7 @@ class Transformer(nn.Module):
             ffn = memory is None or mem.placement == "beside"
             blocks.append(Block(cfg, i, ffn, memory))
         self.blocks = nn.ModuleList(blocks)
-        self.bank: HierarchicalBank | None = None
+        self.bank: TreeMemory | None = None
         if bank.layers:  # level tables join the value tables: one registry of sparse tables
             levels = []
             for level, n_nodes in enumerate(bank.nodes_per_level()):
@@ -114,7 +114,7 @@ class Transformer(nn.Module):
                                                       out_std))
                 self.value_tables[table_name(level)] = table
                 levels.append(table)
-            self.bank = HierarchicalBank(bank, cfg.d_model, levels, cfg.init_std, out_std)
+            self.bank = TreeMemory(bank, cfg.d_model, levels, cfg.init_std, out_std)
         self.rope = RotaryEmbedding(cfg.d_model // cfg.n_heads, cfg.max_seq_len, cfg.rope_theta)
         self.norm = nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps)
         # The hidden state entering the output head; tensor parallelism swaps in a module

@@ -24,6 +24,7 @@ from memtron.data.loader import Batch, ShardLoader
 from memtron.model.forward import ExplicitKV
 from memtron.model.memory.explicit_kv import ExplicitMemories
 from memtron.parallel.state import ParallelState
+from memtron.storage.explicit import ExplicitStore
 
 MEMORY_FIELD = "memory_ids"
 
@@ -48,8 +49,6 @@ def check_memory_field(loader: ShardLoader, cfg: Config, where: str) -> None:
 
 def open_training_memories(cfg: Config, state: ParallelState) -> ExplicitMemories:
     """The configured store, checked against the model, giving this rank's KV heads."""
-    from memtron.model.memory.explicit import ExplicitStore
-
     x, m = cfg.memory.explicit, cfg.model
     store = ExplicitStore.open(x.store, cache_rows=x.cache)
     store.check_model(m)

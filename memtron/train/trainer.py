@@ -25,12 +25,11 @@ import torch
 import torch.distributed as dist
 
 from memtron.config import Config, ConfigError, config_from_dict
+from memtron.data.clustering import ClusterTree
 from memtron.data.loader import Batch, ShardLoader, eval_batches
-from memtron.data.prepare import INDEX_NAME
+from memtron.data.prepare import INDEX_NAME, TREE_DIR
 from memtron.data.synthetic import load_questions
 from memtron.data.tokenizer import load_tokenizer
-from memtron.eval.facts import fact_accuracy, question_paths
-from memtron.infer.model import load_tree
 from memtron.model.forward import ExplicitKV, ForwardContext, autocast
 from memtron.model.transformer import Transformer, build_model
 from memtron.parallel.bank import bank_table_factory
@@ -74,6 +73,7 @@ from memtron.train.explicit import (
     check_memory_field,
     open_training_memories,
 )
+from memtron.train.facts import fact_accuracy, question_paths
 from memtron.train.metrics import MetricsLogger, flops_per_token
 from memtron.train.optim import (
     build_optimizers,
@@ -190,9 +190,11 @@ class Trainer:
                                   num_workers=cfg.data.num_workers, seed=cfg.train.seed)
         self.questions = load_questions(cfg.data.questions) if cfg.data.questions else []
         # A bank model answers each question with its prompt's path down the data's tree.
-        self.question_paths = question_paths(
-            load_tree(cfg, None, None) if cfg.bank.layers and cfg.bank.levels else None,
-            self.questions) if self.questions else None
+        tree = None
+        if self.questions and cfg.bank.layers and cfg.bank.levels:
+            tree = ClusterTree.load(Path(cfg.data.train) / TREE_DIR).expect_shape(
+                cfg.bank.levels, cfg.bank.branching)
+        self.question_paths = question_paths(tree, self.questions) if self.questions else None
         self.explicit = None  # explicit memories (memory.explicit.store), fetched per sample
         self.prefetcher: MemoryPrefetcher | None = None
         if cfg.memory.explicit.store:

@@ -1,6 +1,6 @@
 """Explicit memories into attention: memory ids -> the :class:`ExplicitKV` of a forward.
 
-The store (``memtron.model.memory.explicit.ExplicitStore``) gives, per memory id, the K and V of
+The store (``memtron.storage.explicit.ExplicitStore``) gives, per memory id, the K and V of
 its m most-attended tokens in every memory layer and KV head, [n_mem_layers, KV, m, D], keys
 rotated at the reference's own positions ``0..ref_len-1`` (decoded, through the store's LRU
 cache: memories recur). Here they are laid out per chunk and rotated into the shared reference

@@ -114,9 +114,10 @@ def local_bank_table(level: int, n_rows: int, dim: int, seed: int, std: torch.Te
     return BankTable(n_rows, dim, seed, std, dtype=dtype)
 
 
-class HierarchicalBank(nn.Module):
-    """The bank of a model: its level tables (owned and registered by the Transformer, which
-    keeps all sparse tables in one place) and the generic blocks (dense parameters)."""
+class TreeMemory(nn.Module):
+    """The tree memory of a model (config section ``bank``): its level tables (owned and
+    registered by the Transformer, which keeps all sparse tables in one place) and the generic
+    blocks (dense parameters). ("Bank" names the on-disk row-block store it is exported to.)"""
 
     def __init__(self, cfg: BankConfig, d_model: int, tables: list[ValueTable],
                  init_std: float, out_std: float) -> None:
@@ -137,12 +138,12 @@ class HierarchicalBank(nn.Module):
     def tables(self) -> list[ValueTable]:
         return self._tables
 
-    def fetch(self, path: torch.Tensor | None) -> FetchedBank:
+    def fetch(self, path: torch.Tensor | None) -> FetchedBlocks:
         """path [B, levels] int64 node ids -> the blocks of every bank layer for this forward
         (one row fetch per level). ``None``: no context path (e.g. a question with no routing):
         only the generic block applies (as in a bank of 0 levels)."""
         if path is None or not self.cfg.levels:  # levels 0: a generic-only bank
-            return FetchedBank(self, [])
+            return FetchedBlocks(self, [])
         if path.dim() != 2 or path.shape[1] != self.cfg.levels:
             raise ValueError(f"bank path: expected [batch, {self.cfg.levels}] node ids, got "
                              f"{list(path.shape)}")
@@ -157,13 +158,13 @@ class HierarchicalBank(nn.Module):
             fetched = table.fetch(local[:, level])  # [B, row width]
             rows.append(fetched.view(path.shape[0], len(self.slot), 3,
                                      self.cfg.block_sizes[level], self.d_model))
-        return FetchedBank(self, rows)
+        return FetchedBlocks(self, rows)
 
 
-class FetchedBank:
+class FetchedBlocks:
     """The blocks one forward fetched: per level [B, n_bank_layers, 3, b_l, d]."""
 
-    def __init__(self, bank: HierarchicalBank, rows: list[torch.Tensor]) -> None:
+    def __init__(self, bank: TreeMemory, rows: list[torch.Tensor]) -> None:
         self.bank, self.rows = bank, rows
 
     def __contains__(self, layer: int) -> bool:
