@@ -24,8 +24,9 @@ memtron is patched. The corpus is built once by the tree's own ``memtron data sy
 fit the config's 4,096-entry vocabulary, which is kept so that the logits cost what they cost
 in the tiny model.
 
-Rounds interleave the arms (memory, dense-eq, memory, dense-eq, ...), so a burst of foreign
-load hits one round rather than one arm. Per arm: the median step over all measured steps of
+Rounds interleave the arms (memory, dense-eq | dense-eq, memory | memory, dense-eq ...: the
+order flips every round so that a steady drift of the load hits both arms alike), so a burst of
+foreign load hits one round rather than one arm. Per arm: the median step over all measured steps of
 all rounds, tokens/s (measured tokens / summed step time), and per round its median step and
 the share of the cores other processes used during its measured steps (/proc/stat busy time
 minus the CPU time of the run's process tree, sampled when memtron writes the records that open
@@ -135,6 +136,7 @@ def run_cli(tree: Tree, args: list[str], cwd: Path, log: Path) -> None:
 
 def prepare_corpus(tree: Tree, root: Path, seq_len: int) -> tuple[Path, Path]:
     """A small synthetic corpus, byte-tokenized into shards by the tree's own CLI."""
+    root.mkdir(parents=True, exist_ok=True)
     run_cli(tree, ["data", "synth", "--out", str(root / "synth"), "--entities", "200",
                    "--train-docs", "3000", "--valid-docs", "50",
                    "--questions-per-bucket", "10"], root, root / "synth.log")
@@ -358,7 +360,7 @@ def main(argv: list[str] | None = None) -> int:
               f"{args.threads} thread(s)", flush=True)
         runs: dict[str, list[TrainRun]] = {arm: [] for arm in arms}
         for r in range(args.repeats):
-            for arm in arms:
+            for arm in arms if r % 2 == 0 else arms[::-1]:  # ABBA: drift hits both arms
                 run = train(tree, config, [*common, *arm_overrides(arm, d_ff_eq)],
                             work / "runs" / f"{arm}-r{r + 1}", args.warmup, args.steps,
                             tokens_per_step)
