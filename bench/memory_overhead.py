@@ -30,8 +30,10 @@ foreign load hits one round rather than one arm. Per arm: the median step over a
 all rounds, tokens/s (measured tokens / summed step time), and per round its median step and
 the share of the cores other processes used during its measured steps (/proc/stat busy time
 minus the CPU time of the run's process tree, sampled when memtron writes the records that open
-and close the window); rounds above 10 % are flagged. The ratio memory / dense-eq is given
-pooled and per round (each round's two arms ran back to back).
+and close the window); rounds above 10 % are flagged. Beside it, the CPU time of the run's
+processes per measured step, which foreign load inflates less than the wall clock (a preempted
+thread does not count; caches and SMT siblings still do). The ratio memory / dense-eq is given
+pooled, per round (each round's two arms ran back to back) and in CPU time.
 
     python bench/memory_overhead.py                          # 3 rounds of 5 + 30 steps
     python bench/memory_overhead.py --tree /work/base --steps 10 --warmup 3 --repeats 2
@@ -62,6 +64,7 @@ from memtron.bench.harness import (  # noqa: E402 - after the sys.path line
     BenchRun,
     add_output_args,
     machine_busy_seconds,
+    own_cpu_seconds,
 )
 
 BUSY = 0.10  # foreign CPU share above which a round is flagged
@@ -179,6 +182,7 @@ class TrainRun:
     tokens_per_step: int
     window_s: float = 0.0
     foreign: float | None = None  # share of all cores other processes used in the window
+    cpu_s: float | None = None  # CPU time of the run's processes in the window
     loadavg: tuple[float, float, float] = (0.0, 0.0, 0.0)
     wall_s: float = 0.0
     log_tail: str = ""
@@ -195,6 +199,23 @@ class TrainRun:
     @property
     def tokens_per_s(self) -> float:
         return len(self.step_ms) * self.tokens_per_step / (sum(self.step_ms) / 1000.0)
+
+    @property
+    def cpu_ms(self) -> float | None:
+        """CPU time per measured step of the run's processes: less sensitive to foreign load
+        than the wall-clock step (a preempted thread does not count), though not immune."""
+        return None if self.cpu_s is None else 1000.0 * self.cpu_s / len(self.step_ms)
+
+    @property
+    def clock_check(self) -> str | None:
+        """A warning when the logged step times do not add up to the watched window: memtron's
+        ``tokens_per_s`` counting other tokens than ``tokens_per_step`` (e.g. per rank)."""
+        logged = sum(self.step_ms) / 1000.0
+        if not self.window_s or 0.7 <= self.window_s / logged <= 1.6:
+            return None
+        return (f"warning: the measured steps took {self.window_s:.2f} s by the clock but "
+                f"{logged:.2f} s by metrics.jsonl (tokens_per_s x {self.tokens_per_step} tokens "
+                "per step): the tree's tokens_per_s may count other tokens")
 
     @property
     def flops_per_token(self) -> float | None:
@@ -236,7 +257,8 @@ def train(tree: Tree, config: Path, overrides: list[str], run_dir: Path, warmup:
                 for mark in (warmup, warmup + steps):
                     if seen >= mark and mark not in marks and not done:
                         marks[mark] = (time.perf_counter(), machine_busy_seconds(),
-                                       _tree_cpu_seconds(proc.pid))
+                                       _tree_cpu_seconds(proc.pid),
+                                       own_cpu_seconds(children=False))  # this watcher
             if done:
                 break
             if time.perf_counter() - start > RUN_TIMEOUT_S:
@@ -258,10 +280,12 @@ def train(tree: Tree, config: Path, overrides: list[str], run_dir: Path, warmup:
     load1 = os.getloadavg()
     run.loadavg = tuple(max(a, b) for a, b in zip(load0, load1))  # type: ignore[assignment]
     if warmup in marks and warmup + steps in marks:
-        (t0, busy0, own0), (t1, busy1, own1) = marks[warmup], marks[warmup + steps]
-        run.window_s = t1 - t0
-        foreign = (busy1 - busy0) - (own1 - own0)
+        (t0, busy0, cpu0, own0), (t1, busy1, cpu1, own1) = marks[warmup], marks[warmup + steps]
+        run.window_s, run.cpu_s = t1 - t0, cpu1 - cpu0
+        foreign = (busy1 - busy0) - run.cpu_s - (own1 - own0)
         run.foreign = max(0.0, foreign / max(run.window_s * (os.cpu_count() or 1), 1e-9))
+    if run.clock_check:
+        print(f"  {run.clock_check}", flush=True)
     return run
 
 
@@ -365,46 +389,64 @@ def main(argv: list[str] | None = None) -> int:
                             work / "runs" / f"{arm}-r{r + 1}", args.warmup, args.steps,
                             tokens_per_step)
                 runs[arm].append(run)
-                print(f"  round {r + 1}: {arm:<9} median {run.median_ms:7.1f} ms/step, "
-                      f"{run.tokens_per_s:8,.0f} tokens/s, {_fmt_load(run)} "
+                cpu = "n/a" if run.cpu_ms is None else f"{run.cpu_ms:.1f}"
+                print(f"  round {r + 1}: {arm:<9} median {run.median_ms:7.1f} ms/step "
+                      f"(CPU {cpu} ms), {run.tokens_per_s:8,.0f} tokens/s, {_fmt_load(run)} "
                       f"({run.wall_s:.0f} s with start-up)", flush=True)
 
     rows = []
     print(f"\n{'arm':<9} {'d_ff':>5} {'FLOPs/token':>12} {'median ms':>10} {'tokens/s':>9} "
-          f"{'round medians (ms)':<26} {'foreign CPU per round':<22} loss")
+          f"{'CPU ms':>7} {'round medians (ms)':<22} {'foreign CPU per round':<22} loss")
     for arm in arms:
         arm_runs = runs[arm]
         pooled = [ms for run in arm_runs for ms in run.step_ms]
-        tok_s = (len(pooled) * tokens_per_step) / (sum(pooled) / 1000.0)
-        flops = arm_runs[0].flops_per_token
-        foreign = [run.foreign for run in arm_runs]
+        cpu = [run.cpu_ms for run in arm_runs if run.cpu_ms is not None]
         rows.append({
             "arm": arm, "d_ff": model["d_ff"] if arm != "dense-eq" else d_ff_eq,
-            "overrides": arm_overrides(arm, d_ff_eq), "flops_per_token": flops,
-            "median_ms": statistics.median(pooled), "tokens_per_s": tok_s,
+            "overrides": arm_overrides(arm, d_ff_eq),
+            "flops_per_token": arm_runs[0].flops_per_token,
+            "median_ms": statistics.median(pooled),
+            "tokens_per_s": len(pooled) * tokens_per_step / (sum(pooled) / 1000.0),
+            "cpu_ms": statistics.median(cpu) if cpu else None,
             "round_median_ms": [run.median_ms for run in arm_runs],
+            "round_cpu_ms": [run.cpu_ms for run in arm_runs],
             "round_tokens_per_s": [run.tokens_per_s for run in arm_runs],
-            "foreign": foreign, "loadavg": [list(run.loadavg) for run in arm_runs],
+            "foreign": [run.foreign for run in arm_runs],
+            "loadavg": [list(run.loadavg) for run in arm_runs],
             "step_ms": [run.step_ms for run in arm_runs],
+            "window_s": [run.window_s for run in arm_runs],
             "final_loss": [run.records[-1].get("loss") for run in arm_runs]})
         row = rows[-1]
         medians = " ".join(f"{x:.1f}" for x in row["round_median_ms"])
-        shares = " ".join("n/a" if x is None else f"{x:.0%}" for x in foreign)
-        print(f"{arm:<9} {row['d_ff']:>5} {'n/a' if flops is None else f'{flops:.4g}':>12} "
-              f"{row['median_ms']:>10.1f} {tok_s:>9,.0f} {medians:<26} {shares:<22} "
+        shares = " ".join("n/a" if x is None else f"{x:.0%}" for x in row["foreign"])
+        flops = "n/a" if row["flops_per_token"] is None else f"{row['flops_per_token']:.4g}"
+        cpu_ms = "n/a" if row["cpu_ms"] is None else f"{row['cpu_ms']:.1f}"
+        print(f"{arm:<9} {row['d_ff']:>5} {flops:>12} {row['median_ms']:>10.1f} "
+              f"{row['tokens_per_s']:>9,.0f} {cpu_ms:>7} {medians:<22} {shares:<22} "
               f"{row['final_loss'][-1]:.3f}")
+    print("median ms: over every measured step of every round; tokens/s: measured tokens / "
+          "summed step time; CPU ms: CPU time of the run's processes per measured step, median "
+          "over rounds; foreign: share of all cores other processes used in the measured steps")
     num, den = rows[0], rows[1]
-    pooled_ratio = num["median_ms"] / den["median_ms"]
-    paired = [a / b for a, b in zip(num["round_median_ms"], den["round_median_ms"])]
-    flops_ratio = (num["flops_per_token"] / den["flops_per_token"]
-                   if num["flops_per_token"] and den["flops_per_token"] else None)
+    ratios = {
+        "step_ms": num["median_ms"] / den["median_ms"],
+        "per_round": [a / b for a, b in zip(num["round_median_ms"], den["round_median_ms"])],
+        "tokens_per_s": den["tokens_per_s"] / num["tokens_per_s"],
+        "cpu_ms": num["cpu_ms"] / den["cpu_ms"] if num["cpu_ms"] and den["cpu_ms"] else None,
+        "flops": (num["flops_per_token"] / den["flops_per_token"]
+                  if num["flops_per_token"] and den["flops_per_token"] else None)}
+    name = f"{num['arm']} / {den['arm']}"
+    print(f"\nstep time {name}: {ratios['step_ms']:.3f} (pooled medians); per round "
+          f"{' '.join(f'{x:.3f}' for x in ratios['per_round'])} (median "
+          f"{statistics.median(ratios['per_round']):.3f}); time per token (inverse tokens/s) "
+          f"{ratios['tokens_per_s']:.3f}")
+    extra = [f"CPU time per step {name}: {ratios['cpu_ms']:.3f}" if ratios["cpu_ms"] else "",
+             f"FLOPs per token {name} (memtron's estimate): {ratios['flops']:.4f}"
+             if ratios["flops"] else ""]
+    if any(extra):
+        print("; ".join(x for x in extra if x))
     busy = [i + 1 for i in range(args.repeats)
-            if any((rows[k]["foreign"][i] or 0.0) > BUSY for k in range(len(rows)))]
-    print(f"\nstep time {num['arm']} / {den['arm']}: {pooled_ratio:.3f} (pooled medians); per "
-          f"round {' '.join(f'{x:.3f}' for x in paired)} (median {statistics.median(paired):.3f})"
-          f"; tokens/s {den['arm']} / {num['arm']}: {den['tokens_per_s'] / num['tokens_per_s']:.3f}"
-          + (f"; FLOPs per token {num['arm']} / {den['arm']} (memtron's estimate): "
-             f"{flops_ratio:.4f}" if flops_ratio else ""))
+            if any((row["foreign"][i] or 0.0) > BUSY for row in rows)]
     if busy:
         print(f"caution: other processes used more than {BUSY:.0%} of the cores in round(s) "
               f"{', '.join(map(str, busy))} (* above); step times there are upper bounds and "
@@ -414,8 +456,7 @@ def main(argv: list[str] | None = None) -> int:
           f"time {time.perf_counter() - start:.0f} s")
     bench.results = rows
     bench.baseline = {"kind": f"{den['arm']}: the dense twin measured in the same rounds",
-                      "ratio_step_ms": pooled_ratio, "ratio_per_round": paired,
-                      "ratio_flops": flops_ratio, "tokens_per_step": tokens_per_step,
+                      "ratios": ratios, "tokens_per_step": tokens_per_step,
                       "tree": str(args.tree.resolve()), "config": str(config)}
     bench.finish()
     return 0
