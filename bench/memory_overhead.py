@@ -26,16 +26,17 @@ in the tiny model.
 
 Rounds interleave the arms (memory, dense-eq | dense-eq, memory | memory, dense-eq ...: the
 order flips every round so that a steady drift of the load hits both arms alike), so a burst of
-foreign load hits one round rather than one arm. Per arm: the median step over all measured steps of
-all rounds, tokens/s (measured tokens / summed step time), and per round its median step and
-the share of the cores other processes used during its measured steps (/proc/stat busy time
-minus the CPU time of the run's process tree, sampled when memtron writes the records that open
-and close the window); rounds above 10 % are flagged. Beside it, the CPU time of the run's
+foreign load hits one round rather than one arm. Per arm: the median step over all measured
+steps of all rounds, tokens/s (measured tokens / summed step time), and per round its median
+step and the share of the cores other processes used during its measured steps (/proc/stat busy
+time minus the CPU time of the run's process tree, sampled when memtron writes the records that
+open and close the window); rounds above 10 % are flagged. Beside it, the CPU time of the run's
 processes per measured step, which foreign load inflates less than the wall clock (a preempted
 thread does not count; caches and SMT siblings still do). The ratio memory / dense-eq is given
 pooled, per round (each round's two arms ran back to back) and in CPU time.
 
     python bench/memory_overhead.py                          # 3 rounds of 5 + 30 steps
+    python bench/memory_overhead.py --quick                  # 1 round of 2 + 4 steps
     python bench/memory_overhead.py --tree /work/base --steps 10 --warmup 3 --repeats 2
     python bench/memory_overhead.py --arms memory,dense-eq,dense --out results/mo.json
 """
@@ -102,12 +103,11 @@ class Tree:
         launcher.write_text(LAUNCHER)
         return cls(path, launcher)
 
-    def env(self, threads: int | None = None) -> dict[str, str]:
+    def env(self) -> dict[str, str]:
+        """This environment with the tree on PYTHONPATH and no launcher variables leaking in."""
         env = dict(os.environ, PYTHONPATH=str(self.path), PYTHONUNBUFFERED="1")
         for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
             env.pop(var, None)
-        if threads:
-            env["OMP_NUM_THREADS"] = str(threads)
         return env
 
     def command(self, args: list[str], nproc: int = 1) -> list[str]:
@@ -331,9 +331,13 @@ def main(argv: list[str] | None = None) -> int:
                              "default: this repository)")
     parser.add_argument("--config", type=Path, default=None,
                         help="model recipe (default: TREE/configs/tiny-cpu.yaml)")
-    parser.add_argument("--steps", type=int, default=30, help="measured steps per run")
-    parser.add_argument("--warmup", type=int, default=5, help="warm-up steps per run")
-    parser.add_argument("--repeats", type=int, default=3, help="interleaved rounds")
+    parser.add_argument("--steps", type=int, default=None,
+                        help="measured steps per run (default 30, --quick 4)")
+    parser.add_argument("--warmup", type=int, default=None,
+                        help="warm-up steps per run (default 5, --quick 2)")
+    parser.add_argument("--repeats", type=int, default=None,
+                        help="interleaved rounds (default 3, --quick 1)")
+    parser.add_argument("--quick", action="store_true", help="one short round: a smoke test")
     parser.add_argument("--threads", type=int, default=1,
                         help="train.threads of every run (1: steadier on a shared machine)")
     parser.add_argument("--arms", default="memory,dense-eq",
@@ -345,6 +349,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="keep the corpus, run dirs and logs here instead of a temp dir")
     add_output_args(parser)
     args = parser.parse_args(argv)
+    args.steps = args.steps or (4 if args.quick else 30)
+    args.warmup = args.warmup or (2 if args.quick else 5)
+    args.repeats = args.repeats or (1 if args.quick else 3)
     arms = [a.strip() for a in args.arms.split(",") if a.strip()]
     if len(arms) < 2 or any(a not in ARMS for a in arms):
         parser.error(f"--arms: at least two of {', '.join(ARMS)}")
