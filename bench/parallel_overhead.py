@@ -47,6 +47,16 @@ layout; rows above 10 % are flagged.
     python bench/parallel_overhead.py              # 3 rounds of 5 warm-up + 30 steps (~3 min)
     python bench/parallel_overhead.py --quick      # 1 round of 2 + 4 steps, 4 layouts (< 90 s)
     python bench/parallel_overhead.py --steps 50 --warmup 5 --repeats 2
+
+``--tree PATH`` measures another source tree through its CLI only, so that the old and the new
+core give the same figure (issue 23: dp=2 time per token / dp=1): the 1p/1t, 1p/2t and dp=2
+layouts above (dp=2, ep=2 too without --quick), each a fresh ``memtron train`` process
+(``torchrun --standalone`` for 2 ranks) with ``PYTHONPATH=PATH``, step times from memtron's own
+``tokens_per_s`` in ``metrics.jsonl`` (rank 0, whose step waits for the collectives),
+the foreign CPU share sampled around the measured steps (bench/memory_overhead.py's runner).
+No bytes are counted in that mode (the byte meter needs a process of this script).
+
+    python bench/parallel_overhead.py --tree /work/base --quick
 """
 
 from __future__ import annotations
@@ -478,6 +488,74 @@ def reading(summary: dict[str, dict[str, Any]], comm: dict[str, tuple[float, flo
     return text
 
 
+def cli_main(args: argparse.Namespace, steps: int, warmup: int, repeats: int) -> int:
+    """``--tree``: the layouts through the tree's ``memtron train`` CLI; tokens/s only."""
+    from memory_overhead import Tree, prepare_corpus, train  # bench/, next to this script
+
+    bench = BenchRun("parallel_overhead", args).start()
+    start = time.perf_counter()
+    load0 = os.getloadavg()
+    layouts = [x for x in LAYOUTS if x.tp == 1 and not (args.quick and x.ep > 1)]
+    print(f"memtron parallel overhead through the CLI of {args.tree.resolve()}: torch "
+          f"{torch.__version__}, {os.cpu_count()} CPU cores, load average {load0[0]:.2f} / "
+          f"{load0[1]:.2f} / {load0[2]:.2f} (1/5/15 min)", flush=True)
+    rounds: dict[str, list[Any]] = {layout.key: [] for layout in layouts}
+    with tempfile.TemporaryDirectory(prefix="memtron-bench-parallel-") as tmp:
+        work = Path(tmp)
+        tree = Tree.at(args.tree, work)
+        train_dir, valid_dir = prepare_corpus(tree, work / "data", SEQ_LEN)
+        config = args.tree.resolve() / "configs" / "tiny-cpu.yaml"
+        print(f"data: synthetic corpus prepared by the tree's CLI; model {config}; {repeats} "
+              f"round(s) of {warmup} warm-up + {steps} measured steps of {GLOBAL_BATCH} x "
+              f"{SEQ_LEN} tokens per layout", flush=True)
+        for r in range(repeats):
+            for layout in layouts:
+                overrides = [*BYTE_LEVEL, f"data.train={train_dir}", f"data.valid={valid_dir}",
+                             "data.questions=", f"data.seq_len={SEQ_LEN}",
+                             f"data.micro_batch_size={layout.micro_batch}",
+                             "train.grad_accum=1", f"parallel.tp={layout.tp}",
+                             f"parallel.ep={layout.ep}", "parallel.backend=gloo",
+                             f"memory.parallel={layout.memory_parallel}",
+                             f"train.threads={layout.threads}", "checkpoint.resume=none"]
+                run = train(tree, config, overrides, work / "runs" / f"{layout.key}-r{r + 1}",
+                            warmup, steps, TOKENS_PER_STEP, nproc=layout.world)
+                rounds[layout.key].append(run)
+                foreign = "n/a" if run.foreign is None else f"{run.foreign:.0%}"
+                print(f"  round {r + 1}: {layout.label:<27} {run.tokens_per_s:>8,.0f} tokens/s,"
+                      f" foreign CPU {foreign:>4} ({run.wall_s:.1f} s with start-up)", flush=True)
+    best = {k: max(v, key=lambda run: run.tokens_per_s) for k, v in rounds.items()}
+    b1, b2 = best["1p1t"].tokens_per_s, best["1p2t"].tokens_per_s
+    print(f"\n{'layout':<27} {'mbs':>3} {'step ms':>8} {'tokens/s':>9} {'median':>8} "
+          f"{'vs 1p/1t':>8} {'vs 1p/2t':>8} {'foreign':>7}")
+    for layout in layouts:
+        run = best[layout.key]
+        med = statistics.median(x.tokens_per_s for x in rounds[layout.key])
+        foreign = "n/a" if run.foreign is None else f"{run.foreign:.0%}"
+        print(f"{layout.label:<27} {layout.micro_batch:>3} {run.median_ms:>8.1f} "
+              f"{run.tokens_per_s:>9,.0f} {med:>8,.0f} {run.tokens_per_s / b1:>8.2f} "
+              f"{run.tokens_per_s / b2:>8.2f} {foreign:>7}")
+    dp = best["dp2"].tokens_per_s
+    print(f"\ndp=2 time per token / dp=1: {b1 / dp:.3f} against one process with 1 thread, "
+          f"{b2 / dp:.3f} against one with 2 threads (best rounds; tokens/s from memtron's "
+          f"metrics.jsonl, rank 0)")
+    load1 = os.getloadavg()
+    print(f"load average at the end {load1[0]:.2f} / {load1[1]:.2f} / {load1[2]:.2f}; "
+          f"total wall time {time.perf_counter() - start:.0f} s")
+    bench.results = [{
+        "key": layout.key, "label": layout.label, "world": layout.world, "tp": layout.tp,
+        "ep": layout.ep, "micro_batch": layout.micro_batch, "threads": layout.threads,
+        "tok_s": best[layout.key].tokens_per_s, "median_ms": best[layout.key].median_ms,
+        "tok_s_rounds": [x.tokens_per_s for x in rounds[layout.key]],
+        "foreign": best[layout.key].foreign, "loss": best[layout.key].records[-1].get("loss"),
+    } for layout in layouts]
+    bench.baseline = {"kind": "one process at the same global batch, 1 and 2 threads",
+                      "tok_s_1p1t": b1, "tok_s_1p2t": b2, "tokens_per_step": TOKENS_PER_STEP,
+                      "dp2_time_per_token_vs_1p1t": b1 / dp,
+                      "dp2_time_per_token_vs_1p2t": b2 / dp, "tree": str(args.tree.resolve())}
+    bench.finish()
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--steps", type=int, default=None, help="measured steps (default 30)")
@@ -490,6 +568,9 @@ def main(argv: list[str] | None = None) -> int:
                              "seconds (keeps the default run under 6 minutes on a busy machine)")
     parser.add_argument("--quick", action="store_true",
                         help="few steps, one round, without the extra ep=2 layout: a smoke test")
+    parser.add_argument("--tree", type=Path, default=None,
+                        help="measure this source tree through its `memtron train` CLI "
+                             "(tokens/s only, no byte counts; see above)")
     add_output_args(parser)
     args = parser.parse_args(argv)
     steps = args.steps or (4 if args.quick else 30)
@@ -497,6 +578,10 @@ def main(argv: list[str] | None = None) -> int:
     repeats = args.repeats or (1 if args.quick else 3)
     if steps < 1 or warmup < 0 or repeats < 1:
         parser.error("--steps and --repeats must be >= 1, --warmup >= 0")
+    if args.tree is not None:
+        if warmup < 1:
+            parser.error("--tree needs --warmup >= 1 (the window opens at a logged step)")
+        return cli_main(args, steps, warmup, repeats)
 
     import warnings
 
@@ -509,7 +594,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"memtron parallel overhead: torch {torch.__version__}, {os.cpu_count()} CPU cores, "
           f"load average {load0[0]:.2f} / {load0[1]:.2f} / {load0[2]:.2f} (1/5/15 min)")
     data, how, tmp = prepare_data()
-    cfg = load_config(CONFIG, [f"data.seq_len={SEQ_LEN}"])
+    cfg = load_config(CONFIG, [*BYTE_LEVEL, f"data.seq_len={SEQ_LEN}"])  # as the ranks
     print(f"data: {how}; model {CONFIG.relative_to(REPO)} (memory.layers={cfg.memory.layers}, "
           f"placement={cfg.memory.placement}); {repeats} round(s) of {warmup} warm-up + {steps} "
           f"measured steps of {GLOBAL_BATCH} x {SEQ_LEN} tokens per layout", flush=True)
