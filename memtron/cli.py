@@ -119,9 +119,13 @@ def _cmd_synth(args: argparse.Namespace) -> int:
 
 
 def _device(name: str) -> str:
-    import torch
+    """``--device`` through the one device policy (a missing accelerator fails naming the
+    flag); a type without an index stays a type, so build-explicit can spread its workers over
+    every device of it."""
+    from memtron.device import resolve_device
 
-    return ("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else name
+    device = resolve_device(name, "--device")
+    return str(device) if ":" in name else device.type
 
 
 def format_facts(report: dict) -> str:

@@ -43,6 +43,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from memtron.config import ModelConfig, architecture_keys
 from memtron.infer.store import (
     BANK_MANIFEST,
     BankError,
@@ -60,8 +61,7 @@ REFERENCES_FILE = "references.jsonl"
 RETRIEVER_DIR = "retriever"
 STORE_DTYPES = ("bf16", "int8", "pq")
 PQ_CENTROIDS = 256  # one uint8 code per sub-vector
-FINGERPRINT_KEYS = ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "d_ff",
-                    "max_seq_len", "rope_theta", "norm_eps", "tie_embeddings")
+FINGERPRINT_KEYS = architecture_keys(ModelConfig)  # what K/V depend on
 
 
 class ExplicitStoreError(BankError):
