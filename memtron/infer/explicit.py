@@ -48,7 +48,7 @@ def open_explicit(spec: str, cfg: Config, tokenizer: Any, retriever_dir: str | N
     x = cfg.memory.explicit
     remote = spec.startswith(("http://", "https://"))
     if remote and not retriever_dir:
-        raise GenerationError(f"--explicit {spec}: a memory server serves memories, not the "
+        raise GenerationError(f"--rows {spec}: a memory server serves memories, not the "
                          "retriever; pass --retriever STORE_DIR (a local copy of the store's "
                          "retriever/)")
     store = ExplicitStore.open(spec, cache_rows=x.cache if cache_rows is None else cache_rows,
