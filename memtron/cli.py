@@ -825,8 +825,8 @@ def _add_explicit_parsers(sub, data) -> None:
 def _add_infer_parsers(sub) -> None:
     p = sub.add_parser("generate", help="generate text from a checkpoint (KV cache)",
                        description="Load a checkpoint saved at any layout into this process "
-                       "and continue prompts. Value tables come from RAM, a memory-mapped "
-                       "bank (`memtron export bank`) or a `memtron serve-memory` server.")
+                       "and continue prompts. Memory rows (--rows) come from RAM, a memory-"
+                       "mapped bank or store, or a `memtron serve-memory` server.")
     p.add_argument("--ckpt", required=True, help="run dir (latest checkpoint) or checkpoint dir")
     source = p.add_mutually_exclusive_group(required=True)
     source.add_argument("--prompt", help="one prompt; its continuation streams to stdout")

@@ -1,4 +1,4 @@
-"""Explicit memories during generation (``memtron generate --explicit STORE|URL``).
+"""Explicit memories during generation (``memtron generate --rows STORE|URL``).
 
 Chunk j of a row covers its RoPE positions ``[j * chunk, (j + 1) * chunk)``, as in training.
 Its memories are retrieved when the chunk's first token is about to be read:
