@@ -59,3 +59,12 @@ def test_resolve_device_names_the_key():
     with pytest.raises(ConfigError, match="^--device: 'gpu0' is not a device"):
         resolve_device("gpu0", "--device")
     assert resolve_device("cpu") == torch.device("cpu")
+
+
+@no_accelerator
+def test_cli_train_on_cuda_without_cuda_names_the_key(capsys, monkeypatch):
+    from memtron.cli import main
+
+    monkeypatch.setattr(launch, "_ENV", None)
+    assert main(["train", "train.device=cuda"]) == 2
+    assert "memtron: error: train.device: cuda requested" in capsys.readouterr().err
