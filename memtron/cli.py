@@ -1,24 +1,27 @@
-"""``memtron`` command line: one sub-command per user job.
+"""``memtron`` command line: one sub-command per user job (the README has the full table).
 
-  memtron train   --config configs/tiny-cpu.yaml [dotted.key=value ...]
-  memtron data synth   --out DIR           generate the long-tail facts corpus
-  memtron data prepare IN... --out DIR     raw text -> packed webdataset token shards
-  memtron eval facts --ckpt CKPT           fact accuracy per bucket (95% CI) + valid loss
-  memtron eval lm --ckpt CKPT --data DIR   loss and perplexity on prepared shards
-  memtron compare --config FILE --arms dense,dense2x,memory --seeds 0,1   equal-compute study
-  memtron bench report [--quick] [--out DIR]   run bench/ and write REPORT.md with plots
+Every command reads a checkpoint (or run dir) with ``--ckpt`` and writes with ``--out``; memory
+rows come from ``--rows SOURCE`` (``ram``, a bank or store directory, ``http://HOST:PORT``);
+``--dtype`` is the model's floating-point dtype. Old spellings (positional paths, ``--values``,
+``--bank``, ``--explicit``, build-explicit's ``--dtype``, export hf's ``--values``) still work
+for one release and print on stderr what to use instead.
+
+  memtron train   --config configs/tiny-cpu.yaml [--out RUN_DIR] [dotted.key=value ...]
   memtron config  --config FILE [overrides] print the resolved, validated config
-  memtron submit  CONFIG [overrides] --nodes N --gpus-per-node G   sbatch a training job
-  memtron status  RUN_DIR                  job state, last step and loss, checkpoint
-  memtron cancel  RUN_DIR                  scancel the run's job
-  memtron generate --ckpt RUN_DIR|CKPT --prompt TEXT   KV-cache generation
-                   [--bank DIR|URL] [--tree DIR]       (hierarchical bank blocks of the path)
-  memtron export bank CKPT OUT             value tables -> on-disk row-block bank
-  memtron export hf CKPT OUT               Hugging Face model directory
-  memtron import hf HF_DIR CKPT_DIR        Hugging Face (memtron or Llama) -> checkpoint
-  memtron serve-memory BANK_DIR            HTTP row-fetch server over a bank
-  memtron memory build-explicit --ckpt CKPT --references FILE --out STORE   explicit memories
+  memtron data synth|prepare|tokenizer|cluster ... --out DIR      corpora, shards, trees
   memtron data retrieve --shards DIR --store STORE   memory ids of every 64-token chunk
+  memtron eval facts|lm --ckpt CKPT        fact accuracy per bucket / loss and perplexity
+  memtron compare --config FILE --arms dense,memory --seeds 0,1 --out DIR   equal compute
+  memtron bench report [--quick] [--out DIR]   run bench/ and write REPORT.md with plots
+  memtron submit  --config FILE [overrides] --nodes N --gpus-per-node G [--out RUN_DIR]
+  memtron status|cancel --ckpt RUN_DIR     a SLURM run's state / scancel its job
+  memtron generate --ckpt CKPT --prompt TEXT [--rows SOURCE ...]   KV-cache generation
+  memtron fetch   --rows BANK|URL --text TEXT   tree-memory blocks of a text's path
+  memtron export bank --ckpt CKPT --out BANK      value tables -> on-disk row-block bank
+  memtron export hf   --ckpt CKPT --out HF_DIR    Hugging Face model directory
+  memtron import hf   --ckpt HF_DIR --out CKPT    Hugging Face (memtron or Llama) -> checkpoint
+  memtron serve-memory --rows BANK|STORE          HTTP row-fetch server
+  memtron memory build-explicit --ckpt CKPT --references FILE --out STORE   explicit memories
 """
 
 from __future__ import annotations
@@ -50,6 +53,61 @@ def silence_third_party_warnings() -> None:
         warnings.filterwarnings("ignore", message=f".*{message}", module=module)
 
 
+def _warn_deprecated(old: str, new: str) -> None:
+    print(f"memtron: warning: {old} is deprecated; use {new}", file=sys.stderr)
+
+
+class _Deprecated(argparse.Action):
+    """An old flag kept for one release: it warns on stderr what to use instead and stores its
+    value where the new spelling does (``convert`` maps an old value to the new syntax;
+    ``append`` when the new flag is repeatable)."""
+
+    def __init__(self, option_strings: list[str], dest: str, instead: str,
+                 convert=lambda value: value, append: bool = False, **kwargs) -> None:
+        super().__init__(option_strings, dest, **kwargs)
+        self.instead, self.convert, self.append = instead, convert, append
+
+    def __call__(self, parser, namespace, values, option_string=None) -> None:
+        _warn_deprecated(option_string, self.instead)
+        value = self.convert(values)
+        if self.append:
+            value = [*(getattr(namespace, self.dest) or []), value]
+        setattr(namespace, self.dest, value)
+
+
+def _old_positionals(p: argparse.ArgumentParser, *flags: str, required: bool = True,
+                     words: str | None = None) -> None:
+    """Accept a command's old positional spelling for one release: leading positional words
+    (``words``, the command's ``key=value`` overrides list if it has one) fill ``flags`` in
+    order, with a warning; ``required`` flags must then be given one way or the other."""
+    if words is None:
+        words = "old_positionals"
+        p.add_argument(words, nargs="*", help=argparse.SUPPRESS)
+    p.set_defaults(_positionals=(p, words, flags, required))
+
+
+def resolve_old_positionals(args: argparse.Namespace) -> None:
+    if not hasattr(args, "_positionals"):
+        return
+    parser, words, flags, required = args._positionals
+    given = list(getattr(args, words))
+    for flag in flags:
+        dest = flag.lstrip("-").replace("-", "_")
+        if not given or "=" in given[0]:
+            break
+        word = given.pop(0)
+        _warn_deprecated(f"the positional {dest.upper()}", f"{flag} {word}")
+        if getattr(args, dest) is not None:
+            parser.error(f"{flag} given twice (as {flag} and as a positional)")
+        setattr(args, dest, word)
+    if words == "old_positionals" and given:
+        parser.error(f"unrecognized arguments: {' '.join(given)}")
+    setattr(args, words, given)
+    missing = [f for f in flags if getattr(args, f.lstrip("-").replace("-", "_")) is None]
+    if required and missing:
+        parser.error(f"the following arguments are required: {', '.join(missing)}")
+
+
 def _add_config_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", "-c", help="YAML recipe (default: built-in defaults)")
     p.add_argument("overrides", nargs="*", metavar="key=value",
@@ -66,6 +124,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
     overrides = list(args.overrides)
     if args.resume is not None:
         overrides.append(f"checkpoint.resume={args.resume}")
+    if args.out is not None:
+        overrides.append(f"train.run_dir={args.out}")
     cfg = load_config(args.config, overrides)
     from memtron.parallel.launch import detect_env, fail_fast
     from memtron.train.trainer import train
@@ -119,9 +179,13 @@ def _cmd_synth(args: argparse.Namespace) -> int:
 
 
 def _device(name: str) -> str:
-    import torch
+    """``--device`` through the one device policy (a missing accelerator fails naming the
+    flag); a type without an index stays a type, so build-explicit can spread its workers over
+    every device of it."""
+    from memtron.device import resolve_device
 
-    return ("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else name
+    device = resolve_device(name, "--device")
+    return str(device) if ":" in name else device.type
 
 
 def format_facts(report: dict) -> str:
@@ -333,7 +397,9 @@ def _cmd_cluster(args: argparse.Namespace) -> int:
 def _cmd_fetch(args: argparse.Namespace) -> int:
     from memtron.infer.bank import TreeBank
 
-    bank = TreeBank.open(args.bank, tree=args.tree, token=args.token)
+    if args.rows in (None, "ram"):
+        raise ConfigError("--rows: fetch needs a bank directory or a serve-memory URL")
+    bank = TreeBank.open(args.rows, tree=args.tree, token=args.token)
     fetched = bank.fetch(args.text)
     if args.json:
         print(json.dumps([{"text": f.text, "path": f.path, "tables": f.tables, "rows": f.rows,
@@ -346,15 +412,17 @@ def _cmd_fetch(args: argparse.Namespace) -> int:
                 zip(f.path, f.tables, f.rows, f.blocks, f.nbytes, strict=True), 1):
             print(f"  level {level}  node {node:<8d} {table} row {row:<8d} "
                   f"{block.numel()} x {str(block.dtype).removeprefix('torch.')}  {nbytes} bytes")
-        print(f"  fetched {sum(f.nbytes)} bytes in {len(f.blocks)} blocks from {args.bank}")
+        print(f"  fetched {sum(f.nbytes)} bytes in {len(f.blocks)} blocks from {args.rows}")
     return 0
 
 
 def _add_fetch_parser(sub) -> None:
     p = sub.add_parser("fetch", help="route text through the cluster tree and fetch its "
                        "hierarchical-bank blocks")
-    p.add_argument("--bank", required=True,
-                   help="bank dir (memtron export bank) or memtron serve-memory URL")
+    p.add_argument("--rows", metavar="SOURCE", help="bank dir (memtron export bank) or memtron "
+                   "serve-memory URL (required)")
+    p.add_argument("--bank", action=_Deprecated, dest="rows", instead="--rows PATH|URL",
+                   help=argparse.SUPPRESS)
     p.add_argument("--text", action="append", required=True, help="text to route (repeatable)")
     p.add_argument("--tree", help="cluster tree dir (default: the one the bank names)")
     p.add_argument("--token", help="bearer token of the memory server")
@@ -365,6 +433,7 @@ def _add_fetch_parser(sub) -> None:
 def _cmd_submit(args: argparse.Namespace) -> int:
     from memtron import slurm
 
+    overrides = args.overrides + ([f"train.run_dir={args.out}"] if args.out else [])
     spec = slurm.JobSpec(
         nodes=args.nodes, gpus_per_node=args.gpus_per_node, tasks_per_node=args.tasks_per_node,
         cpus_per_task=args.cpus_per_task, partition=args.partition or "",
@@ -375,21 +444,21 @@ def _cmd_submit(args: argparse.Namespace) -> int:
         launcher=args.launcher, template=args.template or "", job_name=args.job_name or "",
         python=args.python or "")
     if args.dry_run:
-        print(slurm.render(args.config, args.overrides, spec).script, end="")
+        print(slurm.render(args.config, overrides, spec).script, end="")
         return 0
-    job = slurm.submit(args.config, args.overrides, spec)
+    job = slurm.submit(args.config, overrides, spec)
     print(f"submitted job {job.job_id}" + (f" to partition {job.partition}" if job.partition
                                            else ""))
     print(f"log {job.log}")
     print(f"script {job.script}  run dir {job.run_dir}")
-    print(f"follow with: memtron status {job.run_dir}")
+    print(f"follow with: memtron status --ckpt {job.run_dir}")
     return 0
 
 
 def _cmd_status(args: argparse.Namespace) -> int:
     from memtron import slurm
 
-    state = slurm.status(args.run_dir)
+    state = slurm.status(args.ckpt)
     print(json.dumps(state, indent=1) if args.json else slurm.format_status(state))
     return 0
 
@@ -397,7 +466,7 @@ def _cmd_status(args: argparse.Namespace) -> int:
 def _cmd_cancel(args: argparse.Namespace) -> int:
     from memtron import slurm
 
-    print(slurm.cancel(args.run_dir))
+    print(slurm.cancel(args.ckpt))
     return 0
 
 
@@ -444,6 +513,39 @@ class _Streamer:
             self.shown = stable
 
 
+ROWS_HELP = ("where memory rows come from, for every memory kind: ram (the checkpoint's, the "
+             "default), a directory (a bank from `export bank`, or an explicit-memory store "
+             "from `memory build-explicit`; memory-mapped) or http://HOST:PORT (`serve-memory` "
+             "over either). Repeat to give a bank and a store.")
+
+
+def _is_url(spec: str) -> bool:
+    return spec.startswith(("http://", "https://"))
+
+
+def row_sources(specs: list[str], token: str | None = None) -> tuple[str, str | None]:
+    """``--rows`` split by what each source holds: where the checkpoint's tables (value tables
+    and tree blocks) come from (``ram``, a bank directory or URL), and the explicit-memory
+    store, if one is given (a source whose tables are a store's)."""
+    from memtron.infer.model import open_bank_source
+    from memtron.infer.store import BankError, RemoteStoreError
+    from memtron.model.memory.explicit import MEMORIES
+
+    tables, stores = ["ram"] if "ram" in specs else [], []
+    for spec in dict.fromkeys(specs):
+        if spec == "ram":
+            continue
+        try:
+            holds = open_bank_source(spec, token).tables
+        except (OSError, BankError, RemoteStoreError) as e:
+            raise ConfigError(f"--rows {spec}: {e}") from e
+        (stores if MEMORIES in holds else tables).append(spec)
+    if len(stores) > 1 or len(tables) > 1:
+        raise ConfigError(f"--rows: one source of the model's tables and at most one "
+                          f"explicit-memory store, got tables from {tables} and stores {stores}")
+    return (tables or ["ram"])[0], (stores or [None])[0]
+
+
 def _cmd_generate(args: argparse.Namespace) -> int:
     import os
 
@@ -454,8 +556,11 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     rows = _read_prompts(args)
     device = _device(args.device)
     token = args.token or os.environ.get("MEMTRON_MEMORY_TOKEN")
-    loaded = load_model(args.ckpt, values=args.values, cache_rows=args.cache_rows,
-                        device=device, token=token, bank=args.bank, tree=args.tree)
+    tables, store = row_sources(args.rows or ["ram"], token)
+    bank = None if tables == "ram" else tables
+    values = tables if tables == "ram" or _is_url(tables) else f"mmap:{tables}"
+    loaded = load_model(args.ckpt, values=values, cache_rows=args.cache_rows,
+                        device=device, token=token, bank=bank, tree=args.tree)
     tokenizer = load_tokenizer(loaded.config.data.tokenizer)
     sampling = SamplingConfig(max_new_tokens=args.max_new_tokens, greedy=args.greedy,
                               temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
@@ -468,10 +573,10 @@ def _cmd_generate(args: argparse.Namespace) -> int:
         sys.stdout.flush()
     bank_path = loaded.bank_paths([r["prompt"] for r in rows])  # each prompt down the tree
     explicit = None
-    if args.explicit:
+    if store is not None:
         from memtron.infer.explicit import open_explicit
 
-        explicit = open_explicit(args.explicit, loaded.config, tokenizer, args.retriever,
+        explicit = open_explicit(store, loaded.config, tokenizer, args.retriever,
                                  args.explicit_cache, token)
     result = generate(loaded.model, prompts, sampling, tokenizer.eos_id, dtype=args.dtype,
                       on_tokens=_Streamer(tokenizer) if stream else None, bank_path=bank_path,
@@ -499,14 +604,14 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     if bank_path is not None:
         print(f"bank path(s): {bank_path.tolist()}", file=sys.stderr)
     if stats:
-        print(f"memory fetch ({args.values}; bank {args.bank or 'ram'}): "
+        print(f"memory fetch (rows {tables}): "
               f"{stats['lookups']:,.0f} lookups, "
               f"{stats['rows_requested']:,.0f} rows requested, {stats['rows_fetched']:,.0f} "
               f"fetched ({stats['bytes_fetched'] / 2**20:,.1f} MiB), cache hit rate "
               f"{stats['cache_hit_rate']:.1%}", file=sys.stderr)
     if explicit is not None:
         x = explicit.memories.stats()
-        print(f"explicit memories ({args.explicit}): {result.retrievals} retrievals of "
+        print(f"explicit memories ({store}): {result.retrievals} retrievals of "
               f"{explicit.r}, {x['memories_fetched']:,} memories fetched "
               f"({x['bytes_fetched'] / 2**20:,.2f} MiB), cache hit rate "
               f"{x['cache_hit_rate']:.1%}", file=sys.stderr)
@@ -544,10 +649,10 @@ def _cmd_serve_memory(args: argparse.Namespace) -> int:
         print(f"memtron: warning: serving on {args.host} without --token: anyone who reaches "
               "this address can read the bank", file=sys.stderr)
     limits = {k: v for k, v in (("port", args.port), ("max_ids", args.max_ids)) if v}
-    print(f"serving {args.bank} on http://{args.host}:{args.port or DEFAULT_PORT} "
+    print(f"serving {args.rows} on http://{args.host}:{args.port or DEFAULT_PORT} "
           f"({args.workers} worker(s), {'token required' if token else 'no token'}); "
           "Ctrl-C stops", file=sys.stderr)
-    serve(args.bank, host=args.host, workers=args.workers, token=token, **limits)
+    serve(args.rows, host=args.host, workers=args.workers, token=token, **limits)
     return 0
 
 
@@ -555,7 +660,7 @@ def _cmd_export_hf(args: argparse.Namespace) -> int:
     from memtron.export.hf import export_hf
 
     s = export_hf(args.ckpt, args.out, dtype=args.dtype, max_shard_size=args.max_shard_size,
-                  values=args.values, overwrite=args.overwrite)
+                  values=args.tables, overwrite=args.overwrite)
     print(f"wrote a {s['model_type']} model to {s['out']}: {s['files']} safetensors shard(s), "
           f"{s['bytes'] / 1e9:.3f} GB in {s['seconds']:.1f} s "
           f"({s['bytes'] / max(s['seconds'], 1e-9) / 1e9:.2f} GB/s)")
@@ -565,7 +670,7 @@ def _cmd_export_hf(args: argparse.Namespace) -> int:
 def _cmd_import_hf(args: argparse.Namespace) -> int:
     from memtron.export.hf import import_hf
 
-    path = import_hf(args.hf_dir, args.ckpt_dir, overrides=args.overrides,
+    path = import_hf(args.ckpt, args.out, overrides=args.overrides,
                      optimizer_from=args.optimizer_from, overwrite=args.overwrite)
     print(f"wrote checkpoint {path}; continue with: memtron train ... --resume {path}")
     return 0
@@ -577,9 +682,10 @@ def _add_export_parsers(sub) -> None:
     p = export.add_parser("bank", help="value tables -> on-disk row-block bank",
                           description="Stream every value table of a checkpoint (any layout) "
                           "into row-block safetensors files with a checksummed manifest, for "
-                          "`generate --values mmap:OUT` and `serve-memory`.")
-    p.add_argument("ckpt", help="run dir (latest checkpoint) or checkpoint dir")
-    p.add_argument("out")
+                          "`generate --rows OUT` and `serve-memory --rows OUT`.")
+    p.add_argument("--ckpt", help="run dir (latest checkpoint) or checkpoint dir")
+    p.add_argument("--out", help="bank directory to write")
+    _old_positionals(p, "--ckpt", "--out")
     p.add_argument("--block-mib", type=float, default=256, help="block file size (MiB)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing bank")
     p.add_argument("--tree", help="cluster tree of a hierarchical bank, recorded in the manifest "
@@ -589,32 +695,39 @@ def _add_export_parsers(sub) -> None:
     p = export.add_parser("hf", help="checkpoint -> Hugging Face model directory",
                           description="Llama (dense) or model_type memtron with remote code "
                           "(memory layers); streams shards, never holds a whole table.")
-    p.add_argument("ckpt", help="run dir (latest checkpoint) or checkpoint dir")
-    p.add_argument("out")
-    p.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
+    p.add_argument("--ckpt", help="run dir (latest checkpoint) or checkpoint dir")
+    p.add_argument("--out", help="Hugging Face model directory to write")
+    _old_positionals(p, "--ckpt", "--out")
+    p.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32",
+                   help="the model's floating-point dtype (here: of the written weights)")
     p.add_argument("--max-shard-size", default="2GB", help="e.g. 2GB, 500MB, 1GiB")
-    p.add_argument("--values", choices=["weights", "bank"], default="weights",
+    p.add_argument("--tables", choices=["weights", "bank"], default="weights",
                    help="value tables as row-block weights, or a bank in OUT/values that the "
                    "model memory-maps (config memory_bank)")
+    p.add_argument("--values", action=_Deprecated, dest="tables", choices=["weights", "bank"],
+                   instead="--tables weights|bank", help=argparse.SUPPRESS)
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty OUT")
     p.set_defaults(func=_cmd_export_hf)
 
     imp = sub.add_parser("import", help="bring models into memtron").add_subparsers(
         dest="import_command", required=True)
     p = imp.add_parser("hf", help="Hugging Face directory (memtron export or Llama) -> checkpoint")
-    p.add_argument("hf_dir")
-    p.add_argument("ckpt_dir", help="checkpoint directory to write (for --resume)")
+    p.add_argument("--ckpt", metavar="HF_DIR", help="Hugging Face model directory to read")
+    p.add_argument("--out", help="checkpoint directory to write (for train --resume)")
     p.add_argument("overrides", nargs="*", metavar="key=value",
                    help="config overrides (data, optim, train...; not the architecture)")
+    _old_positionals(p, "--ckpt", "--out", words="overrides")
     p.add_argument("--optimizer-from", help="memtron checkpoint whose optimizer moments, step "
                    "and data position to carry over (e.g. the one that was exported)")
     p.add_argument("--overwrite", action="store_true")
     p.set_defaults(func=_cmd_import_hf)
 
     p = sub.add_parser("serve-memory", help="HTTP row-fetch server over an exported bank",
-                       description="Serve a bank's rows to `generate --values http://...` "
+                       description="Serve a bank's rows to `generate --rows http://...` "
                        "(FastAPI + uvicorn; binary bodies; bad requests get a 4xx).")
-    p.add_argument("bank", help="bank directory (memtron export bank)")
+    p.add_argument("--rows", metavar="PATH", help="bank directory (memtron export bank) or "
+                   "explicit-memory store (memtron memory build-explicit)")
+    _old_positionals(p, "--rows")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, help="default 8421")
     p.add_argument("--workers", type=int, default=1, help="server processes sharing the port")
@@ -632,7 +745,7 @@ def _cmd_build_explicit(args: argparse.Namespace) -> int:
         layers = [int(x) for x in args.layers.split(",")] if args.layers else None
         manifest = build_explicit_store(
             args.ckpt, args.references, args.out, m=args.m, ref_len=args.ref_len,
-            layers=layers, dtype=args.dtype, batch_size=args.batch_size, workers=args.workers,
+            layers=layers, dtype=args.codec, batch_size=args.batch_size, workers=args.workers,
             device=_device(args.device), pq_sub_dim=args.pq_sub_dim, pq_train=args.pq_train,
             embedder=args.embedder, embed_dim=args.embed_dim, text_key=args.text_key,
             overwrite=args.overwrite, progress=not args.quiet)
@@ -676,7 +789,10 @@ def _add_explicit_parsers(sub, data) -> None:
     p.add_argument("--m", type=int, default=8, help="tokens kept per layer and KV head")
     p.add_argument("--ref-len", type=int, default=128, help="tokens per reference chunk")
     p.add_argument("--layers", help="memory layers, e.g. 0,1,2 (default: the first half)")
-    p.add_argument("--dtype", choices=["bf16", "int8", "pq"], default="bf16")
+    p.add_argument("--codec", choices=["bf16", "int8", "pq"], default="bf16",
+                   help="how K/V are stored: bf16, int8 per vector, or product quantisation")
+    p.add_argument("--dtype", action=_Deprecated, dest="codec", choices=["bf16", "int8", "pq"],
+                   instead="--codec bf16|int8|pq", help=argparse.SUPPRESS)
     p.add_argument("--pq-sub-dim", type=int, default=4, help="pq: dims per sub-vector code")
     p.add_argument("--pq-train", type=int, default=1024,
                    help="pq: references whose encodings fit the codebooks")
@@ -709,8 +825,8 @@ def _add_explicit_parsers(sub, data) -> None:
 def _add_infer_parsers(sub) -> None:
     p = sub.add_parser("generate", help="generate text from a checkpoint (KV cache)",
                        description="Load a checkpoint saved at any layout into this process "
-                       "and continue prompts. Value tables come from RAM, a memory-mapped "
-                       "bank (`memtron export bank`) or a `memtron serve-memory` server.")
+                       "and continue prompts. Memory rows (--rows) come from RAM, a memory-"
+                       "mapped bank or store, or a `memtron serve-memory` server.")
     p.add_argument("--ckpt", required=True, help="run dir (latest checkpoint) or checkpoint dir")
     source = p.add_mutually_exclusive_group(required=True)
     source.add_argument("--prompt", help="one prompt; its continuation streams to stdout")
@@ -723,26 +839,27 @@ def _add_infer_parsers(sub) -> None:
     p.add_argument("--top-k", type=int, default=0, help="0 = no top-k cut")
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--values", default="ram",
-                   help="ram | mmap:BANK_DIR | http://HOST:PORT (default: ram)")
-    p.add_argument("--bank", help="hierarchical bank blocks: a bank dir (memtron export bank) or "
-                   "a serve-memory URL (default: the checkpoint's)")
-    p.add_argument("--tree", help="cluster tree routing prompts to bank blocks (default: the one "
-                   "the bank manifest or the training data records)")
+    p.add_argument("--rows", action="append", metavar="SOURCE", help=ROWS_HELP)
+    p.add_argument("--values", action=_Deprecated, dest="rows", instead="--rows PATH|URL "
+                   "(ram is the default)", convert=lambda v: v.removeprefix("mmap:"),
+                   append=True, help=argparse.SUPPRESS)
+    for old in ("--bank", "--explicit"):
+        p.add_argument(old, action=_Deprecated, dest="rows", instead="--rows PATH|URL",
+                       append=True, help=argparse.SUPPRESS)
+    p.add_argument("--tree", help="cluster tree routing prompts to tree-memory blocks (default: "
+                   "the one the bank manifest or the training data records)")
     p.add_argument("--token", help="bearer token of the memory server "
                    "(default: $MEMTRON_MEMORY_TOKEN)")
     p.add_argument("--cache-rows", type=int, default=65536,
-                   help="LRU cache of fetched rows per table (mmap/http values; 0 = off)")
-    p.add_argument("--explicit", metavar="STORE|URL",
-                   help="explicit memories: a store directory (`memtron memory build-explicit`) "
-                   "or a `memtron serve-memory` URL over one; retrieved every "
-                   "memory.explicit.chunk tokens")
+                   help="LRU cache of fetched rows per table (bank or URL tables; 0 = off)")
     p.add_argument("--retriever", metavar="STORE_DIR",
-                   help="store directory whose retriever/ to use (default: --explicit)")
+                   help="store directory whose retriever/ to use (default: the explicit-memory "
+                   "store of --rows)")
     p.add_argument("--explicit-cache", type=int, default=None,
                    help="LRU cache of decoded memories (default: memory.explicit.cache)")
     p.add_argument("--device", default="auto", help="auto (cuda if present), cpu, cuda, cuda:N")
-    p.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32", help="autocast dtype")
+    p.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32",
+                   help="the model's floating-point dtype (here: bf16 runs it under autocast)")
     p.add_argument("--json", action="store_true", help="one JSON line per prompt")
     p.set_defaults(func=_cmd_generate)
 
@@ -752,8 +869,9 @@ def _add_submit_parser(sub) -> None:
                        description="Render an sbatch script from a template in slurm/, write it "
                        "and the resolved config into the run dir and submit it. The job "
                        "checkpoints and requeues itself on SIGUSR1 and resumes when restarted.")
-    p.add_argument("config", help="YAML recipe")
-    p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides")
+    _add_config_args(p)
+    _old_positionals(p, "--config", words="overrides")
+    p.add_argument("--out", metavar="RUN_DIR", help="run dir (train.run_dir)")
     p.add_argument("--nodes", "-N", type=int, default=1)
     p.add_argument("--gpus-per-node", type=int, default=0,
                    help="one task per GPU; 0 = CPU nodes (gloo)")
@@ -783,12 +901,14 @@ def _add_submit_parser(sub) -> None:
     p.set_defaults(func=_cmd_submit)
 
     p = sub.add_parser("status", help="state, last step, loss and checkpoint of a SLURM run")
-    p.add_argument("run_dir")
+    p.add_argument("--ckpt", metavar="RUN_DIR", help="the run dir (submit --out)")
+    _old_positionals(p, "--ckpt")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=_cmd_status)
 
     p = sub.add_parser("cancel", help="cancel the SLURM job of a run dir")
-    p.add_argument("run_dir")
+    p.add_argument("--ckpt", metavar="RUN_DIR", help="the run dir (submit --out)")
+    _old_positionals(p, "--ckpt")
     p.set_defaults(func=_cmd_cancel)
 
 
@@ -800,6 +920,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="train a model")
     _add_config_args(p)
     p.add_argument("--resume", help="auto (latest checkpoint in run dir), none, or a path")
+    p.add_argument("--out", metavar="RUN_DIR", help="run dir (train.run_dir): checkpoints, "
+                   "metrics, logs")
     p.set_defaults(func=_cmd_train)
 
     p = sub.add_parser("config", help="print the resolved config")
@@ -869,6 +991,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     silence_third_party_warnings()
     args = build_parser().parse_args(argv)
+    resolve_old_positionals(args)
     from memtron.data.loader import DataError
     from memtron.infer.generate import GenerationError
     from memtron.infer.store import BankError, RemoteStoreError

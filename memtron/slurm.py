@@ -342,7 +342,8 @@ def submit(config: str | Path | None, overrides: list[str], spec: JobSpec) -> Su
         state = job_state(old).get("JobState", "") if old else ""
         if state in ACTIVE_STATES:
             raise SlurmError(f"run dir {run_dir} already has job {old} ({state}); "
-                             f"`memtron cancel {run_dir}` first or choose another train.run_dir")
+                             f"`memtron cancel --ckpt {run_dir}` first or choose another "
+                             "train.run_dir")
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / CONFIG_FILE).write_text(
         yaml.safe_dump(rendered.config.to_dict(), sort_keys=False))

@@ -129,17 +129,17 @@ def test_fetch_from_the_memory_server_equals_disk(setup):
 def test_cli_fetch_prints_path_ids_and_bytes(setup, capsys):
     root, _, docs, tree = setup
     _write(root / "cli-bank", tree, {"tree": str(root / "tree")})
-    assert main(["fetch", "--bank", str(root / "cli-bank"), "--text", docs[0], "--text",
+    assert main(["fetch", "--rows", str(root / "cli-bank"), "--text", docs[0], "--text",
                  docs[1]]) == 0
     out = capsys.readouterr().out
     path = tree.route(docs[:1])[0].tolist()
     assert f"path (node ids, root to leaf): {path[0]} -> {path[1]}" in out
     assert f"fetched {4 * sum(DIMS)} bytes in 2 blocks" in out
-    assert main(["fetch", "--bank", str(root / "cli-bank"), "--text", docs[2], "--json"]) == 0
+    assert main(["fetch", "--rows", str(root / "cli-bank"), "--text", docs[2], "--json"]) == 0
     (result,) = json.loads(capsys.readouterr().out)
     assert result["path"] == tree.route(docs[2:3])[0].tolist()
     assert result["bytes"] == [4 * DIMS[0], 4 * DIMS[1]]
-    assert main(["fetch", "--bank", str(root / "nowhere"), "--text", "x"]) == 2
+    assert main(["fetch", "--rows", str(root / "nowhere"), "--text", "x"]) == 2
     assert "nowhere" in capsys.readouterr().err
 
 
@@ -168,5 +168,5 @@ def test_fetch_from_an_exported_checkpoint_bank(setup, tmp_path, capsys):
             for level, (row, block) in enumerate(zip(f.rows, f.blocks, strict=True)):
                 key = f"model.value_tables.{level_table(level)}.weight"
                 assert torch.equal(block, reader.read_rows(key, row, row + 1)[0])
-    assert main(["fetch", "--bank", str(tmp_path / "bank"), "--text", docs[0]]) == 0
+    assert main(["fetch", "--rows", str(tmp_path / "bank"), "--text", docs[0]]) == 0
     assert f"{fetched[0].path[0]} -> {fetched[0].path[1]}" in capsys.readouterr().out

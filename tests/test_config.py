@@ -65,3 +65,41 @@ def test_cli_reports_config_error_without_traceback(capsys):
     assert main(["config", "memory.layers=[9]"]) == 2
     err = capsys.readouterr().err
     assert "memory.layers[0]" in err and "Traceback" not in err
+
+
+def test_architecture_keys_are_tagged_once():
+    """Resume, export and explicit-memory fingerprints read the same tagged fields."""
+    from memtron.config import ModelConfig, architecture, architecture_keys
+    from memtron.model.memory.explicit import FINGERPRINT_KEYS
+
+    arch = architecture(load_config(None))
+    assert set(arch) == {"model", "memory", "bank"}
+    assert FINGERPRINT_KEYS == architecture_keys(ModelConfig) == tuple(arch["model"])
+    assert "init_std" not in arch["model"]  # the init, not what a trained model is
+    for layout in ("parallel", "usage_window", "tp_slice_lookups", "explicit"):
+        assert layout not in arch["memory"]
+    assert {"value_dtype", "n_sub_keys", "shared_tables"} <= set(arch["memory"])
+    assert "lr_mult" not in arch["bank"] and "freeze_anchor" in arch["bank"]
+
+
+@pytest.mark.parametrize("overrides,diff", [
+    (["model.d_model=64"], ("model.d_model", 128, 64)),
+    (["memory.value_dtype=bf16"], ("memory.value_dtype", "fp32", "bf16")),
+    (["bank.branching=4"], ("bank.branching", 16, 4)),
+    (["memory.parallel=colwise", "model.init_std=0.01", "bank.lr_mult=2",
+      "memory.explicit.r=2", "train.steps=3"], None),
+])
+def test_architecture_diff(overrides, diff):
+    from memtron.config import architecture_diff
+
+    assert architecture_diff(load_config(None), load_config(None, overrides)) == diff
+
+
+def test_colwise_value_dim_is_checked_with_the_world():
+    from memtron.config import check_world
+
+    cfg = load_config(None, ["memory.layers=[1]", "memory.parallel=colwise",
+                             "memory.value_dim=6"])
+    assert check_world(cfg, 2) == (1, 1, 2, 2)
+    with pytest.raises(ConfigError, match="^memory.value_dim: 6 is not divisible by ep=4"):
+        check_world(cfg, 4)

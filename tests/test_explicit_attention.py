@@ -10,6 +10,7 @@ import math
 import pytest
 import torch
 
+from memtron.infer.server import running_server
 from memtron.model.attention import apply_rope, rope_tables, sdpa_attention
 from memtron.model.forward import ExplicitKV, MemoryKV
 from memtron.model.memory.explicit_kv import explicit_kv
@@ -375,7 +376,7 @@ def test_generate_cli_with_explicit_memories_reports_fetches(staged, capsys):
     store, run = str(staged["store"]), staged["two"].run_dir
     args = ["generate", "--ckpt", str(run), "--prompt", "Ada was born in", "--max-new-tokens",
             "15", "--greedy", "--device", "cpu"]
-    assert main([*args, "--explicit", store]) == 0
+    assert main([*args, "--rows", store]) == 0
     err = capsys.readouterr().err
     line = next(x for x in err.splitlines() if x.startswith("explicit memories ("))
     # 16 prompt tokens (2 chunks of 8, retrieved at prefill), then up to 15 new ones in a
@@ -388,8 +389,15 @@ def test_generate_cli_with_explicit_memories_reports_fetches(staged, capsys):
                      r"fetched \(.* MiB\), cache hit rate (.*)%", line)
     assert found and 2 <= int(found[1]) <= 4 and 1 <= int(found[2]) <= 2 * int(found[1]), line
     assert float(found[3]) > 0, line
-    assert main([*args, "--explicit", "http://127.0.0.1:9"]) == 2
-    assert "--retriever" in capsys.readouterr().err
+    assert main([*args, "--rows", "http://127.0.0.1:9"]) == 2  # nothing listens
+    assert "--rows http://127.0.0.1:9" in capsys.readouterr().err
+    with running_server(store) as url:  # a served store needs a local copy of its retriever
+        assert main([*args, "--rows", url]) == 2
+        assert "--retriever" in capsys.readouterr().err
+        assert main([*args, "--explicit", url, "--retriever", store]) == 0  # the old spelling
+    err = capsys.readouterr().err
+    assert "warning: --explicit is deprecated; use --rows" in err
+    assert "explicit memories (http://" in err
 
 
 # --------------------------------------------------------------------------- tensor parallel

@@ -140,5 +140,6 @@ def test_a_forward_past_max_seq_len_names_the_limit():
             model(torch.zeros(1, 49, dtype=torch.long))
         cache = model.new_cache(1, 64)
         model(torch.zeros(1, 40, dtype=torch.long), ForwardContext(cache=cache))
-        with pytest.raises(ValueError, match=r"50 token positions requested \(40 cached \+ 10 new\)"):
+        with pytest.raises(ValueError,
+                           match=r"50 token positions requested \(40 cached \+ 10 new\)"):
             model(torch.zeros(1, 10, dtype=torch.long), ForwardContext(cache=cache))

@@ -107,11 +107,13 @@ def test_generation_with_fetched_blocks_equals_training_forward(trained, tmp_pat
 def test_cli_generate_with_bank_and_tree_checks(trained, tmp_path, capsys):
     root, result = trained
     bank_dir = tmp_path / "bank"
-    assert main(["export", "bank", str(result.checkpoint), str(bank_dir)]) == 0
-    assert main(["generate", "--ckpt", str(result.checkpoint), "--bank", str(bank_dir),
+    assert main(["export", "bank", "--ckpt", str(result.checkpoint), "--out",
+                 str(bank_dir)]) == 0
+    assert main(["generate", "--ckpt", str(result.checkpoint), "--rows", str(bank_dir),
                  "--prompt", PROMPT, "--max-new-tokens", "4", "--greedy"]) == 0
     err = capsys.readouterr().err
-    assert "bank path(s): [[" in err and "2 fetched" in err
+    # --rows serves every memory kind: the tree blocks of the path and the value-table rows
+    assert "bank path(s): [[" in err and f"memory fetch (rows {bank_dir})" in err
     # A tree other than the one the bank was exported with is refused by its hash.
     other = tmp_path / "other-tree"
     build_tree(["a b c", "d e f", "g h i", "j k l"] * 4, 2, 2,

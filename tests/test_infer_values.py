@@ -105,15 +105,22 @@ def test_cli_generate_with_each_value_source(trained, reference, tmp_path, capsy
                                for p in ("Ada was born in", "The")))
     outputs = []
     with serving(trained[1]) as url:
-        for values in ("ram", f"mmap:{trained[1]}", url):
+        for rows in ("ram", str(trained[1]), url):
             assert main(["generate", "--ckpt", str(trained[0]), "--prompts", str(prompts),
-                         "--greedy", "--max-new-tokens", "8", "--json", "--values", values]) == 0
+                         "--greedy", "--max-new-tokens", "8", "--json", "--rows", rows]) == 0
             captured = capsys.readouterr()
             outputs.append([json.loads(line)["completion"] for line in captured.out.splitlines()])
             assert "tok/s" in captured.err
-            if values != "ram":
+            if rows != "ram":
                 assert "memory fetch" in captured.err and "cache hit rate" in captured.err
-    assert outputs[0] == outputs[1] == outputs[2] and len(outputs[0]) == 2
+        # the old spelling still works for one release, and says what to use instead
+        assert main(["generate", "--ckpt", str(trained[0]), "--prompts", str(prompts),
+                     "--greedy", "--max-new-tokens", "8", "--json", "--values",
+                     f"mmap:{trained[1]}"]) == 0
+        captured = capsys.readouterr()
+        outputs.append([json.loads(line)["completion"] for line in captured.out.splitlines()])
+        assert "warning: --values is deprecated; use --rows" in captured.err
+    assert outputs[0] == outputs[1] == outputs[2] == outputs[3] and len(outputs[0]) == 2
     # streaming a single prompt prints the prompt and its continuation
     assert main(["generate", "--ckpt", str(trained[0].parent.parent), "--prompt", "Ada was",
                  "--greedy", "--max-new-tokens", "5"]) == 0

@@ -38,7 +38,7 @@ DONE_STATES = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_
 
 def _render(tmp_path, monkeypatch, capsys, *args: str) -> str:
     monkeypatch.chdir(tmp_path)
-    code = main(["submit", str(REPO / "configs" / "tiny-cpu.yaml"),
+    code = main(["submit", "--config", str(REPO / "configs" / "tiny-cpu.yaml"),
                  "train.run_dir=/scratch/memtron/runs/big", *args, "--dry-run"])
     out, err = capsys.readouterr()
     assert code == 0, err
@@ -210,7 +210,7 @@ def single_losses(tiny_corpus, tmp_path_factory) -> dict[int, float]:
 def _run_short_job(state: Path, corpus: Path, tmp_path: Path, *options: str) -> tuple[Path, str]:
     config = _write_config(tmp_path, corpus, **{"train.steps": SHORT_STEPS})
     run_dir = tmp_path / "job"
-    job_id, log = _submit(state, tmp_path, str(config), f"train.run_dir={run_dir}",
+    job_id, log = _submit(state, tmp_path, "--config", str(config), f"train.run_dir={run_dir}",
                           "data.micro_batch_size=2", "--nodes", "2", *options)
     info = _wait(state, job_id, log)
     if info["JobState"] != "COMPLETED":
@@ -257,12 +257,12 @@ def test_preempted_job_requeues_and_resumes_exactly(slurm_cluster, tiny_corpus, 
     config = _write_config(tmp_path, tiny_corpus, **{"train.steps": steps,
                                                      "data.micro_batch_size": 2})
     ref_dir, run_dir = tmp_path / "uninterrupted", tmp_path / "preempted"
-    ref_id, ref_log = _submit(slurm_cluster, tmp_path, str(config), f"train.run_dir={ref_dir}",
+    ref_id, ref_log = _submit(slurm_cluster, tmp_path, "-c", str(config), "--out", str(ref_dir),
                               "--nodes", "2")
     if _wait(slurm_cluster, ref_id, ref_log)["JobState"] != "COMPLETED":
         _fail(slurm_cluster, ref_id, ref_log, "the uninterrupted job failed")
 
-    job_id, log = _submit(slurm_cluster, tmp_path, str(config), f"train.run_dir={run_dir}",
+    job_id, log = _submit(slurm_cluster, tmp_path, "-c", str(config), "--out", str(run_dir),
                           "--nodes", "2")
     metrics = run_dir / "metrics.jsonl"
     _wait(slurm_cluster, job_id, log, lambda i: i.get("JobState") in DONE_STATES or (
@@ -293,21 +293,21 @@ def test_status_and_cancel(slurm_cluster, tiny_corpus, tmp_path, capsys):
     config = _write_config(tmp_path, tiny_corpus)
     run_dir = tmp_path / "held"
     # held back an hour by --begin: stays PENDING and costs no CPU
-    job_id, log = _submit(slurm_cluster, tmp_path, str(config), f"train.run_dir={run_dir}",
+    job_id, log = _submit(slurm_cluster, tmp_path, "-c", str(config), "--out", str(run_dir),
                           "--nodes", "2", "--sbatch=--begin=now+3600")
-    assert main(["status", str(run_dir)]) == 0
+    assert main(["status", "--ckpt", str(run_dir)]) == 0
     out = capsys.readouterr().out
     assert f"job {job_id}: PENDING" in out and "step: none yet" in out, out
     # a second job for the same run dir is refused while this one is queued
-    assert main(["submit", str(config), f"train.run_dir={run_dir}", "--nodes", "1"]) == 2
+    assert main(["submit", "-c", str(config), "--out", str(run_dir), "--nodes", "1"]) == 2
     assert "already has job" in capsys.readouterr().err
-    assert main(["cancel", str(run_dir)]) == 0
+    assert main(["cancel", "--ckpt", str(run_dir)]) == 0
     assert f"cancelled job {job_id}" in capsys.readouterr().out
     _wait(slurm_cluster, job_id, log)
     assert not [q for q in _queued() if q.split()[0] == job_id]
-    assert main(["status", str(run_dir)]) == 0
+    assert main(["status", "--ckpt", str(run_dir)]) == 0
     assert f"job {job_id}: CANCELLED" in capsys.readouterr().out
-    assert main(["cancel", str(run_dir)]) == 0
+    assert main(["cancel", "--ckpt", str(run_dir)]) == 0
     assert "nothing to cancel" in capsys.readouterr().out
 
 
@@ -327,7 +327,7 @@ def test_bad_requests_fail_clearly_and_queue_nothing(slurm_cluster, tiny_corpus,
         run_dir = tmp_path / f"bad{i}"
         overrides = [a for a in args if "=" in a and not a.startswith("-")]
         options = [a for a in args if a not in overrides]
-        code = main(["submit", str(config), f"train.run_dir={run_dir}", *overrides, *options])
+        code = main(["submit", "-c", str(config), "--out", str(run_dir), *overrides, *options])
         err = capsys.readouterr().err
         assert code == 2, (args, err)
         assert message in err, (args, err)

@@ -34,7 +34,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from memtron.config import Config, ConfigError, load_config
+from memtron.config import Config, ConfigError, architecture_diff, load_config
 from memtron.data.loader import ShardLoader
 from memtron.export.bank import TableRows, write_bank
 from memtron.export.hf_tokenizer import write_hf_tokenizer
@@ -57,8 +57,6 @@ BANK_DIR = "values"  # where values="bank" puts the tables, relative to OUT
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "KIB": 2**10,
           "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
-# The checkpoint's and the trainer's layout-only keys (how tables are spread, not what they hold)
-_LAYOUT_KEYS = {"parallel", "usage_window", "tp_slice_lookups"}
 
 
 class HFError(CheckpointError):
@@ -465,17 +463,6 @@ def _read_json(path: Path) -> dict[str, Any]:
     return value
 
 
-def _architecture_diff(a: Config, b: Config) -> tuple[str, Any, Any] | None:
-    """The first architecture key (``model.*``, ``memory.*`` but layout) where a and b differ,
-    with both values."""
-    for section in ("model", "memory"):
-        old, new = getattr(a, section).__dict__, getattr(b, section).__dict__
-        for key in old:
-            if key not in _LAYOUT_KEYS and old[key] != new[key]:
-                return f"{section}.{key}", old[key], new[key]
-    return None
-
-
 def _flat_overrides(raw: dict[str, Any]) -> list[str]:
     """A config dict as dotted overrides (values as JSON, which YAML reads back)."""
     return [f"{section}.{key}={json.dumps(value)}" for section, values in raw.items()
@@ -664,7 +651,7 @@ def _copy_optimizer(path: str | Path, cfg: Config, optim: dict[str, dict[str, to
                     memory_optim: dict[str, dict[str, torch.Tensor]]) -> tuple[int, Any]:
     """Fill the optimizer state from checkpoint ``path`` in place; its (step, data state)."""
     with CheckpointReader(path) as source:
-        diff = _architecture_diff(source.config, cfg)
+        diff = architecture_diff(source.config, cfg)
         if diff is not None:
             key, old, new = diff
             raise HFError(f"{source.path}: saved with {key}={old!r}, the imported model has "

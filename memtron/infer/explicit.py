@@ -1,4 +1,4 @@
-"""Explicit memories during generation (``memtron generate --explicit STORE|URL``).
+"""Explicit memories during generation (``memtron generate --rows STORE|URL``).
 
 Chunk j of a row covers its RoPE positions ``[j * chunk, (j + 1) * chunk)``, as in training.
 Its memories are retrieved when the chunk's first token is about to be read:
@@ -46,8 +46,8 @@ def open_explicit(spec: str, cfg: Config, tokenizer: Any, retriever_dir: str | N
     r, chunk and the memory layers are the checkpoint's ``memory.explicit``."""
     x = cfg.memory.explicit
     remote = spec.startswith(("http://", "https://"))
-    if remote and not retriever_dir:  # the store is incomplete without its retriever
-        raise ExplicitStoreError(f"--explicit {spec}: a memory server serves memories, not the "
+    if remote and not retriever_dir:
+        raise ExplicitStoreError(f"--rows {spec}: a memory server serves memories, not the "
                                  "retriever; pass --retriever STORE_DIR (a local copy of the "
                                  "store's retriever/)")
     store = ExplicitStore.open(spec, cache_rows=x.cache if cache_rows is None else cache_rows,

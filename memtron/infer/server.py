@@ -211,7 +211,7 @@ def running_server(bank_dir: str | Path, token: str | None = None,
     """``memtron serve-memory`` in a child process on a free loopback port, for tests,
     benchmarks and notebooks: yields its URL once ``/health`` answers, stops it on exit."""
     port = free_port()
-    cmd = [sys.executable, "-m", "memtron.cli", "serve-memory", str(bank_dir), "--port",
+    cmd = [sys.executable, "-m", "memtron.cli", "serve-memory", "--rows", str(bank_dir), "--port",
            str(port), "--max-ids", str(max_ids), "--workers", str(workers)]
     env = dict(os.environ)
     if token is not None:

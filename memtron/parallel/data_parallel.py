@@ -120,7 +120,7 @@ class DeepSpeedZero:
         if not dist.is_initialized():
             raise RuntimeError("train.engine=deepspeed needs a launched job (torchrun, srun, "
                                "mpirun) with a process group")
-        os.environ.setdefault("DS_ACCELERATOR", "cuda" if torch.cuda.is_available() else "cpu")
+        os.environ.setdefault("DS_ACCELERATOR", collective_device().type)  # the backend's
         try:
             import deepspeed
         except ImportError as e:  # pragma: no cover - depends on the install

@@ -29,6 +29,8 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
+from memtron.device import default_backend, resolve_device
+
 SOURCES = ("torchrun", "slurm", "mpi", "single")
 SLURM_PORT_BASE = 10000  # SLURM master port = base + job id % span: every task agrees offline
 SLURM_PORT_SPAN = 50000
@@ -327,16 +329,23 @@ def _mpi_rendezvous(env: DistEnv) -> DistEnv:
 # --------------------------------------------------------------------------- process group
 
 
-def _resolve_backend(backend: str) -> str:
+def _resolve_backend(backend: str, device: torch.device | None = None) -> str:
+    """``parallel.backend`` for ``device`` (default: the ``auto`` device): ``auto`` follows
+    the device; nccl needs a CUDA device."""
+    device = resolve_device("auto") if device is None else device
     if backend == "auto":
-        return "nccl" if torch.cuda.is_available() else "gloo"
-    if backend == "nccl" and not torch.cuda.is_available():
-        raise LaunchError("parallel.backend=nccl but CUDA is not available; use gloo or auto")
+        return default_backend(device)
+    if backend == "nccl" and device.type != "cuda":
+        raise LaunchError(f"parallel.backend=nccl but the device is {device} (CUDA is not "
+                          "available or train.device=cpu); use gloo or auto")
     return backend
 
 
-def init_distributed(timeout_s: float = 600.0, backend: str = "auto") -> DistEnv:
-    """Join the job's default process group and return where this process sits.
+def init_distributed(timeout_s: float = 600.0, backend: str = "auto",
+                     device: str = "auto") -> DistEnv:
+    """Join the job's default process group and return where this process sits; ``device``
+    (``train.device``) is checked first, so a missing accelerator fails before any rendezvous,
+    and an accelerator's current device becomes the local rank's.
 
     A plain single process gets no process group (``dist.is_initialized()`` stays False);
     a launcher with one process (``torchrun --nproc_per_node 1``) does get a world-1 group, so
@@ -345,6 +354,7 @@ def init_distributed(timeout_s: float = 600.0, backend: str = "auto") -> DistEnv
     global _ENV
     if _ENV is not None:
         return _ENV
+    where = resolve_device(device)
     if dist.is_available() and dist.is_initialized():  # someone (e.g. DeepSpeed) got here first
         env = detect_env()
         if env.source == "single" or (env.rank, env.world_size) != (dist.get_rank(),
@@ -364,14 +374,14 @@ def init_distributed(timeout_s: float = 600.0, backend: str = "auto") -> DistEnv
                           "torch build has no torch.distributed")
     if env.source == "mpi":
         env = _mpi_rendezvous(env)
-    backend = _resolve_backend(backend)
-    if torch.cuda.is_available():
-        n_gpu = torch.cuda.device_count()
+    backend = _resolve_backend(backend, where)
+    if where.type != "cpu":
+        n_gpu = torch.accelerator.device_count()
         if env.local_rank < n_gpu:
-            torch.cuda.set_device(env.local_rank)
-        elif backend == "nccl":
-            raise LaunchError(f"local rank {env.local_rank} has no GPU: this node has {n_gpu}; "
-                              "run at most one task per GPU")
+            torch.accelerator.set_device_index(env.local_rank)
+        elif backend != "gloo":
+            raise LaunchError(f"local rank {env.local_rank} has no {where.type} device: this "
+                              f"node has {n_gpu}; run at most one task per device")
 
     values = (env.rank, env.world_size, env.local_rank, env.local_world_size, env.master_addr,
               env.master_port)
@@ -386,12 +396,11 @@ def init_distributed(timeout_s: float = 600.0, backend: str = "auto") -> DistEnv
     return env
 
 
-def training_device() -> torch.device:
-    """Where this process trains: its local GPU (``cuda:LOCAL_RANK``, set current by
-    :func:`init_distributed`) when CUDA is present, else the CPU."""
-    if torch.cuda.is_available():
-        return torch.device("cuda", torch.cuda.current_device())
-    return torch.device("cpu")
+def training_device(name: str = "auto") -> torch.device:
+    """Where this process trains: ``train.device`` resolved by the one device policy
+    (:func:`memtron.device.resolve_device`); an accelerator's device is the local rank's, set
+    current by :func:`init_distributed`."""
+    return resolve_device(name)
 
 
 def collective_device(group: dist.ProcessGroup | None = None) -> torch.device:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import torch
 
+from memtron.parallel.launch import collective_device
 from memtron.parallel.state import ParallelState
 from memtron.parallel.tensor import is_tp_sharded
 
@@ -21,8 +22,7 @@ def _mesh(state: ParallelState, size: int):
         return None
     from torch.distributed.device_mesh import init_device_mesh
 
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    return init_device_mesh(device, (state.world_size // size, size))
+    return init_device_mesh(collective_device().type, (state.world_size // size, size))
 
 
 class CheckpointLayout:

@@ -36,6 +36,8 @@ from typing import Any
 
 import torch
 
+from memtron.config import ModelConfig, architecture_keys
+
 # infer.store (RowStore, the bank format) and sha256_file are moving into memtron/storage/
 # (issue 23; tests/test_layering.py PENDING_MOVES)
 from memtron.infer.store import (
@@ -55,8 +57,7 @@ REFERENCES_FILE = "references.jsonl"
 RETRIEVER_DIR = "retriever"
 STORE_DTYPES = ("bf16", "int8", "pq")
 PQ_CENTROIDS = 256  # one uint8 code per sub-vector
-FINGERPRINT_KEYS = ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "d_ff",
-                    "max_seq_len", "rope_theta", "norm_eps", "tie_embeddings")
+FINGERPRINT_KEYS = architecture_keys(ModelConfig)  # what K/V depend on
 
 
 class ExplicitStoreError(BankError):

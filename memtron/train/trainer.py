@@ -24,7 +24,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from memtron.config import Config, ConfigError, config_from_dict
+from memtron.config import Config, ConfigError, architecture_diff, config_from_dict
 from memtron.data.clustering import ClusterTree
 from memtron.data.loader import Batch, ShardLoader, eval_batches
 from memtron.data.prepare import INDEX_NAME, TREE_DIR
@@ -135,16 +135,11 @@ def check_bank_data(cfg: Config, index: dict[str, Any], where: Path, key: str) -
 
 
 def _same_architecture(saved: Config, cfg: Config, where: Path) -> None:
-    # How tables are spread, not what they hold; explicit memories hold no parameters, so a
-    # run trained without them may continue with them (the two-stage recipe).
-    layout_only = {"parallel", "usage_window", "explicit", "tp_slice_lookups"}
-    for section in ("model", "memory", "bank"):
-        old, new = getattr(saved, section).__dict__, getattr(cfg, section).__dict__
-        diff = [k for k in new if k not in layout_only and old.get(k) != new[k]]
-        if diff:
-            key = f"{section}.{diff[0]}"
-            raise CheckpointError(f"{where}: saved with {key}={old.get(diff[0])!r}, config has "
-                                  f"{new[diff[0]]!r}; architecture keys must match to resume")
+    diff = architecture_diff(saved, cfg)
+    if diff is not None:
+        key, old, new = diff
+        raise CheckpointError(f"{where}: saved with {key}={old!r}, config has {new!r}; "
+                              "architecture keys must match to resume")
 
 
 class Trainer:
@@ -157,15 +152,11 @@ class Trainer:
             torch.set_num_threads(cfg.train.threads)
         self.state: ParallelState = build_parallel_state(
             cfg, timeout_minutes=max(1, math.ceil(cfg.parallel.timeout_s / 60)))
-        mem = cfg.memory
-        if mem.parallel == "colwise" and (mem.value_dim or cfg.model.d_model) % self.state.ep:
-            raise ConfigError(f"memory.value_dim: {mem.value_dim or cfg.model.d_model} is not "
-                              f"divisible by ep={self.state.ep} (memory.parallel=colwise)")
         torch.manual_seed(cfg.train.seed)  # the same full init on every rank, then sharded
         self.run_dir = Path(cfg.train.run_dir)
         self.ckpt_root = self.run_dir / "checkpoints"
         self.tokenizer = load_tokenizer(cfg.data.tokenizer)
-        self.device = training_device()
+        self.device = training_device(cfg.train.device)
         model = build_model(cfg, table_factory(cfg, self.state),
                             bank_table_factory(cfg, self.state))
         self.model: Transformer = parallelize_context(parallelize_tensor(model, self.state),
@@ -582,7 +573,7 @@ class Trainer:
 
 def train(cfg: Config) -> TrainResult:
     """Run a training job in this process: one rank of a launched job, or the whole job."""
-    init_distributed(cfg.parallel.timeout_s, cfg.parallel.backend)
+    init_distributed(cfg.parallel.timeout_s, cfg.parallel.backend, cfg.train.device)
     try:
         return Trainer(cfg).run()
     finally:

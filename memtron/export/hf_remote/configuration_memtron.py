@@ -16,7 +16,7 @@ Memory fields (every one can be overridden at load time, e.g.
 - ``memory_rows_per_block``: a value table is stored as row blocks of this many rows,
   ``model.value_tables.table{g}.block_{j}``, so no table is ever one huge tensor;
 - ``memory_bank``: ``None`` (value tables are weights, loaded like any other) or the path of a
-  memtron row-block bank (``memtron export bank``, or ``memtron export hf --values bank``;
+  memtron row-block bank (``memtron export bank``, or ``memtron export hf --tables bank``;
   relative paths are resolved against the model directory). The tables are then memory-mapped
   from the bank's files and read row by row on demand, so a model whose tables do not fit in
   RAM still loads; the tables' weights in the checkpoint, if any, are ignored.
