@@ -529,7 +529,7 @@ def row_sources(specs: list[str], token: str | None = None) -> tuple[str, str | 
     store, if one is given (a source whose tables are a store's)."""
     from memtron.infer.model import open_bank_source
     from memtron.infer.store import BankError, RemoteStoreError
-    from memtron.model.memory.explicit import MEMORIES
+    from memtron.storage.explicit import MEMORIES
 
     tables, stores = ["ram"] if "ram" in specs else [], []
     for spec in dict.fromkeys(specs):

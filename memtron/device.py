@@ -4,7 +4,7 @@
 or an accelerator type such as ``cuda`` (optionally with an index). ``auto`` takes this
 machine's accelerator as ``torch.accelerator`` reports it, else the CPU. An accelerator that is
 asked for but absent fails at once, naming the key, instead of deep inside a launched job.
-This module sits at the bottom of the stack beside ``config``: it imports torch only.
+This module sits at the bottom of the stack, just above ``config``, whose error it raises.
 """
 
 from __future__ import annotations

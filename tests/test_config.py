@@ -70,7 +70,7 @@ def test_cli_reports_config_error_without_traceback(capsys):
 def test_architecture_keys_are_tagged_once():
     """Resume, export and explicit-memory fingerprints read the same tagged fields."""
     from memtron.config import ModelConfig, architecture, architecture_keys
-    from memtron.model.memory.explicit import FINGERPRINT_KEYS
+    from memtron.storage.explicit import FINGERPRINT_KEYS
 
     arch = architecture(load_config(None))
     assert set(arch) == {"model", "memory", "bank"}

@@ -34,6 +34,7 @@ ROOT = Path(__file__).resolve().parents[1] / "memtron"
 
 LEVELS: list[tuple[str, ...]] = [
     ("config",),
+    ("device",),  # the one device policy: torch and config only
     ("storage",),
     ("data",),
     ("model",),
