@@ -871,10 +871,11 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from memtron.data.loader import DataError
     from memtron.infer.generate import GenerationError
-    from memtron.infer.store import BankError, RemoteStoreError
     from memtron.parallel.launch import LaunchError
     from memtron.slurm import SlurmError
-    from memtron.train.checkpoint import CheckpointError
+    from memtron.storage.manifest import CheckpointError
+    from memtron.storage.rowblock import BankError
+    from memtron.storage.store import RemoteStoreError
 
     try:
         return args.func(args)

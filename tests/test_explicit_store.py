@@ -20,7 +20,6 @@ from memtron.export.explicit import (
     size_per_reference,
 )
 from memtron.infer.model import load_model
-from memtron.infer.store import BANK_MANIFEST
 from memtron.model.memory.explicit import (
     ExplicitStore,
     ExplicitStoreError,
@@ -33,6 +32,7 @@ from memtron.model.memory.explicit import (
     select_top_tokens,
 )
 from memtron.model.transformer import build_model
+from memtron.storage.rowblock import BANK_MANIFEST
 from memtron.train.checkpoint import save_checkpoint
 
 M, REF_LEN, LAYERS = 4, 24, [0, 1]

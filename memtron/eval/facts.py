@@ -26,7 +26,7 @@ from memtron.data.tokenizer import Tokenizer, load_tokenizer
 from memtron.eval.lm import lm_loss, shard_seq_len
 from memtron.infer.model import LoadedModel, load_model, route_texts
 from memtron.model.forward import ForwardContext
-from memtron.train.checkpoint import read_manifest
+from memtron.storage.manifest import read_manifest
 from memtron.train.metrics import flops_per_token
 
 WILSON_Z95 = 1.959963984540054  # two-sided 95 % normal quantile

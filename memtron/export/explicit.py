@@ -32,8 +32,6 @@ from memtron.data.jsonl import jsonl_rows
 from memtron.data.prepare import iter_documents
 from memtron.data.shards import building_dir
 from memtron.data.tokenizer import Tokenizer, load_tokenizer
-from memtron.export.bank import DEFAULT_BLOCK_BYTES, TableRows, write_bank
-from memtron.infer.store import BANK_FORMAT, BANK_MANIFEST, BANK_VERSION
 from memtron.model.memory.explicit import (
     CODEBOOKS,
     MEMORIES,
@@ -57,7 +55,10 @@ from memtron.model.memory.explicit import (
     model_fingerprint,
     pad_references,
 )
-from memtron.train.checkpoint import CheckpointReader, resolve_checkpoint, sha256_file
+from memtron.storage.bank import DEFAULT_BLOCK_BYTES, TableRows, write_bank
+from memtron.storage.checkpoint import CheckpointReader
+from memtron.storage.manifest import resolve_checkpoint, sha256_file
+from memtron.storage.rowblock import BANK_FORMAT, BANK_MANIFEST, BANK_VERSION
 
 MAX_REF_LEN = 32767  # positions are stored as int16
 PROGRESS_S = 5.0  # seconds between progress lines of a worker

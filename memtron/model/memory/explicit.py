@@ -7,7 +7,7 @@ group, softmax without a causal mask, after RoPE) are kept, with their post-RoPE
 values: a memory is ``K, V [n_mem_layers, n_kv_heads, m, head_dim]``, about ``m / ref_len`` of
 the dense KV of its chunk.
 
-Store (a directory; a bank in the format of :mod:`memtron.infer.store`, so it is memory-mapped
+Store (a directory; a bank in the format of :mod:`memtron.storage.bank`, so it is memory-mapped
 locally or served by ``memtron serve-memory``)::
 
     manifest.json            bank manifest (sha256 per block file); source.explicit = the meta
@@ -43,14 +43,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from memtron.infer.store import (
-    BANK_MANIFEST,
-    BankError,
-    HttpBank,
-    RowStore,
-    open_bank,
-)
-from memtron.train.checkpoint import sha256_file
+from memtron.storage.bank import open_bank
+from memtron.storage.manifest import sha256_file
+from memtron.storage.rowblock import BANK_MANIFEST, BankError
+from memtron.storage.store import HttpBank, RowStore
 
 STORE_FORMAT = "memtron-explicit-store"
 STORE_VERSION = 1
