@@ -119,6 +119,33 @@ def test_row_range_reads_equal_a_full_dcp_load(saved):
             assert _same_bytes(torch.cat([rows for _, rows in blocks]), full[key])
 
 
+def _load_rank(rank: int, path: Path) -> bool:
+    """Load the table row-sharded and the wide weight column-sharded over 2 ranks, as a resumed
+    run does; True when this rank's shards hold the saved values."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    from memtron.parallel.launch import init_distributed, shutdown_distributed
+    from memtron.train.checkpoint import load_checkpoint
+
+    init_distributed()
+    mesh = init_device_mesh("cpu", (2,))
+    tensors = _tensors()
+    table = distribute_tensor(torch.zeros(ROWS, DIM), mesh, [Shard(0)])
+    wide = distribute_tensor(torch.zeros(5000, 300), mesh, [Shard(1)])
+    load_checkpoint(path, {"model": {"value_tables": {"table0": {"weight": table}},
+                                     "wide": wide}})
+    ok = torch.equal(table.full_tensor(), tensors["table0.weight"]) and \
+        torch.equal(wide.full_tensor(), tensors["wide"])
+    shutdown_distributed()
+    return ok
+
+
+def test_chunked_checkpoint_loads_at_another_layout(saved):
+    """Training loads the chunked checkpoint into shards of another layout (DCP reshards)."""
+    assert run_ranks(2, _load_rank, saved) == [True, True]
+
+
 def test_checkpoints_with_chunks_bigger_than_the_bound_read_the_same(tmp_path, monkeypatch):
     """A checkpoint whose stored chunks exceed CHUNK_BYTES (saved without memtron's planner)
     reads each big chunk once, whole, and gives the same bytes."""
