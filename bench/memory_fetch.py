@@ -1,7 +1,7 @@
 """Fetching value rows by id at inference: RAM, a memory-mapped bank, the memory server.
 
 One table (default 1M rows x 256 fp32 = 1 GiB) is written as a bank by the writer export uses
-(``memtron.export.bank.write_bank``, 256 MiB block files). A fetch is one PKM step's worth of
+(``memtron.storage.bank.write_bank``, 256 MiB block files). A fetch is one PKM step's worth of
 ids: ``--tokens`` x ``--heads`` x ``--topk`` hits (2048 x 4 x 32) drawn uniformly, deduplicated
 (``torch.unique``, sorted, as ``StoreValueTable`` sends them). Each backend fetches
 ``--batches`` such id sets; throughput = fetched row bytes / time:
@@ -57,11 +57,11 @@ import torch
 from memtron.bench.harness import BenchRun, add_output_args
 from memtron.config import BankConfig, load_config
 from memtron.data.clustering import TreeShape
-from memtron.export.bank import TableRows, write_bank
 from memtron.infer.bank import TreeBank, level_table
 from memtron.infer.server import running_server
-from memtron.infer.store import HttpBank, HttpRowStore, RamRowStore, RowStore, open_bank
 from memtron.model.memory.hierarchical import level_offsets, row_width
+from memtron.storage.bank import TableRows, open_bank, write_bank
+from memtron.storage.store import HttpBank, HttpRowStore, RamRowStore, RowStore
 
 GOALS = {"mmap warm": 0.7, "server": 0.3}  # of a warm sequential read
 BUSY_LOAD = 1.0  # rows timed at a load average above this x the cores are starred

@@ -528,8 +528,9 @@ def row_sources(specs: list[str], token: str | None = None) -> tuple[str, str | 
     and tree blocks) come from (``ram``, a bank directory or URL), and the explicit-memory
     store, if one is given (a source whose tables are a store's)."""
     from memtron.infer.model import open_bank_source
-    from memtron.infer.store import BankError, RemoteStoreError
     from memtron.storage.explicit import MEMORIES
+    from memtron.storage.rowblock import BankError
+    from memtron.storage.store import RemoteStoreError
 
     tables, stores = ["ram"] if "ram" in specs else [], []
     for spec in dict.fromkeys(specs):
@@ -994,10 +995,11 @@ def main(argv: list[str] | None = None) -> int:
     resolve_old_positionals(args)
     from memtron.data.loader import DataError
     from memtron.infer.generate import GenerationError
-    from memtron.infer.store import BankError, RemoteStoreError
     from memtron.parallel.launch import LaunchError
     from memtron.slurm import SlurmError
-    from memtron.train.checkpoint import CheckpointError
+    from memtron.storage.manifest import CheckpointError
+    from memtron.storage.rowblock import BankError
+    from memtron.storage.store import RemoteStoreError
 
     try:
         return args.func(args)

@@ -14,14 +14,12 @@ from torch.distributed.checkpoint import FileSystemReader
 
 from memtron.config import Config, load_config
 from memtron.export.bank import export_bank
-from memtron.infer.store import HttpBank, RamRowStore, open_bank
 from memtron.model.transformer import build_model
-from memtron.train.checkpoint import (
-    CheckpointError,
-    CheckpointReader,
-    resolve_checkpoint,
-    save_checkpoint,
-)
+from memtron.storage.bank import open_bank
+from memtron.storage.checkpoint import CHUNK_BYTES, CheckpointReader
+from memtron.storage.manifest import CheckpointError, resolve_checkpoint
+from memtron.storage.store import HttpBank, RamRowStore
+from memtron.train.checkpoint import save_checkpoint
 from memtron.train.trainer import train
 from tests.conftest import tiny_overrides
 from tests.multiproc import run_ranks
@@ -188,7 +186,9 @@ def test_big_table_exports_in_bounded_memory(tmp_path, world):
     run_ranks(world, _save_big_rank, tmp_path / "ckpts", world, timeout=600)
     ckpt = tmp_path / "ckpts" / "step-00000001"
     chunks = FileSystemReader(str(ckpt)).read_metadata().state_dict_metadata[f"model.{BIG_KEY}"]
-    assert len(chunks.chunks) == world
+    # each rank's shard is stored in chunks of CHUNK_BYTES, which row-range reads load one by one
+    assert len(chunks.chunks) == BIG_ROWS * BIG_DIM * 4 // CHUNK_BYTES
+    assert all(c.sizes.numel() * 4 <= CHUNK_BYTES for c in chunks.chunks)
     done = subprocess.run([sys.executable, "-c", _EXPORT_AND_MEASURE, str(ckpt),
                            str(tmp_path / "bank")], cwd=REPO, capture_output=True, text=True,
                           timeout=600)
@@ -198,7 +198,9 @@ def test_big_table_exports_in_bounded_memory(tmp_path, world):
     grown = rss["peak"] - rss["base"]
     print(f"{world} chunk(s): export grew RSS by {grown / 2**20:.1f} MiB "
           f"(peak {rss['peak'] / 2**20:.0f} MiB) for a {table_bytes / 2**20:.0f} MiB table")
-    assert grown < table_bytes / 4
+    # one read block (export.bank.READ_BYTES) + one stored chunk being loaded, and the
+    # allocator's slack: measured +12 MiB
+    assert grown < 20 << 20
     bank = open_bank(tmp_path / "bank")
     assert len(bank.manifest["tables"]["big"]["blocks"]) == 4
     store = bank.table("big")

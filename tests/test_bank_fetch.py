@@ -14,11 +14,11 @@ from memtron.data.clustering import build_tree
 from memtron.data.embed import HashedNgramEmbedder
 from memtron.data.prepare import prepare
 from memtron.data.synthetic import generate_corpus
-from memtron.export.bank import TableRows, write_bank
 from memtron.infer.bank import TreeBank, level_table
 from memtron.infer.server import running_server
-from memtron.infer.store import BankError
-from memtron.train.checkpoint import sha256_file
+from memtron.storage.bank import TableRows, write_bank
+from memtron.storage.manifest import sha256_file
+from memtron.storage.rowblock import BankError
 
 DIMS = (6, 10)  # row width of level 0 and level 1
 
@@ -148,7 +148,7 @@ def test_fetch_from_an_exported_checkpoint_bank(setup, tmp_path, capsys):
     through the export's manifest: the fetched blocks are the checkpoint's rows of the path."""
     from memtron.config import load_config
     from memtron.export.bank import export_bank
-    from memtron.train.checkpoint import CheckpointReader
+    from memtron.storage.checkpoint import CheckpointReader
     from memtron.train.trainer import Trainer
     from tests.conftest import TINY_SEQ_LEN, tiny_overrides
 

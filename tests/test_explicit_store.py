@@ -22,7 +22,6 @@ from memtron.export.explicit import (
     size_per_reference,
 )
 from memtron.infer.model import load_model
-from memtron.infer.store import BANK_MANIFEST
 from memtron.model.memory.explicit import encode_references, select_top_tokens
 from memtron.model.transformer import build_model
 from memtron.storage.explicit import (
@@ -32,6 +31,7 @@ from memtron.storage.explicit import (
     Layout,
     PQCodec,
 )
+from memtron.storage.rowblock import BANK_MANIFEST
 from memtron.train.checkpoint import save_checkpoint
 from tests.tolerance import order_atol
 

@@ -22,7 +22,9 @@ from memtron.export.hf import HFError, export_hf, import_hf, parse_size
 from memtron.infer.generate import SamplingConfig, generate
 from memtron.infer.model import load_model
 from memtron.model.transformer import build_model
-from memtron.train.checkpoint import CheckpointError, CheckpointReader, save_checkpoint
+from memtron.storage.checkpoint import CheckpointReader
+from memtron.storage.manifest import CheckpointError
+from memtron.train.checkpoint import save_checkpoint
 from memtron.train.facts import fact_accuracy
 from memtron.train.trainer import train
 from tests.conftest import tiny_overrides
@@ -339,7 +341,9 @@ def test_4m_slot_table_exports_and_loads_in_bounded_memory(tmp_path):
               f"{stats['grown'] / 2**20:.1f} MiB; {stats['bytes'] / 2**30:.3f} GiB in "
               f"{stats['seconds']:.2f} s = {stats['bytes'] / stats['seconds'] / 1e9:.2f} GB/s "
               f"(checksum verification of the checkpoint included)")
-        assert stats["grown"] < table_bytes / 4
+        # a read block and a stored chunk (4 MiB each) and the allocator's slack: measured
+        # +10 MiB (weights) and +8 MiB (bank)
+        assert stats["grown"] < 20 << 20
     load = result["load"]
     print(f"load + forward, table memory-mapped from the bank: anonymous memory grew "
           f"{load['anon'] / 2**20:.1f} MiB (peak RSS, with file-backed pages, "

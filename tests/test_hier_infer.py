@@ -21,8 +21,9 @@ from memtron.export.bank import export_bank
 from memtron.infer.generate import SamplingConfig, generate
 from memtron.infer.model import load_model
 from memtron.infer.server import running_server
-from memtron.infer.store import BankError, open_bank
 from memtron.model.forward import ForwardContext
+from memtron.storage.bank import open_bank
+from memtron.storage.rowblock import BankError
 from memtron.train.trainer import Trainer
 from tests.conftest import TINY_SEQ_LEN, tiny_overrides
 

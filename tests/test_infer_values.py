@@ -10,10 +10,10 @@ from memtron.cli import main
 from memtron.export.bank import export_bank
 from memtron.infer.generate import SamplingConfig, generate
 from memtron.infer.model import load_model
-from memtron.infer.store import RamRowStore
 from memtron.infer.values import StoreValueTable
 from memtron.model.forward import ForwardContext
-from memtron.train.checkpoint import CheckpointError
+from memtron.storage.manifest import CheckpointError
+from memtron.storage.store import RamRowStore
 from memtron.train.trainer import train
 from tests.test_server import serving
 

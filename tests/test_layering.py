@@ -47,15 +47,6 @@ LEVELS: list[tuple[str, ...]] = [
 ]
 LEVEL = {package: i for i, packages in enumerate(LEVELS) for package in packages}
 
-# Imports whose target is being moved into memtron/storage/ by the storage part of issue 23
-# (a parallel branch): judged at the level of their new home until the lead repoints them.
-# Every entry must still match an import (and its module exist): remove it when it stops.
-PENDING_MOVES: dict[tuple[str, str], str] = {
-    ("memtron.infer.store", "*"): "storage",  # RowStore, Bank, HttpBank, the bank format
-    ("memtron.train.checkpoint", "sha256_file"): "storage",  # manifests + checksums
-}
-
-
 def _module_name(path: Path, root: Path) -> str:
     parts = path.relative_to(root.parent).with_suffix("").parts
     return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
@@ -100,28 +91,19 @@ def _imports(path: Path, module: str, modules: dict[str, Path]) -> list[Import]:
     return out
 
 
-def _target_package(target: str, name: str | None, used: set) -> str | None:
-    for key in ((target, name), (target, "*")):
-        if key in PENDING_MOVES:
-            used.add(key)
-            return PENDING_MOVES[key]
-    return _package(target)
-
-
 def _graph(root: Path = ROOT
-           ) -> tuple[dict[str, Path], dict[str, dict[str, int]], list[str], set]:
-    """Modules, module -> {imported module: first line}, level violations, pending moves used."""
+           ) -> tuple[dict[str, Path], dict[str, dict[str, int]], list[str]]:
+    """Modules, module -> {imported module: first line}, level violations."""
     modules = _modules(root)
     edges: dict[str, dict[str, int]] = defaultdict(dict)
     violations: list[str] = []
-    used: set = set()
     for module, path in modules.items():
         rel = path.relative_to(root.parent)
         mine = _package(module)
         for line, target, name, _ in _imports(path, module, modules):
             if target in modules and target != module:
                 edges[module].setdefault(target, line)
-            theirs = _target_package(target, name, used)
+            theirs = _package(target)
             if theirs is None or theirs == mine:
                 continue
             if mine is None:
@@ -135,20 +117,12 @@ def _graph(root: Path = ROOT
                 what = "its own level" if LEVEL[theirs] == LEVEL[mine] else "a higher level"
                 violations.append(f"{rel}:{line}: {mine} imports {target}"
                                   f"{'.' + name if name else ''} ({theirs}: {what})")
-    return modules, edges, violations, used
+    return modules, edges, violations
 
 
 def test_imports_only_go_down():
-    _, _, violations, _ = _graph()
+    _, _, violations = _graph()
     assert not violations, "upward or sideways imports:\n" + "\n".join(violations)
-
-
-def test_pending_moves_still_apply():
-    """An allowance for a move in flight ends when the move lands."""
-    modules, _, _, used = _graph()
-    stale = [f"{m}:{n}" for m, n in PENDING_MOVES
-             if (m, n) not in used or m not in modules]
-    assert not stale, f"PENDING_MOVES entries no longer needed, remove them: {stale}"
 
 
 def _cycles(edges: dict[str, dict[str, int]]) -> list[list[str]]:
@@ -197,7 +171,7 @@ def _cycles(edges: dict[str, dict[str, int]]) -> list[list[str]]:
 
 
 def test_no_import_cycles():
-    modules, edges, _, _ = _graph()
+    modules, edges, _ = _graph()
     report = []
     for component in _cycles(edges):
         members = set(component)
@@ -266,7 +240,7 @@ def test_checks_catch_planted_violations(tmp_path):
     for name, text in files.items():
         (root / name).parent.mkdir(parents=True, exist_ok=True)
         (root / name).write_text(text)
-    modules, edges, violations, _ = _graph(root)
+    modules, edges, violations = _graph(root)
     assert [v.split(": ", 1)[0] for v in violations] == ["memtron/data/a.py:2",
                                                         "memtron/eval/e.py:1"], violations
     assert _cycles(edges) == [["memtron.data.c", "memtron.data.d"]]

@@ -229,7 +229,7 @@ def test_global_weight_decay_trainer_resumes_exactly_and_readers_decay(tiny_conf
     for bit, loss and state; every reader of the checkpoint (CheckpointReader, load_model)
     gets the rows decayed to its step, equal to the live table after catch_up_decay."""
     from memtron.infer.model import load_model
-    from memtron.train.checkpoint import CheckpointReader
+    from memtron.storage.checkpoint import CheckpointReader
     from memtron.train.trainer import Trainer, train
 
     decay = {"optim.memory_weight_decay": 0.5, "optim.memory_weight_decay_mode": "global",

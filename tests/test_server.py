@@ -9,9 +9,9 @@ import pytest
 import requests
 import torch
 
-from memtron.export.bank import TableRows, write_bank
 from memtron.infer.server import running_server
-from memtron.infer.store import HttpBank, HttpRowStore, RemoteStoreError
+from memtron.storage.bank import TableRows, write_bank
+from memtron.storage.store import HttpBank, HttpRowStore, RemoteStoreError
 
 REPO = Path(__file__).resolve().parent.parent
 N, D = 5000, 16

@@ -7,8 +7,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from memtron.export.bank import TableRows, write_bank
-from memtron.infer.store import BankError, MmapRowStore, RamRowStore, open_bank
+from memtron.storage.bank import MmapRowStore, TableRows, open_bank, write_bank
+from memtron.storage.rowblock import BankError
+from memtron.storage.store import RamRowStore
 
 N, D = 1000, 8
 

@@ -42,7 +42,7 @@ from memtron.data.embed import (
     save_embedder,
 )
 from memtron.data.shards import DataError, building_dir, read_json_manifest
-from memtron.train.checkpoint import sha256_file  # moving to storage: test_layering PENDING_MOVES
+from memtron.storage.manifest import sha256_file
 
 TREE_MANIFEST = "tree.json"
 TREE_FORMAT = "memtron-cluster-tree"

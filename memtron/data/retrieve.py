@@ -30,9 +30,9 @@ import torch
 from memtron.data.embed import HashedNgramEmbedder, load_embedder, make_embedder, save_embedder
 from memtron.data.shards import add_sample_field, read_index
 from memtron.data.tokenizer import load_tokenizer
-from memtron.infer.store import BANK_MANIFEST  # moving to storage: test_layering PENDING_MOVES
 from memtron.storage.explicit import RETRIEVER_DIR, ExplicitStore, ExplicitStoreError
-from memtron.train.checkpoint import sha256_file  # moving to storage: test_layering PENDING_MOVES
+from memtron.storage.manifest import sha256_file
+from memtron.storage.rowblock import BANK_MANIFEST
 
 FIELD = "memory_ids"
 

@@ -22,7 +22,7 @@ from typing import Any
 from memtron.config import Config, ConfigError, load_config
 from memtron.eval.facts import eval_facts
 from memtron.eval.reference import reference_from_summary
-from memtron.train.checkpoint import sha256_file
+from memtron.storage.manifest import sha256_file
 from memtron.train.facts import wilson_interval
 
 

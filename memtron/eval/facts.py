@@ -19,7 +19,7 @@ from memtron.data.tokenizer import load_tokenizer
 from memtron.eval.lm import lm_loss, shard_seq_len
 from memtron.infer.model import LoadedModel, load_model
 from memtron.model.forward import ForwardContext
-from memtron.train.checkpoint import read_manifest
+from memtron.storage.manifest import read_manifest
 from memtron.train.facts import (
     LogitsFn,
     bucket_scores,

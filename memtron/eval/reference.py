@@ -12,7 +12,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from memtron.train.checkpoint import sha256_file
+from memtron.storage.manifest import sha256_file
 
 REFERENCE_VERSION = 1
 # Per-arm keys a reference keeps from a compare summary row (the per-run details are dropped).

@@ -35,9 +35,9 @@ from memtron.data.quantize import train_pq
 from memtron.data.retrieve import Retriever
 from memtron.data.shards import building_dir
 from memtron.data.tokenizer import Tokenizer, load_tokenizer
-from memtron.export.bank import DEFAULT_BLOCK_BYTES, TableRows, write_bank
-from memtron.infer.store import BANK_FORMAT, BANK_MANIFEST, BANK_VERSION
 from memtron.model.memory.explicit import default_layers, encode_batch, pad_references
+from memtron.storage.bank import DEFAULT_BLOCK_BYTES, TableRows, write_bank
+from memtron.storage.checkpoint import CheckpointReader
 from memtron.storage.explicit import (
     CODEBOOKS,
     MEMORIES,
@@ -57,7 +57,8 @@ from memtron.storage.explicit import (
     model_fields,
     model_fingerprint,
 )
-from memtron.train.checkpoint import CheckpointReader, resolve_checkpoint, sha256_file
+from memtron.storage.manifest import resolve_checkpoint, sha256_file
+from memtron.storage.rowblock import BANK_FORMAT, BANK_MANIFEST, BANK_VERSION
 
 MAX_REF_LEN = 32767  # positions are stored as int16
 PROGRESS_S = 5.0  # seconds between progress lines of a worker

@@ -36,19 +36,25 @@ from torch import nn
 
 from memtron.config import Config, ConfigError, architecture_diff, load_config
 from memtron.data.loader import ShardLoader
-from memtron.export.bank import TableRows, write_bank
 from memtron.export.hf_tokenizer import write_hf_tokenizer
-from memtron.infer.store import DATA_ALIGN, SAFETENSORS_DTYPES, open_bank
 from memtron.model.memory.values import ValueTable
 from memtron.model.transformer import build_model, table_groups
-from memtron.train.checkpoint import CheckpointError, CheckpointReader, save_checkpoint
+from memtron.storage import rowblock
+from memtron.storage.bank import TableRows, open_bank, write_bank
+from memtron.storage.checkpoint import CheckpointReader
+from memtron.storage.manifest import CheckpointError
+from memtron.storage.rowblock import RowBlockWriter
+from memtron.train.checkpoint import save_checkpoint
 from memtron.train.optim import build_optimizers
 
 HF_FORMAT = "memtron-hf"
 PROVENANCE = "memtron.json"  # memtron config, step and data position of an exported model
 INDEX = "model.safetensors.index.json"
 REMOTE_CODE = Path(__file__).with_name("hf_remote")
-REMOTE_FILES = ("configuration_memtron.py", "modeling_memtron.py")
+# remote code files, and where each comes from: the bank reader is the one of memtron.storage
+REMOTE_FILES = {"configuration_memtron.py": REMOTE_CODE / "configuration_memtron.py",
+                "modeling_memtron.py": REMOTE_CODE / "modeling_memtron.py",
+                "rowblock.py": Path(rowblock.__file__)}
 TABLE_BLOCK_BYTES = 1 << 30  # value-table row blocks are at most this (and max_shard_size)
 # Rows read from a checkpoint at a time: small enough that the allocator's slack (freed blocks
 # it keeps) stays a few MiB, large enough that reads and writes run at disk speed.
@@ -216,13 +222,24 @@ def _memory_section(hf: dict[str, Any]) -> dict[str, Any]:
 
 
 class _RowStream:
-    """Consecutive rows of one checkpoint tensor, read ``max_rows`` at a time, converted, and
-    handed out in runs of any length (a value table feeds all its row blocks in order)."""
+    """Consecutive rows of one checkpoint tensor, read ``max_rows`` at a time into one buffer,
+    converted, and handed out in runs of any length (a value table feeds all its row blocks in
+    order). Each run is written out before the next is taken, so the buffer is refilled in
+    place: fresh blocks would leave freed ones for the allocator to hold on to."""
 
     def __init__(self, reader: CheckpointReader, key: str, max_rows: int,
                  convert: Callable[[torch.Tensor], torch.Tensor]) -> None:
-        self._reads = (convert(rows) for _, rows in reader.iter_rows(key, max_rows))
+        self._reads = self._read(reader, key, max_rows, convert)
         self._left: torch.Tensor | None = None
+
+    @staticmethod
+    def _read(reader: CheckpointReader, key: str, max_rows: int,
+              convert: Callable[[torch.Tensor], torch.Tensor]) -> Iterator[torch.Tensor]:
+        shape = reader.shape(key)
+        buffer = torch.empty(min(max_rows, shape[0]), *shape[1:], dtype=reader.dtype(key))
+        for start in range(0, shape[0], max_rows):
+            stop = min(shape[0], start + max_rows)
+            yield convert(reader.read_rows(key, start, stop, out=buffer[: stop - start]))
 
     def take(self, n: int) -> Iterator[torch.Tensor]:
         while n:
@@ -307,28 +324,14 @@ def _table_tensors(reader: CheckpointReader, n_tables: int, dtype: torch.dtype,
 
 
 def _write_safetensors(path: Path, tensors: list[_Tensor]) -> None:
-    """A safetensors file written tensor by tensor, row block by row block: the header (known
-    from the shapes) first, then each tensor's bytes as its pieces are read."""
-    header: dict[str, Any] = {}
-    offset = 0
-    for t in tensors:
-        header[t.name] = {"dtype": SAFETENSORS_DTYPES[t.dtype], "shape": list(t.shape),
-                          "data_offsets": [offset, offset + t.nbytes]}
-        offset += t.nbytes
-    header["__metadata__"] = {"format": "pt"}
-    raw = json.dumps(header, separators=(",", ":")).encode()
-    raw += b" " * (-(8 + len(raw)) % DATA_ALIGN)  # tensors start aligned (spaces: valid JSON)
-    with open(path, "wb") as f:
-        f.write(len(raw).to_bytes(8, "little") + raw)
+    """A safetensors file written tensor by tensor, row block by row block, as its pieces are
+    read."""
+    with RowBlockWriter(path, [(t.name, t.shape, t.dtype) for t in tensors],
+                        {"format": "pt"}) as writer:
         for t in tensors:
-            written = 0
             for piece in t.pieces():
-                data = memoryview(piece.contiguous().view(-1).view(torch.uint8).numpy())
-                f.write(data)
-                written += len(data)
-            assert written == t.nbytes, (t.name, written, t.nbytes)
-        f.flush()
-        os.fsync(f.fileno())
+                writer.write(piece)
+        writer.finish()
 
 
 def _shards(tensors: list[_Tensor], max_bytes: int) -> list[list[_Tensor]]:
@@ -414,8 +417,8 @@ def export_hf(ckpt: str | Path, out: str | Path, dtype: str = "fp32",
                 "bos_token_id": None, "eos_token_id": eos_id, "pad_token_id": eos_id,
                 "do_sample": False})
             if n_tables:
-                for file in REMOTE_FILES:
-                    shutil.copyfile(REMOTE_CODE / file, tmp / file)
+                for file, source in REMOTE_FILES.items():
+                    shutil.copyfile(source, tmp / file)
             _write_json(tmp / PROVENANCE, {
                 "format": HF_FORMAT, "version": 1, "checkpoint": str(reader.path.resolve()),
                 "step": reader.step, "config": reader.manifest["config"],

@@ -32,8 +32,10 @@ import torch
 
 from memtron.data.clustering import TREE_MANIFEST, ClusterTree
 from memtron.data.shards import INDEX_NAME
-from memtron.infer.store import BANK_MANIFEST, BankError, HttpBank, RowStore, open_bank
-from memtron.train.checkpoint import sha256_file
+from memtron.storage.bank import open_bank
+from memtron.storage.manifest import sha256_file
+from memtron.storage.rowblock import BANK_MANIFEST, BankError
+from memtron.storage.store import HttpBank, RowStore
 
 TABLE_PREFIX = "bank"  # the model's level tables: model/memory/hierarchical.py table_name
 

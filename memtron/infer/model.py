@@ -20,17 +20,14 @@ import torch.distributed.checkpoint as dcp
 from memtron.config import Config
 from memtron.data.clustering import ClusterTree, route_texts
 from memtron.infer.generate import GenerationError
-from memtron.infer.store import Bank, HttpBank, RowStore, open_bank
 from memtron.infer.values import StoreValueTable
 from memtron.model.memory.hierarchical import BankTable, table_name
 from memtron.model.memory.values import STORAGE_DTYPES, LocalValueTable, ValueTable
 from memtron.model.transformer import Transformer, build_model
-from memtron.train.checkpoint import (
-    VALUE_TABLE_KEY,
-    CheckpointError,
-    CheckpointReader,
-    resolve_checkpoint,
-)
+from memtron.storage.bank import Bank, open_bank
+from memtron.storage.checkpoint import VALUE_TABLE_KEY, CheckpointReader
+from memtron.storage.manifest import CheckpointError, resolve_checkpoint
+from memtron.storage.store import HttpBank, RowStore
 
 
 @dataclass

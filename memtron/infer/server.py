@@ -37,7 +37,9 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
-from memtron.infer.store import check_ids, dtype_name, open_bank
+from memtron.storage.bank import open_bank
+from memtron.storage.rowblock import dtype_name
+from memtron.storage.store import check_ids
 
 DEFAULT_PORT = 8421
 DEFAULT_MAX_IDS = 1 << 18  # 2 MiB of ids per request; clients split larger fetches

@@ -1,7 +1,7 @@
 """A value table whose rows come from a RowStore (DESIGN §11).
 
 ``StoreValueTable`` implements the ValueTable ``lookup`` contract for inference over any
-:class:`~memtron.infer.store.RowStore` (RAM, a memory-mapped bank, a memory server), so the
+:class:`~memtron.storage.store.RowStore` (RAM, a memory-mapped bank, a memory server), so the
 model code is the same whether the table is in RAM, on disk or remote. Each lookup fetches
 every distinct row once; an LRU cache keeps hot rows on the model's device between steps.
 """
@@ -13,8 +13,8 @@ from collections import OrderedDict
 import torch
 import torch.nn.functional as F
 
-from memtron.infer.store import RowStore
 from memtron.model.memory.values import ValueTable
+from memtron.storage.store import RowStore
 
 
 class StoreValueTable(ValueTable):

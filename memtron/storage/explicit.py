@@ -3,7 +3,7 @@
 
 A memory is one reference chunk's kept K and V, ``[n_mem_layers, n_kv_heads, m, head_dim]``
 each (the selection is :mod:`memtron.model.memory.explicit`). A store is a directory holding a
-bank in the format of :mod:`memtron.infer.store`, so it is memory-mapped locally or served by
+bank in the format of :mod:`memtron.storage.bank`, so it is memory-mapped locally or served by
 ``memtron serve-memory``::
 
     manifest.json            bank manifest (sha256 per block file); source.explicit = the meta
@@ -37,17 +37,10 @@ from typing import Any
 import torch
 
 from memtron.config import ModelConfig, architecture_keys
-
-# infer.store (RowStore, the bank format) and sha256_file are moving into memtron/storage/
-# (issue 23; tests/test_layering.py PENDING_MOVES)
-from memtron.infer.store import (
-    BANK_MANIFEST,
-    BankError,
-    HttpBank,
-    RowStore,
-    open_bank,
-)
-from memtron.train.checkpoint import sha256_file
+from memtron.storage.bank import open_bank
+from memtron.storage.manifest import sha256_file
+from memtron.storage.rowblock import BANK_MANIFEST, BankError
+from memtron.storage.store import HttpBank, RowStore
 
 STORE_FORMAT = "memtron-explicit-store"
 STORE_VERSION = 1

@@ -7,12 +7,12 @@ in two halves scored against two sub-key tables of n rows; the exact top-k of th
 slot ids and softmax weights; the layer returns the weighted sum of those value-table rows,
 gated and projected when ``memory_plus`` (``W_o(y * SiLU(W_g x))``). Several layers may read one
 value table. Tables are stored as row blocks, and may stay on disk in a memory-mapped memtron
-bank (``config.memory_bank``). Needs only torch and transformers, not memtron.
+bank (``config.memory_bank``). Needs only torch and transformers, not memtron: the bank
+reader ``rowblock.py`` is copied beside this file by the exporter.
 """
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 
@@ -28,7 +28,9 @@ from transformers.models.llama.modeling_llama import (
 
 from .configuration_memtron import MemtronConfig
 
-BANK_FORMAT = "memtron-bank"  # the bank files this code maps (format version 1)
+# memtron.storage.rowblock, the one reader of memtron's bank files, which ``memtron export hf``
+# copies beside this file
+from .rowblock import map_bank_table, read_bank_manifest
 
 
 def product_key_topk(scores1: torch.Tensor, scores2: torch.Tensor,
@@ -48,34 +50,13 @@ def _map_bank_table(bank: Path, name: str, n_rows: int,
                     dim: int) -> tuple[list[torch.Tensor], int]:
     """Table ``name`` of a memtron bank as tensors over read-only private mappings of its block
     files (pages are read on first touch), and its rows per block."""
-    manifest_path = bank / "manifest.json"
-    try:
-        manifest = json.loads(manifest_path.read_text())
-    except (OSError, ValueError) as e:
-        raise ValueError(f"{manifest_path}: not a readable memtron bank manifest ({e})") from e
-    if manifest.get("format") != BANK_FORMAT or manifest.get("version") != 1:
-        raise ValueError(f"{manifest_path}: not a {BANK_FORMAT} version 1 manifest")
-    spec = manifest.get("tables", {}).get(name)
+    manifest = read_bank_manifest(bank)
+    spec = manifest["tables"].get(name)
     if spec is None or (spec["n_rows"], spec["dim"]) != (n_rows, dim):
         found = None if spec is None else [spec["n_rows"], spec["dim"]]
-        raise ValueError(f"{manifest_path}: table {name} is {found}, the model needs "
+        raise ValueError(f"{bank / 'manifest.json'}: table {name} is {found}, the model needs "
                          f"[{n_rows}, {dim}]")
-    dtype = getattr(torch, spec["dtype"])
-    blocks = []
-    for block in spec["blocks"]:
-        path = bank / block["file"]
-        with open(path, "rb") as f:
-            header_size = int.from_bytes(f.read(8), "little")
-            entry = json.loads(f.read(header_size))["rows"]
-        start = 8 + header_size + entry["data_offsets"][0]
-        if entry["shape"] != [block["n_rows"], dim] or start % dtype.itemsize:
-            raise ValueError(f"{path}: holds rows {entry['shape']} at byte {start}, the manifest "
-                             f"says [{block['n_rows']}, {dim}]")
-        storage = torch.UntypedStorage.from_file(str(path), False, path.stat().st_size)
-        rows = torch.empty(0, dtype=dtype, device="cpu")
-        blocks.append(rows.set_(storage, start // dtype.itemsize, (block["n_rows"], dim),
-                                (dim, 1)))
-    return blocks, spec["rows_per_block"]
+    return map_bank_table(bank, manifest, name), spec["rows_per_block"]
 
 
 class MemtronValueTable(nn.Module):
