@@ -14,9 +14,11 @@ torchtitan-style:
 The model code never branches on the layout: it has the hooks (``input_hook``, ``head_input``,
 ``backend``, ``lookup_via``), and this module is the only one that fills them.
 
-Dense weights are still initialised whole on the CPU and sliced (module docstring of
-parallel/tensor.py): materialising a shard from the meta device with the same values needs
-the CPU generator's stream for every draw before it (see the report of issue 23).
+Dense weights are still initialised whole on the CPU from the seeded global generator and
+then sliced: a shard materialised from the meta device could only hold the same values by
+replaying that generator over every earlier draw (each layer's default init, the table seeds),
+i.e. by computing the full tensors anyway. A counter-based dense init (value = f(seed, row,
+column), as the tables have) would allow it, at the price of new initial values.
 """
 
 from __future__ import annotations
