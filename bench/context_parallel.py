@@ -15,7 +15,7 @@ gloo, 1 intra-op thread per rank):
                    sequence: ``attention_lse(causal=True)`` forward and ``attention_lse_backward``
                    in a small autograd Function of this file (``ring_attention`` itself cannot run
                    at cp=1: its backward sends to itself and gloo has no self pair)
-    ring     cp>1  ``ring_attention`` on the cp group of ``build_parallel_state``; each rank holds
+    ring     cp>1  ``ring_attention`` on the cp group of ``build_mesh``; each rank holds
                    its zigzag chunks (rank, 2cp-1-rank)
 
 Step time: ranks meet at a barrier, then each times forward and backward; a step's time is the
@@ -250,10 +250,10 @@ def rank_main(rank: int, run: Run) -> dict:
     if run.cp > 1:
         from memtron.config import load_config
         from memtron.parallel.launch import init_distributed
-        from memtron.parallel.state import build_parallel_state
+        from memtron.parallel.mesh import build_mesh
 
         init_distributed(timeout_s=900)
-        state = build_parallel_state(load_config(None, [
+        state = build_mesh(load_config(None, [
             f"parallel.cp={run.cp}", f"data.seq_len={run.length}",
             f"model.max_seq_len={run.length}", "parallel.ep=1"]))
         assert state.cp == run.cp, state
@@ -321,9 +321,9 @@ def _rank(rank: int, world: int, run: Run) -> dict:
     finally:
         if run.cp > 1:
             from memtron.parallel.launch import shutdown_distributed
-            from memtron.parallel.state import destroy_parallel_state
+            from memtron.parallel.mesh import destroy_mesh
 
-            destroy_parallel_state()
+            destroy_mesh()
             shutdown_distributed()
 
 

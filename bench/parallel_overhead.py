@@ -145,7 +145,7 @@ def _rank_main(rank: int, world: int, layout: Layout, data: str, warmup: int,
     meter.listeners.append(row_counts)
     from memtron.config import load_config
     from memtron.parallel.launch import init_distributed, shutdown_distributed
-    from memtron.parallel.state import destroy_parallel_state
+    from memtron.parallel.mesh import destroy_mesh
     from memtron.train.trainer import Trainer
 
     run_tmp = tempfile.TemporaryDirectory(prefix=f"memtron-bench-{layout.key}-r{rank}-")
@@ -192,7 +192,7 @@ def _rank_main(rank: int, world: int, layout: Layout, data: str, warmup: int,
                       "busy": machine_busy_seconds() - window["busy"],
                       "own": own_cpu_seconds() - window["own"]}
     finally:
-        destroy_parallel_state()
+        destroy_mesh()
         shutdown_distributed()
     counted = meter.take()
     return {

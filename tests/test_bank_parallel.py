@@ -3,8 +3,6 @@ bank: outputs, input gradients, row gradients, and the blocks after 3 optimizer 
 and ep=4 (level 0 has 3 nodes: at ep=4 one rank owns none); and a checkpoint saved at ep=2
 reshards to ep=1 and ep=4 and resumes exactly."""
 
-from types import SimpleNamespace
-
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
@@ -20,6 +18,7 @@ from memtron.model.memory.hierarchical import (
 from memtron.parallel.bank import ShardedBankTable, exchange_bytes
 from memtron.parallel.dispatch import Traffic
 from memtron.parallel.launch import init_distributed, shutdown_distributed
+from memtron.parallel.mesh import init_mesh
 from memtron.parallel.sharding import CheckpointLayout
 from memtron.train.optim import SparseRowOptimizer
 from tests.multiproc import run_ranks
@@ -72,7 +71,7 @@ def _step(bank: TreeMemory, opt: SparseRowOptimizer, step: int, rank: int,
 
 
 def _state(bank: TreeMemory, opt: SparseRowOptimizer, world: int) -> dict:
-    layout = CheckpointLayout(SimpleNamespace(tp=1, ep=world, world_size=world))
+    layout = CheckpointLayout(init_mesh(dp=world, ep=world))
     return {f"bank{i}": {"weight": layout.view(t.weight, t.weight),
                          "optim": {k: layout.view(v, t.weight) if v.dim() else v
                                    for k, v in opt.state_dict()[f"bank{i}"].items()}}

@@ -15,7 +15,7 @@ from memtron.parallel.context import (
     zigzag_indices,
 )
 from memtron.parallel.launch import init_distributed, shutdown_distributed
-from memtron.parallel.state import build_parallel_state, destroy_parallel_state
+from memtron.parallel.mesh import build_mesh, destroy_mesh
 from tests.multiproc import run_ranks
 
 
@@ -53,7 +53,7 @@ def _ring_rank(rank: int, cp: int, length: int) -> dict:
     init_distributed(timeout_s=60)
     try:
         cfg = load_config(None, [f"parallel.cp={cp}", "data.seq_len=32", "parallel.ep=1"])
-        state = build_parallel_state(cfg)
+        state = build_mesh(cfg)
         q, k, v = _qkv(length=length)
         idx = zigzag_indices(length, cp, state.cp_rank)
         ql, kl, vl = (t[:, :, idx].clone().requires_grad_(True) for t in (q, k, v))
@@ -62,7 +62,7 @@ def _ring_rank(rank: int, cp: int, length: int) -> dict:
         out.backward(grad[:, :, idx])
         return {"idx": idx, "out": out.detach(), "dq": ql.grad, "dk": kl.grad, "dv": vl.grad}
     finally:
-        destroy_parallel_state()
+        destroy_mesh()
         shutdown_distributed()
 
 

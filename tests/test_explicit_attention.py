@@ -16,7 +16,7 @@ from memtron.model.forward import ExplicitKV, MemoryKV
 from memtron.model.memory.explicit_kv import explicit_kv
 from memtron.parallel.context import ring_attention, zigzag_indices
 from memtron.parallel.launch import init_distributed, shutdown_distributed
-from memtron.parallel.state import build_parallel_state, destroy_parallel_state
+from memtron.parallel.mesh import build_mesh, destroy_mesh
 from tests.multiproc import run_ranks
 from tests.tolerance import order_atol
 
@@ -122,7 +122,7 @@ def _ring_rank(rank: int, cp: int, length: int, chunk: int, slots: int) -> dict:
 
         cfg = load_config(None, [f"parallel.cp={cp}", f"data.seq_len={length}",
                                  "parallel.ep=1"])
-        state = build_parallel_state(cfg)
+        state = build_mesh(cfg)
         q, k, v, mk, mv = (t.float() for t in _inputs(length=length,
                                                       n_chunks=-(-length // chunk),
                                                       slots=slots))
@@ -146,7 +146,7 @@ def _ring_rank(rank: int, cp: int, length: int, chunk: int, slots: int) -> dict:
                 "dmk": full[0].flatten(2, 3), "dmv": full[1].flatten(2, 3),
                 "held": held.tolist()}
     finally:
-        destroy_parallel_state()
+        destroy_mesh()
         shutdown_distributed()
 
 
@@ -427,20 +427,19 @@ def _tp_forward(model, memories, tokens, ids, state=None):
 
 def _tp_rank(rank: int, store: str, tokens: torch.Tensor, ids: torch.Tensor) -> dict:
     from memtron.config import load_config
-    from memtron.model.transformer import build_model
-    from memtron.parallel.tensor import parallelize_tensor
+    from memtron.parallel.parallelize import build_parallel_model
     from memtron.train.explicit import open_training_memories
 
     init_distributed(timeout_s=60)
     try:
-        cfg = load_config(None, [*MODEL, "parallel.tp=2", f"memory.explicit.store={store}"])
-        state = build_parallel_state(cfg)
-        torch.manual_seed(0)  # the fixture's model, split over tp
-        model = parallelize_tensor(build_model(cfg), state)
+        cfg = load_config(None, [*MODEL, "parallel.tp=2", "train.seed=0",  # the fixture's model
+                                 f"memory.explicit.store={store}"])
+        state = build_mesh(cfg)
+        model = build_parallel_model(cfg, state)  # split over tp
         memories = open_training_memories(cfg, state)  # this rank's KV head of 2
         return {"tp_rank": state.tp_rank, **_tp_forward(model, memories, tokens, ids, state)}
     finally:
-        destroy_parallel_state()
+        destroy_mesh()
         shutdown_distributed()
 
 

@@ -225,11 +225,10 @@ def _resume_steps(tables: dict, opts: dict, steps: range, rank: int, world: int)
 
 def _resume_state(tables: dict, opts: dict, world: int) -> dict:
     """The trainer's checkpoint layout: table and optimizer state sharded on dim 0 over ep."""
-    from types import SimpleNamespace
-
+    from memtron.parallel.mesh import init_mesh
     from memtron.parallel.sharding import CheckpointLayout
 
-    layout = CheckpointLayout(SimpleNamespace(tp=1, ep=world, world_size=world))
+    layout = CheckpointLayout(init_mesh(dp=world, ep=world))
     return {case: {"weight": layout.view(table.weight, table.weight),
                    "optim": {k: layout.view(v, table.weight) if v.dim() else v
                              for k, v in opts[case].state_dict()["t"].items()}}
@@ -357,7 +356,7 @@ def _tp_rank(rank: int, tp: int, ep: int, sliced: bool, layout: str) -> dict:
     trainer's factory and its gradients reduced the trainer's way."""
     from memtron.config import Config
     from memtron.parallel.memory import Traffic, reduce_table_grads, table_factory
-    from memtron.parallel.state import build_parallel_state, destroy_parallel_state
+    from memtron.parallel.mesh import build_mesh, destroy_mesh
     from memtron.parallel.token_slice import GatherTraffic, TokenSlicedLookup
 
     init_distributed(timeout_s=60)
@@ -365,7 +364,7 @@ def _tp_rank(rank: int, tp: int, ep: int, sliced: bool, layout: str) -> dict:
         cfg = Config()
         cfg.parallel.tp, cfg.parallel.ep = tp, ep
         cfg.memory.parallel, cfg.memory.tp_slice_lookups = layout, sliced
-        state = build_parallel_state(cfg)
+        state = build_mesh(cfg)
         table = table_factory(cfg, state)(N_ROWS, DIM, SEED)
         lookup = (TokenSlicedLookup(state.tp_group, state.tp_rank, state.tp) if sliced
                   else lambda t, ids, w: t.lookup(ids, w))
@@ -378,7 +377,7 @@ def _tp_rank(rank: int, tp: int, ep: int, sliced: bool, layout: str) -> dict:
             record[f"few{n}"] = (lookup(table, ids[:n], weights[:n]).detach(),
                                  table.lookup(ids[:n], weights[:n]).detach())
         record["dp_rank"], record["dp"] = state.dp_rank, state.dp
-        destroy_parallel_state()
+        destroy_mesh()
         return record
     finally:
         shutdown_distributed()

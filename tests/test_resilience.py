@@ -86,7 +86,7 @@ def _nan_on_one_rank(rank: int, overrides: list[str], step: int) -> dict:
     other rank sees it unless the ranks agree on skipping."""
     import memtron.train.trainer as trainer_mod
     from memtron.parallel.launch import init_distributed, shutdown_distributed
-    from memtron.parallel.state import destroy_parallel_state
+    from memtron.parallel.mesh import destroy_mesh
 
     clip, calls = trainer_mod.clip_grad_norm, []
 
@@ -109,7 +109,7 @@ def _nan_on_one_rank(rank: int, overrides: list[str], step: int) -> dict:
                 "steps": {int(s["step"]) for s in [*trainer.dense_opt.state.values(),
                                                    *trainer.sparse_opt.state.values()]}}
     finally:
-        destroy_parallel_state()
+        destroy_mesh()
         shutdown_distributed()
 
 

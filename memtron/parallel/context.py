@@ -436,15 +436,6 @@ class RingBackend:
         return ring_attention(q, k, v, self.group, self.cp, self.rank, memory)
 
 
-def parallelize_context(model: torch.nn.Module, state: ParallelState) -> torch.nn.Module:
-    if state.cp > 1:
-        backend = RingBackend(state)
-        for module in model.modules():
-            if isinstance(module, CausalSelfAttention):
-                module.backend = backend
-    return model
-
-
 @contextmanager
 def local_attention(model: torch.nn.Module):
     """Whole sequences on every rank (e.g. evaluating fact questions, whose lengths do not

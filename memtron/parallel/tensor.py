@@ -1,11 +1,10 @@
-"""Tensor parallelism with megatron-core's layers (DESIGN §2, issue: distributed core).
+"""Tensor parallelism with megatron-core's layers (DESIGN §2), and the tp collectives of the
+loss, the logits and the gradient norm.
 
-``parallelize_tensor`` turns a full single-process model into this rank's tp shard, in place:
-attention q/k/v and the FFN gate/up become column-parallel, attention output and FFN down
-row-parallel, the embedding vocab-parallel, and the (tied) head produces vocab-sharded logits.
-Weights are sliced from the full, seeded initialisation, so the tp=2 model *is* the tp=1 model
-split, and equivalence tests can compare them. Memory layers (query nets, keys, gates) stay
-replicated: every tp rank sees the same activations and computes the same lookups.
+The layers are built here and put in place by ``apply_tp`` (parallel/parallelize.py): attention
+q/k/v and the FFN gate/up column-parallel, attention output and FFN down row-parallel, the
+embedding vocab-parallel. Each takes this rank's slice of a full, seeded weight, so the tp=2
+model *is* the tp=1 model split, and equivalence tests can compare them.
 
 Communication per block (Megatron's scheme): the input shared by the column layers (q/k/v;
 gate/up) is copied once (identity forward, one all-reduce of its gradient backward); the row
@@ -21,8 +20,7 @@ import warnings
 import torch
 from torch import nn
 
-from memtron.model.attention import CausalSelfAttention
-from memtron.model.transformer import SwiGLU, Transformer, lm_loss
+from memtron.model.transformer import lm_loss
 from memtron.parallel.launch import to_backend
 from memtron.parallel.state import ParallelState
 
@@ -76,24 +74,36 @@ def _layer_classes() -> tuple[type, type]:
     return ColumnLinear, RowLinear
 
 
-def _column(full: nn.Linear, state: ParallelState, shared_input: bool = False) -> nn.Module:
-    """``shared_input``: several column layers read one input that goes through a single
-    :class:`CopyToTensorParallel`, so this layer must not all-reduce the input gradient too."""
-    column_linear, _ = _layer_classes()
-    layer = column_linear(full.in_features, full.out_features, bias=False, gather_output=False,
+def column_linear(full: nn.Linear, state: ParallelState, shared_input: bool = False) -> nn.Module:
+    """This rank's output rows of ``full``. ``shared_input``: several column layers read one
+    input that goes through a single :class:`CopyToTensorParallel`, so this layer must not
+    all-reduce the input gradient too."""
+    cls, _ = _layer_classes()
+    layer = cls(full.in_features, full.out_features, bias=False, gather_output=False,
                           config=_mp_config(state, full.weight.dtype), init_method=_no_init,
                           disable_grad_reduce=shared_input)
     _load_shard(layer.weight, full.weight, 0, state)
     return layer
 
 
-def _row(full: nn.Linear, state: ParallelState) -> nn.Module:
-    _, row_linear = _layer_classes()
-    layer = row_linear(full.in_features, full.out_features, bias=False, input_is_parallel=True,
-                      skip_bias_add=False, config=_mp_config(state, full.weight.dtype),
-                      init_method=_no_init)
+def row_linear(full: nn.Linear, state: ParallelState) -> nn.Module:
+    """This rank's input columns of ``full``; its output is all-reduced over tp."""
+    _, cls = _layer_classes()
+    layer = cls(full.in_features, full.out_features, bias=False, input_is_parallel=True,
+                skip_bias_add=False, config=_mp_config(state, full.weight.dtype),
+                init_method=_no_init)
     _load_shard(layer.weight, full.weight, 1, state)
     return layer
+
+
+def vocab_embedding(full: nn.Embedding, state: ParallelState) -> nn.Module:
+    """This rank's vocabulary rows of ``full``; the lookup is all-reduced over tp."""
+    tensor_parallel, _ = _megatron()
+    embed = tensor_parallel.VocabParallelEmbedding(
+        full.num_embeddings, full.embedding_dim, init_method=_no_init,
+        config=_mp_config(state, full.weight.dtype))
+    _load_shard(embed.weight, full.weight, 0, state)
+    return embed
 
 
 class CopyToTensorParallel(nn.Module):
@@ -102,36 +112,6 @@ class CopyToTensorParallel(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         tensor_parallel, _ = _megatron()
         return tensor_parallel.copy_to_tensor_model_parallel_region(x)
-
-
-def parallelize_tensor(model: Transformer, state: ParallelState) -> Transformer:
-    if state.tp == 1:
-        return model
-    tensor_parallel, _ = _megatron()
-    for block in model.blocks:
-        attn: CausalSelfAttention = block.attn
-        attn.input_hook = CopyToTensorParallel()  # one input-gradient all-reduce for q, k, v
-        attn.wq, attn.wk, attn.wv = (_column(attn.wq, state, shared_input=True),
-                                     _column(attn.wk, state, shared_input=True),
-                                     _column(attn.wv, state, shared_input=True))
-        attn.wo = _row(attn.wo, state)
-        if block.ffn is not None:
-            ffn: SwiGLU = block.ffn
-            ffn.input_hook = CopyToTensorParallel()
-            ffn.w_gate = _column(ffn.w_gate, state, shared_input=True)
-            ffn.w_up = _column(ffn.w_up, state, shared_input=True)
-            ffn.w_down = _row(ffn.w_down, state)
-    full = model.embed
-    embed = tensor_parallel.VocabParallelEmbedding(
-        full.num_embeddings, full.embedding_dim, init_method=_no_init,
-        config=_mp_config(state, full.weight.dtype))
-    _load_shard(embed.weight, full.weight, 0, state)
-    model.embed = embed
-    if model.head is None:  # tied: logits = x @ E_shard^T needs x's gradient summed over tp
-        model.head_input = CopyToTensorParallel()
-    else:
-        model.head = _column(model.head, state)
-    return model
 
 
 # --------------------------------------------------------------------------- loss and norms
@@ -147,11 +127,15 @@ def parallel_lm_loss(logits: torch.Tensor, targets: torch.Tensor,
 
 
 def gather_logits(logits: torch.Tensor, state: ParallelState) -> torch.Tensor:
-    """Full-vocab logits on every tp rank (for evaluation and generation)."""
+    """Full-vocab logits on every tp rank, on ``logits``' device (evaluation and generation: no
+    gradient). An all-gather over the tp group on the backend's device: megatron's
+    ``gather_from_tensor_model_parallel_region`` allocates on ``torch.cuda.current_device()``."""
     if state.tp == 1:
         return logits
-    tensor_parallel, _ = _megatron()
-    return tensor_parallel.gather_from_tensor_model_parallel_region(logits)
+    local = to_backend(logits.detach(), state.tp_group).contiguous()
+    parts = [torch.empty_like(local) for _ in range(state.tp)]
+    torch.distributed.all_gather(parts, local, group=state.tp_group)
+    return torch.cat(parts, dim=-1).to(logits.device)
 
 
 def is_tp_sharded(param: torch.Tensor) -> bool:

@@ -31,9 +31,8 @@ from memtron.data.prepare import INDEX_NAME, TREE_DIR
 from memtron.data.synthetic import load_questions
 from memtron.data.tokenizer import load_tokenizer
 from memtron.model.forward import ExplicitKV, ForwardContext, autocast
-from memtron.model.transformer import Transformer, build_model
-from memtron.parallel.bank import bank_table_factory
-from memtron.parallel.context import local_attention, parallelize_context, zigzag_indices
+from memtron.model.transformer import Transformer
+from memtron.parallel.context import local_attention, zigzag_indices
 from memtron.parallel.data_parallel import DeepSpeedZero, average_dense_grads, average_scalar
 from memtron.parallel.launch import (
     init_distributed,
@@ -45,19 +44,19 @@ from memtron.parallel.memory import (
     Traffic,
     norm_group,
     reduce_table_grads,
-    table_factory,
     tables_sharded,
 )
+from memtron.parallel.mesh import build_mesh, destroy_mesh
+from memtron.parallel.parallelize import build_parallel_model
 from memtron.parallel.sharding import CheckpointLayout
-from memtron.parallel.state import ParallelState, build_parallel_state, destroy_parallel_state
+from memtron.parallel.state import ParallelState
 from memtron.parallel.tensor import (
     clip_grad_norm,
     gather_logits,
     is_tp_sharded,
     parallel_lm_loss,
-    parallelize_tensor,
 )
-from memtron.parallel.token_slice import GatherTraffic, slice_lookups_over_tp
+from memtron.parallel.token_slice import GatherTraffic
 from memtron.train.checkpoint import (
     CheckpointError,
     CheckpointWriter,
@@ -150,18 +149,12 @@ class Trainer:
         self.cfg = cfg
         if cfg.train.threads:
             torch.set_num_threads(cfg.train.threads)
-        self.state: ParallelState = build_parallel_state(
-            cfg, timeout_minutes=max(1, math.ceil(cfg.parallel.timeout_s / 60)))
-        torch.manual_seed(cfg.train.seed)  # the same full init on every rank, then sharded
+        self.state: ParallelState = build_mesh(cfg)
         self.run_dir = Path(cfg.train.run_dir)
         self.ckpt_root = self.run_dir / "checkpoints"
         self.tokenizer = load_tokenizer(cfg.data.tokenizer)
         self.device = training_device(cfg.train.device)
-        model = build_model(cfg, table_factory(cfg, self.state),
-                            bank_table_factory(cfg, self.state))
-        self.model: Transformer = parallelize_context(parallelize_tensor(model, self.state),
-                                                      self.state).to(self.device)
-        slice_lookups_over_tp(self.model, cfg, self.state)
+        self.model: Transformer = build_parallel_model(cfg, self.state, self.device)
         self.positions = None  # this rank's token positions under context parallelism
         if self.state.cp > 1:
             self.positions = zigzag_indices(cfg.data.seq_len, self.state.cp,
@@ -577,5 +570,5 @@ def train(cfg: Config) -> TrainResult:
     try:
         return Trainer(cfg).run()
     finally:
-        destroy_parallel_state()
+        destroy_mesh()
         shutdown_distributed()
