@@ -33,7 +33,6 @@ from memtron.eval.facts import fact_accuracy, question_paths
 from memtron.infer.model import load_tree
 from memtron.model.forward import ExplicitKV, ForwardContext, autocast
 from memtron.model.transformer import Transformer, build_model
-from memtron.parallel.bank import bank_table_factory
 from memtron.parallel.context import local_attention, parallelize_context, zigzag_indices
 from memtron.parallel.data_parallel import DeepSpeedZero, average_dense_grads, average_scalar
 from memtron.parallel.launch import (
@@ -166,8 +165,7 @@ class Trainer:
         self.ckpt_root = self.run_dir / "checkpoints"
         self.tokenizer = load_tokenizer(cfg.data.tokenizer)
         self.device = training_device()
-        model = build_model(cfg, table_factory(cfg, self.state),
-                            bank_table_factory(cfg, self.state))
+        model = build_model(cfg, table_factory(cfg, self.state))
         self.model: Transformer = parallelize_context(parallelize_tensor(model, self.state),
                                                       self.state).to(self.device)
         slice_lookups_over_tp(self.model, cfg, self.state)
