@@ -48,7 +48,7 @@ if str(REPO) not in sys.path:
 
 from memtron.bench.harness import BenchRun, add_output_args  # noqa: E402
 from memtron.model.memory import kernels  # noqa: E402
-from memtron.model.memory.values import LocalValueTable  # noqa: E402
+from memtron.model.tables import LocalValueTable, TableSpec  # noqa: E402
 from memtron.train.optim import SparseRowOptimizer  # noqa: E402
 
 GiB = 1 << 30
@@ -105,7 +105,7 @@ def run_case(rows: int, dim: int, dtype_name: str, a: argparse.Namespace, peak: 
         case["skipped"] = f"needs {need_fwd / GiB:.1f} GiB, {free_bytes() / GiB:.1f} free"
         return case
     g = torch.Generator(device=DEVICE).manual_seed(rows + dim)
-    table = LocalValueTable.drawn_on_device(rows, dim, DEVICE, dtype).eval()
+    table = LocalValueTable(TableSpec("t", rows, dim, dtype=dtype), device=DEVICE).eval()
     ids = torch.randint(0, rows, (a.tokens, hits_per_token), device=DEVICE, generator=g)
     weights = torch.softmax(torch.randn(a.tokens, hits_per_token, device=DEVICE, generator=g), -1)
     grad = torch.randn(a.tokens, dim, device=DEVICE, generator=g)

@@ -290,7 +290,7 @@ def rank_main(rank: int, world: int, job: Job) -> dict[str, Any]:
     import torch.distributed as dist
 
     from memtron.config import Config
-    from memtron.model.memory.values import LocalValueTable
+    from memtron.model.tables import LocalValueTable, TableSpec
     from memtron.parallel.launch import init_distributed, shutdown_distributed
     from memtron.parallel.memory import (
         ColumnShardedValueTable,
@@ -312,11 +312,11 @@ def rank_main(rank: int, world: int, job: Job) -> dict[str, Any]:
         rss_start = peak_rss(hwm=False)
         t_setup = time.perf_counter()
         if job.layout == "rowwise":
-            table = ShardedValueTable(job.n, job.d, 1, world, rank, job.p)
+            table = ShardedValueTable(TableSpec("t", job.n, job.d, 1), world, rank, job.p)
         elif job.layout == "colwise":
-            table = ColumnShardedValueTable(job.n, job.d, 1, world, rank, job.p)
+            table = ColumnShardedValueTable(TableSpec("t", job.n, job.d, 1), world, rank, job.p)
         else:
-            table = LocalValueTable(job.n, job.d, 1)
+            table = LocalValueTable(TableSpec("t", job.n, job.d, 1))
         table.train()
         cfg = Config()
         cfg.memory.parallel, cfg.memory.tp_slice_lookups = job.layout, job.sliced

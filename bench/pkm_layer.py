@@ -34,7 +34,7 @@ With ``--device cuda`` both sides run on the GPU: times are wall-clock with
 ``torch.cuda.synchronize`` before each mark, peak memory is ``torch.cuda.max_memory_allocated``
 over build + steps in this process minus what was allocated before the build (no children),
 sides are skipped by the free GPU memory, the copy bandwidth is a device-to-device ``copy_`` of
-1 GiB, and memtron's table rows are drawn on the GPU (``LocalValueTable.drawn_on_device``: the
+1 GiB, and memtron's table rows are drawn on the GPU (``LocalValueTable(spec, device=...)``: the
 host init's counter-based values, computed by torch ops on the GPU, never held on the host).
 
 Other processes on the cores wreck CPU timings (a parallel torch op waits on a preempted
@@ -117,15 +117,15 @@ class MemtronSide:
     def __init__(self, n: int, d: int, a: argparse.Namespace, memory_plus: bool = False) -> None:
         from memtron.config import MemoryConfig, OptimConfig
         from memtron.model.memory.product_key import ProductKeyMemory
-        from memtron.model.memory.values import LocalValueTable
+        from memtron.model.tables import LocalValueTable, TableSpec
         from memtron.train.optim import build_optimizers
 
         cfg = MemoryConfig(layers=[0], memory_plus=memory_plus, n_heads=a.heads, topk=a.topk,
                            d_key=a.d_key, n_sub_keys=n, value_dim=d)
         if a.device.type == "cuda":
-            self.table = LocalValueTable.drawn_on_device(n * n, d, a.device)
+            self.table = LocalValueTable(TableSpec("values", n * n, d), device=a.device)
         else:
-            self.table = LocalValueTable(n * n, d)
+            self.table = LocalValueTable(TableSpec("t", n * n, d))
         self.layer = ProductKeyMemory(d, cfg, self.table, init_std=0.02,
                                       out_std=0.02).to(a.device)
         self.dense, self.sparse = build_optimizers(self.layer, {"values": self.table},

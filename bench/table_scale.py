@@ -54,10 +54,10 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 def build(n: int, d: int, dtype: str, mode: str, moment: str = "fp32", lr: float = 1e-3,
           eps: float = 1e-8):
     """(table, optimizer): memtron's table and its sparse row optimizer in ``mode``."""
-    from memtron.model.memory.values import LocalValueTable
+    from memtron.model.tables import LocalValueTable, TableSpec
     from memtron.train.optim import SparseRowOptimizer
 
-    table = LocalValueTable(n, d, seed=0, dtype=DTYPES[dtype])
+    table = LocalValueTable(TableSpec("t", n, d, seed=0, dtype=DTYPES[dtype]))
     opt = SparseRowOptimizer({"values": table}, lr=lr, betas=(0.9, 0.95), eps=eps, mode=mode,
                              moment_dtype=DTYPES[moment])
     return table, opt
@@ -116,11 +116,11 @@ def scaling_row(n: int, times: list[float], touched: int, earlier: list[dict],
 
 def measure_init(n: int, d: int, dtype: str) -> dict:
     """Seconds to build the table against filling as many bytes, both fresh allocations."""
-    from memtron.model.memory.values import LocalValueTable
+    from memtron.model.tables import LocalValueTable, TableSpec
 
     nbytes = n * d * DTYPES[dtype].itemsize
     start = time.perf_counter()
-    table = LocalValueTable(n, d, seed=0, dtype=DTYPES[dtype])
+    table = LocalValueTable(TableSpec("t", n, d, seed=0, dtype=DTYPES[dtype]))
     init_s = time.perf_counter() - start
     del table
     gc.collect()

@@ -8,16 +8,12 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 
 from memtron.config import BankConfig
-from memtron.model.memory.hierarchical import (
-    TreeMemory,
-    level_offsets,
-    local_bank_table,
-    row_std,
-    row_width,
-)
-from memtron.parallel.bank import ShardedBankTable, exchange_bytes
+from memtron.model.memory.hierarchical import TreeMemory, level_offsets, level_spec
+from memtron.model.tables import LocalValueTable
+from memtron.parallel.bank import exchange_bytes
 from memtron.parallel.dispatch import Traffic
 from memtron.parallel.launch import init_distributed, shutdown_distributed
+from memtron.parallel.memory import ShardedValueTable
 from memtron.parallel.mesh import init_mesh
 from memtron.parallel.sharding import CheckpointLayout
 from memtron.train.optim import SparseRowOptimizer
@@ -29,11 +25,10 @@ D, SEQ, BATCH, STEPS, SAVED_AT = 8, 3, 8, 3, 2  # BATCH: the global batch, split
 
 def _bank(world: int, rank: int) -> tuple[TreeMemory, SparseRowOptimizer]:
     tables = []
-    for level, n in enumerate(CFG.nodes_per_level()):
-        std = row_std(CFG, level, D, 0.3, 0.2)
-        args = (n, row_width(CFG, level, D), 100 + level, std)
-        tables.append(local_bank_table(level, *args) if world == 1 else
-                      ShardedBankTable(*args, dist.group.WORLD, rank, world))
+    for level in range(CFG.levels):
+        spec = level_spec(CFG, level, D, 100 + level, 0.3, 0.2)
+        tables.append(LocalValueTable(spec) if world == 1 else
+                      ShardedValueTable(spec, dist.group.WORLD, rank, world))
     torch.manual_seed(5)  # the generic block: replicated, the same on every rank
     bank = TreeMemory(CFG, D, tables, 0.3, 0.2)
     opt = SparseRowOptimizer({f"bank{i}": t for i, t in enumerate(tables)}, lr=0.05,

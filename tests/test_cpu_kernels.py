@@ -8,12 +8,8 @@ import pytest
 import torch
 
 from memtron.model.memory import counter_rng, cpu_kernels
-from memtron.model.memory.values import (
-    ARENA_HEADROOM,
-    LocalValueTable,
-    bag_index,
-    sum_rows_by_id,
-)
+from memtron.model.tables import LocalValueTable, TableSpec, bag_index, sum_rows_by_id
+from memtron.model.tables.grad import ARENA_HEADROOM
 from memtron.train.optim import MEMORY_OPTIMIZERS, SparseRowOptimizer
 
 needs_ext = pytest.mark.skipif(not cpu_kernels.builds(),
@@ -51,7 +47,7 @@ def test_lookup_backward_same_with_extension_on_and_off(monkeypatch):
     results = []
     for enabled in (True, False):
         monkeypatch.setattr(cpu_kernels, "ENABLED", enabled)
-        table = LocalValueTable(64, 16, seed=1)
+        table = LocalValueTable(TableSpec("t", 64, 16, seed=1))
         g = torch.Generator().manual_seed(0)
         grads = []
         for _step in range(2):
@@ -94,7 +90,7 @@ def test_falls_back_when_the_extension_does_not_build(monkeypatch):
     monkeypatch.setattr(cpu_kernels, "ENABLED", True)
     monkeypatch.setattr(cpu_kernels, "builds", lambda: False)
     assert not cpu_kernels.available(torch.empty(0))
-    table = LocalValueTable(10, 4)
+    table = LocalValueTable(TableSpec("t", 10, 4))
     w = torch.tensor([[0.5, 0.25, 0.125]], requires_grad=True)
     table.lookup(torch.tensor([[1, 2, 2]]), w).backward(torch.ones(1, 4))
     ids, rows = table.sparse_grad()
@@ -107,7 +103,7 @@ def _optimizer_run(monkeypatch, enabled: bool, mode: str, value_dtype: torch.dty
                    moment_dtype: torch.dtype, decay_mode: str) -> list[torch.Tensor]:
     """Rows and state after 4 steps (one touching nothing, rows repeating, weight decay on)."""
     monkeypatch.setattr(cpu_kernels, "ENABLED", enabled)
-    table = LocalValueTable(40, 24, seed=5, dtype=value_dtype)
+    table = LocalValueTable(TableSpec("t", 40, 24, seed=5, dtype=value_dtype))
     opt = SparseRowOptimizer({"t": table}, lr=0.05, betas=(0.9, 0.95), eps=1e-8,
                              weight_decay=0.1, mode=mode, moment_dtype=moment_dtype,
                              decay_mode=decay_mode)
@@ -148,14 +144,14 @@ def test_sparse_update_matches_torch_path(monkeypatch, mode, value_dtype, moment
 
 
 def _fresh_rows(dtype: torch.dtype) -> torch.Tensor:
-    return LocalValueTable(40, 24, seed=5, dtype=dtype).weight.detach().float()
+    return LocalValueTable(TableSpec("t", 40, 24, seed=5, dtype=dtype)).weight.detach().float()
 
 
 @needs_ext
 def test_sparse_update_is_in_place_without_row_temporaries(monkeypatch):
     """Rows and moments are written where they live (no re-allocation of the state)."""
     monkeypatch.setattr(cpu_kernels, "ENABLED", True)
-    table = LocalValueTable(30, 8, seed=2)
+    table = LocalValueTable(TableSpec("t", 30, 8, seed=2))
     opt = SparseRowOptimizer({"t": table}, lr=0.1, betas=(0.9, 0.95))
     pointers = [table.weight.data_ptr()] + [s.data_ptr() for s in opt.state["t"].values()]
     table.lookup(torch.tensor([[1, 4]]), torch.ones(1, 2)).backward(torch.ones(1, 8))
@@ -184,11 +180,11 @@ def _kernel_outputs() -> dict[str, torch.Tensor]:
     out.update(unique=unique, rows=rows, grad_w=grad_w)
     for mode, dtype in (("adam", torch.float32), ("rowwise_adagrad", torch.bfloat16)):
         weight = table.to(dtype)
-        state = ({"exp_avg": torch.zeros_like(table), "exp_avg_sq": torch.zeros_like(table)}
-                 if mode == "adam" else {"sum_sq": torch.zeros(500)})
+        exp_avg = torch.zeros_like(table) if mode == "adam" else None
+        second = torch.zeros_like(table) if mode == "adam" else torch.zeros(500)
         keys = (counter_rng.row_keys(0, counter_rng.ROUND_STREAM, 7, unique)
                 if dtype == torch.bfloat16 else None)
-        cpu_kernels.sparse_update(mode, weight, unique, rows, state, decay=0.99,
+        cpu_kernels.sparse_update(mode, weight, unique, rows, exp_avg, second, None, decay=0.99,
                                   betas=(0.9, 0.95), eps=1e-8, step_size=1e-2, step=1,
                                   round_keys=keys)
         out[f"update_{mode}"] = weight
@@ -226,7 +222,7 @@ def test_arena_has_headroom_for_wandering_distinct_rows(monkeypatch):
     """The row-gradient arena grows to the largest step's distinct rows plus 1/ARENA_HEADROOM,
     so steps a little larger reuse it (a new arena is fresh pages to fault in)."""
     monkeypatch.setattr(cpu_kernels, "ENABLED", True)
-    table = LocalValueTable(10_000, 8)
+    table = LocalValueTable(TableSpec("t", 10_000, 8))
 
     def step(distinct: int) -> None:
         ids = torch.arange(distinct).view(1, -1)
@@ -234,10 +230,10 @@ def test_arena_has_headroom_for_wandering_distinct_rows(monkeypatch):
         table.zero_grad_rows()
 
     step(320)
-    arena = table.arena()
+    arena = table.grad_rows.arena(torch.device("cpu"))
     assert arena.shape[0] == 320 + 320 // ARENA_HEADROOM
     for distinct in (330, 340, 300):
         step(distinct)
-        assert table.arena().data_ptr() == arena.data_ptr()
+        assert table.grad_rows.arena(torch.device("cpu")).data_ptr() == arena.data_ptr()
     step(400)
-    assert table.arena().shape[0] == 400 + 400 // ARENA_HEADROOM
+    assert table.grad_rows.arena(torch.device("cpu")).shape[0] == 400 + 400 // ARENA_HEADROOM

@@ -16,7 +16,7 @@ from fbgemm_gpu.split_table_batched_embeddings_ops_common import (  # noqa: E402
 )
 
 from memtron.model.memory import cpu_kernels  # noqa: E402
-from memtron.model.memory.values import LocalValueTable  # noqa: E402
+from memtron.model.tables import LocalValueTable, TableSpec  # noqa: E402
 from memtron.train.optim import SparseRowOptimizer  # noqa: E402
 
 N, D, T, HITS = 40, 16, 6, 5
@@ -31,7 +31,7 @@ def test_rowwise_adagrad_matches_fbgemm(monkeypatch: pytest.MonkeyPatch, extensi
     """Three steps from the same rows on the same inputs (repeated ids within and across bags):
     outputs, weight gradients, rows and accumulators agree after each."""
     monkeypatch.setattr(cpu_kernels, "ENABLED", extension)
-    table = LocalValueTable(N, D, seed=3)
+    table = LocalValueTable(TableSpec("t", N, D, seed=3))
     opt = SparseRowOptimizer({"values": table}, lr=LR, betas=(0.9, 0.95), eps=EPS,
                              mode="rowwise_adagrad")
     tbe = tbe_ops.SplitTableBatchedEmbeddingBagsCodegen(

@@ -185,12 +185,13 @@ def test_bank_tables_learn_at_their_own_rate():
     """build_optimizers: bank level tables step at lr * bank.lr_mult, value tables at
     lr * memory_lr_mult, in the one sparse optimizer."""
     from memtron.config import OptimConfig
-    from memtron.model.memory.values import LocalValueTable
+    from memtron.model.tables import LocalValueTable, TableSpec
     from memtron.train.optim import build_optimizers
 
     def stepped(bank_lr_mult):
         model = _bank_model()
-        tables = {"table0": LocalValueTable(10, D, 3), "bank0": model.bank.tables[0]}
+        tables = {"table0": LocalValueTable(TableSpec("table0", 10, D, 3)),
+                  "bank0": model.bank.tables[0]}
         cfg = OptimConfig(lr=0.01, memory_lr_mult=10.0, warmup_steps=0)
         _, sparse = build_optimizers(model, tables, cfg, bank_lr_mult)
         for table in tables.values():

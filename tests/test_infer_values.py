@@ -65,7 +65,7 @@ def _check(loaded, reference) -> dict:
 def test_ram_store_equals_in_ram_model(trained, reference, cache_rows):
     ram = load_model(trained[0])
     table = ram.model.value_tables["table0"]
-    stored = StoreValueTable(RamRowStore(table.weight.detach()), cache_rows)
+    stored = StoreValueTable(table.spec, RamRowStore(table.weight.detach()), cache_rows)
     for layer in ram.model.memory_layers():
         layer._values[0] = stored  # every layer reads the one shared table through the store
     logits, tokens = reference

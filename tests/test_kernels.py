@@ -34,8 +34,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from memtron.model.memory import kernels, values
-from memtron.model.memory.values import LocalValueTable, bag_index, sum_rows_by_id
+from memtron.model.memory import cpu_kernels, kernels
+from memtron.model.tables import LocalValueTable, TableSpec, bag_index, ops, sum_rows_by_id
 from memtron.parallel.context import (
     _padded_lse,
     attention_lse,
@@ -139,7 +139,7 @@ def _step_with_and_without_triton(pair, dim: int, device: torch.device,
 def _adam_pair(dtype: torch.dtype, dim: int, device: torch.device, betas, wd: float):
     tables = []
     for _ in range(2):
-        table = LocalValueTable(60, dim, seed=3, dtype=dtype).to(device)
+        table = LocalValueTable(TableSpec("t", 60, dim, seed=3, dtype=dtype)).to(device)
         tables.append((table, SparseRowOptimizer({"t": table}, lr=0.01, betas=betas, eps=1e-8,
                                             weight_decay=wd)))
     return tables
@@ -175,7 +175,7 @@ def _rowwise_pair(mode: str, dim: int, device: torch.device, **options):
     dtype = options.pop("dtype", torch.float32)
     pair = []
     for _ in range(2):
-        table = LocalValueTable(60, dim, seed=3, dtype=dtype).to(device)
+        table = LocalValueTable(TableSpec("t", 60, dim, seed=3, dtype=dtype)).to(device)
         pair.append((table, SparseRowOptimizer({"t": table}, lr=0.01, mode=mode, **options)))
     (ours, opt), (ref, ref_opt) = pair
     state, ref_state = opt.state["t"], ref_opt.state["t"]
@@ -255,7 +255,7 @@ def check_layer(device: torch.device) -> None:
                      torch.randn(offsets.numel(), dim, generator=g).to(device)))
         results = []
         for enabled in (True, False):
-            table = LocalValueTable(64, dim, seed=5, dtype=dtype).to(device)
+            table = LocalValueTable(TableSpec("t", 64, dim, seed=5, dtype=dtype)).to(device)
             results.append((_layer_step(table, hits, enabled), table))
         (outs, wgrads, grad_ids, grad_rows, state), table = results[0]
         (ref_outs, ref_wgrads, ref_ids, ref_rows, ref_state), ref_table = results[1]
@@ -317,10 +317,11 @@ def test_chunked_weight_grad_matches_embedding_bag_backward(monkeypatch, dtype):
     ids, weights, offsets = _bags(torch.Generator().manual_seed(6), 64)
     grad_out = torch.randn(offsets.numel(), 40, generator=torch.Generator().manual_seed(7))
     grads = []
+    monkeypatch.setattr(cpu_kernels, "ENABLED", False)  # the reference kernel
     for supported in (True, False):
-        monkeypatch.setattr(values, "_bag_weight_grad_supported", lambda weight, s=supported: s)
-        monkeypatch.setattr(values, "WEIGHT_GRAD_CHUNK", 40 * 7)  # 7 hits a chunk
-        table = LocalValueTable(64, 40, seed=8, dtype=dtype)
+        monkeypatch.setattr(ops, "_bag_weight_grad_supported", lambda weight, s=supported: s)
+        monkeypatch.setattr(ops, "WEIGHT_GRAD_CHUNK", 40 * 7)  # 7 hits a chunk
+        table = LocalValueTable(TableSpec("t", 64, 40, seed=8, dtype=dtype))
         w = weights.clone().requires_grad_(True)
         with kernels.triton_enabled(False):
             table.lookup_bags(ids, w, offsets).backward(grad_out)

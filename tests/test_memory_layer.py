@@ -5,9 +5,9 @@ import torch
 import torch.nn.functional as F
 
 from memtron.config import MemoryConfig
-from memtron.model.memory import values
 from memtron.model.memory.product_key import ProductKeyMemory, product_key_topk
-from memtron.model.memory.values import LocalValueTable, sum_rows_by_id
+from memtron.model.tables import LocalValueTable, TableSpec, sum_rows_by_id
+from memtron.model.tables import table as values
 
 
 @pytest.mark.parametrize("n,k,heads", [(8, 4, 1), (16, 8, 3), (32, 32, 2), (64, 5, 4)])
@@ -24,7 +24,7 @@ def test_topk_equals_brute_force(n, k, heads):
 
 def test_memory_layer_ids_and_weights_match_brute_force():
     cfg = MemoryConfig(layers=[0], n_heads=2, topk=6, d_key=16, n_sub_keys=10)
-    table = LocalValueTable(cfg.n_slots, 24)
+    table = LocalValueTable(TableSpec("t", cfg.n_slots, 24))
     layer = ProductKeyMemory(24, cfg, table, init_std=0.1, out_std=0.1)
     x = torch.randn(40, 24)
     ids, weights = layer.retrieve(x)
@@ -56,7 +56,7 @@ def _dense_from_sparse(table):
 
 def test_sparse_gradient_equals_dense_autograd():
     torch.manual_seed(0)
-    table = LocalValueTable(500, 16)
+    table = LocalValueTable(TableSpec("t", 500, 16))
     ids = torch.randint(0, 500, (30, 12))
     ids[:, 3] = 7  # repeated ids across tokens and within a token
     ids[0, :4] = 11
@@ -77,7 +77,7 @@ def test_sparse_gradient_equals_dense_autograd():
 def test_shared_table_accumulates_across_three_layers_and_micro_batches():
     torch.manual_seed(1)
     cfg = MemoryConfig(layers=[0, 1, 2], n_heads=2, topk=4, d_key=8, n_sub_keys=8)
-    table = LocalValueTable(cfg.n_slots, 12)
+    table = LocalValueTable(TableSpec("t", cfg.n_slots, 12))
     layers = [ProductKeyMemory(12, cfg, table, 0.2, 0.2) for _ in range(3)]
     ref_table = torch.nn.Parameter(table.weight.detach().clone())
     for _micro in range(2):
@@ -104,7 +104,7 @@ def test_sum_rows_by_id_pairs_hits_with_rows():
 
 
 def test_usage_counts_hits_and_resets():
-    table = LocalValueTable(100, 4)
+    table = LocalValueTable(TableSpec("t", 100, 4))
     table.lookup(torch.tensor([[1, 1, 2, 3]]), torch.ones(1, 4))
     stats = table.usage()
     assert stats["slots_used"] == pytest.approx(0.03)
@@ -118,31 +118,32 @@ def test_init_rows_same_for_any_row_range_column_slice_and_threads(monkeypatch, 
     the rows of the whole table, on one thread or several, by the C++ extension or the torch
     ops (chunked: more rows than one chunk)."""
     from memtron.model.memory import cpu_kernels
-    from memtron.model.memory.values import init_rows
+    from memtron.model.tables import TableSpec, init_rows
 
     if extension and not cpu_kernels.builds():
         pytest.skip("the C++ extension does not build here")
     monkeypatch.setattr(cpu_kernels, "ENABLED", extension)
     monkeypatch.setitem(values.INIT_CHUNK, "cpu", 4096)
     dim, n = 9, 3000
+    spec = TableSpec("t", n, dim, seed=5)
     whole = torch.empty(n, dim)
-    init_rows(whole, 0, seed=5)
+    init_rows(whole, spec)
     threads = torch.get_num_threads()
     try:
         for t in (1, 2):
             torch.set_num_threads(t)
             part = torch.empty(1500, dim)
-            init_rows(part, 700, seed=5)
+            init_rows(part, spec, 700)
             assert torch.equal(part, whole[700:2200])
-            assert torch.equal(LocalValueTable(n, dim, seed=5).weight, whole)  # a Parameter
+            assert torch.equal(LocalValueTable(spec).weight, whole)  # a Parameter
     finally:
         torch.set_num_threads(threads)
     half = torch.empty(n - 3, dim, dtype=torch.bfloat16)
-    init_rows(half, 3, seed=5)
+    init_rows(half, spec, 3)
     assert torch.equal(half, whole[3:].to(torch.bfloat16))  # rounded to nearest even
     for first, last in ((2, 5), (3, 8), (0, 1), (8, 9)):
         cols = torch.empty(100, last - first)
-        init_rows(cols, 950, seed=5, columns=slice(first, last), full_dim=dim)
+        init_rows(cols, spec, 950, first)
         assert torch.equal(cols, whole[950:1050, first:last])
 
 
@@ -151,11 +152,12 @@ def test_init_rows_is_normal_with_std_of_the_full_dim():
     beyond 2 and 3 std and the kurtosis of a normal, the two values of a Box-Muller pair
     uncorrelated (also their squares: independent), all within ~5 standard errors;
     seeds and rows differ."""
-    from memtron.model.memory.values import init_rows
+    from memtron.model.tables import TableSpec, init_rows
 
     dim, n = 256, 4096
     w = torch.empty(n, dim)
-    init_rows(w, 2**32 - 100, seed=3)  # row ids past 32 bits: keys hash both halves
+    # row ids past 32 bits: keys hash both halves
+    init_rows(w, TableSpec("t", 2**33, dim, seed=3), 2**32 - 100)
     z = w.double().flatten() * dim**0.5
     count = z.numel()
     assert abs(z.mean().item()) < 5 / count**0.5
@@ -170,20 +172,21 @@ def test_init_rows_is_normal_with_std_of_the_full_dim():
             count / 2) ** 0.5
     assert z.abs().max() < 6  # 24-bit uniforms reach 5.8 std
     cols = torch.empty(n, 64)
-    init_rows(cols, 0, seed=3, columns=slice(64, 128), full_dim=1024)
+    init_rows(cols, TableSpec("t", n, 1024, seed=3), 0, 64)
     assert abs(cols.double().std().item() * 1024**0.5 - 1) < 5 * (2 / cols.numel()) ** 0.5
     other = torch.empty(n, dim)
-    init_rows(other, 2**32 - 100, seed=4)
+    init_rows(other, TableSpec("t", 2**33, dim, seed=4), 2**32 - 100)
     assert (other == w).float().mean() < 1e-3
     assert torch.unique(w, dim=0).shape[0] == n
 
 
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
     not torch.cuda.is_available(), reason="no GPU"))])
-def test_drawn_on_device_is_the_seeded_table(device):
+def test_table_drawn_on_device_is_the_seeded_table(device):
     """A table drawn on a device (torch ops on a GPU) holds the host table's values, bit for
     bit: the same polynomials in fp32 ops that round alike everywhere."""
     for dtype in (torch.float32, torch.bfloat16):
-        drawn = LocalValueTable.drawn_on_device(300, 12, device, dtype, seed=7)
+        spec = TableSpec("t", 300, 12, seed=7, dtype=dtype)
+        drawn = LocalValueTable(spec, device=device)
         assert drawn.weight.device.type == device and drawn.hits.shape == (300,)
-        assert torch.equal(drawn.weight.cpu(), LocalValueTable(300, 12, seed=7, dtype=dtype).weight)
+        assert torch.equal(drawn.weight.cpu(), LocalValueTable(spec).weight)

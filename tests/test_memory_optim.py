@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from memtron.model.memory import counter_rng
-from memtron.model.memory.values import STORAGE_DTYPES, LocalValueTable
+from memtron.model.tables import STORAGE_DTYPES, LocalValueTable, TableSpec
 from memtron.train.optim import MEMORY_OPTIMIZERS, SparseRowOptimizer
 
 LR, BETAS, EPS = 0.05, (0.9, 0.95), 1e-8
@@ -63,7 +63,7 @@ def _dense_reference(weight: torch.Tensor, grads: list[torch.Tensor], mode: str,
 @pytest.mark.parametrize("mode", MEMORY_OPTIMIZERS)
 def test_mode_matches_dense_reference(mode, wd):
     torch.manual_seed(0)
-    table = LocalValueTable(200, 8)
+    table = LocalValueTable(TableSpec("t", 200, 8))
     initial = table.weight.detach().clone()
     opt = SparseRowOptimizer({"t": table}, lr=LR, betas=BETAS, eps=EPS, weight_decay=wd,
                              mode=mode)
@@ -94,7 +94,7 @@ def test_mode_matches_dense_reference(mode, wd):
     ("adam_b1zero_rowwise", "fp32", torch.bfloat16, 2 + 12 / 64),
 ])
 def test_bytes_per_parameter(mode, moment, value, expected):
-    table = LocalValueTable(100, 64, dtype=value)
+    table = LocalValueTable(TableSpec("t", 100, 64, dtype=value))
     opt = SparseRowOptimizer({"t": table}, lr=LR, betas=BETAS, mode=mode,
                              moment_dtype={"fp32": torch.float32, "bf16": torch.bfloat16}[moment])
     assert opt.bytes_per_parameter()["t"] == pytest.approx(expected)
@@ -130,7 +130,7 @@ def test_stochastic_rounding_is_unbiased_and_keyed():
 def test_bf16_table_tracks_fp32(mode, moment):
     """A bf16 table with fp32 state (bf16 first moment as an option) follows the fp32 table
     within bf16 rounding; its state stays fp32."""
-    tables = {dtype: LocalValueTable(200, 8, seed=2, dtype=dtype)
+    tables = {dtype: LocalValueTable(TableSpec("t", 200, 8, seed=2, dtype=dtype))
               for dtype in (torch.float32, torch.bfloat16)}
     opts = {dtype: SparseRowOptimizer({"t": t}, lr=LR, betas=BETAS, mode=mode,
                                       moment_dtype=STORAGE_DTYPES[moment])
@@ -180,7 +180,7 @@ def test_global_weight_decay_matches_dense_reference(mode):
     whole table after the final catch-up."""
     wd, n = 0.5, 200
     torch.manual_seed(0)
-    table = LocalValueTable(n, 8)
+    table = LocalValueTable(TableSpec("t", n, 8))
     initial = table.weight.detach().clone()
     opt = SparseRowOptimizer({"t": table}, lr=LR, betas=BETAS, eps=EPS, weight_decay=wd,
                              mode=mode, decay_mode="global")

@@ -7,13 +7,14 @@ import torch.distributed as dist
 import torch.utils._pytree as pytree
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from memtron.model.memory.values import STORAGE_DTYPES, LocalValueTable
+from memtron.model.tables import STORAGE_DTYPES, LocalValueTable, TableSpec
 from memtron.parallel.launch import init_distributed, shutdown_distributed
 from memtron.parallel.memory import ColumnShardedValueTable, ShardedValueTable, row_bounds
 from memtron.train.optim import MEMORY_OPTIMIZERS, SparseRowOptimizer, clip_sparse_grad_norm
 from tests.multiproc import run_ranks
 
 N_ROWS, DIM, HITS, TOKENS, SEED = 250, 8, 12, 6, 17  # 250 rows: uneven over 4 ranks
+SPEC = TableSpec("t", N_ROWS, DIM, SEED)
 
 
 def _batch(case: str, rank: int, step: int, micro: int, layer: int):
@@ -75,7 +76,7 @@ def _sharded_rank(rank: int, world: int, layout: str, case: str, mode: str = "ad
     init_distributed(timeout_s=60)
     try:
         cls = ShardedValueTable if layout == "rowwise" else ColumnShardedValueTable
-        table = cls(N_ROWS, DIM, SEED, dist.group.WORLD, rank, world)
+        table = cls(SPEC, dist.group.WORLD, rank, world)
         return _run(table, case, [rank], group=dist.group.WORLD, mode=mode, decay=decay)
     finally:
         shutdown_distributed()
@@ -92,7 +93,7 @@ def _dense_grad(ids: torch.Tensor, rows: torch.Tensor, width: int) -> torch.Tens
     ("rowwise", 4, "idle_owner"), ("colwise", 2, "uniform"), ("colwise", 4, "skewed"),
 ])
 def test_sharded_table_equals_single_process(layout, world, case):
-    ref = _run(LocalValueTable(N_ROWS, DIM, SEED), case, list(range(world)))
+    ref = _run(LocalValueTable(SPEC), case, list(range(world)))
     shards = run_ranks(world, _sharded_rank, world, layout, case)
     for layer in range(3):
         out = torch.cat([s[f"out{layer}"] for s in shards])
@@ -122,7 +123,7 @@ def test_sharded_table_equals_single_process(layout, world, case):
 @pytest.mark.parametrize("mode", [m for m in MEMORY_OPTIMIZERS if m != "adam"])
 def test_sharded_modes_equal_single_process(mode, world):
     """Every optimizer mode, row-sharded at ep=2 and ep=4, moves the table as one process."""
-    ref = _run(LocalValueTable(N_ROWS, DIM, SEED), "uniform", list(range(world)), mode=mode)
+    ref = _run(LocalValueTable(SPEC), "uniform", list(range(world)), mode=mode)
     shards = run_ranks(world, _sharded_rank, world, "rowwise", "uniform", mode)
     table = torch.cat([s["table"] for s in shards])
     torch.testing.assert_close(table, ref["table"], rtol=1e-6, atol=1e-6)
@@ -134,7 +135,7 @@ def test_global_weight_decay_sharded_equals_single_process(mode, world, case):
     """Global weight decay on a row-sharded table: owners read their rows with the decay owed
     (partial sums and rows exchanges alike) and catch up the rows they update, as one process
     does; outputs, weight gradients and the caught-up table agree."""
-    ref = _run(LocalValueTable(N_ROWS, DIM, SEED), case, list(range(world)), mode=mode,
+    ref = _run(LocalValueTable(SPEC), case, list(range(world)), mode=mode,
                decay="global")
     shards = run_ranks(world, _sharded_rank, world, "rowwise", case, mode, "global")
     for layer in range(3):
@@ -187,7 +188,8 @@ def test_no_dense_table_gradient_in_a_training_step(tiny_config):
 def _probe_sharded(rank: int, world: int) -> tuple[int, int]:
     init_distributed(timeout_s=60)
     try:
-        table = ShardedValueTable(1 << 20, 16, SEED, dist.group.WORLD, rank, world)
+        table = ShardedValueTable(TableSpec("t", 1 << 20, 16, SEED), dist.group.WORLD, rank,
+                                  world)
         opt = SparseRowOptimizer({"t": table}, lr=0.01, betas=(0.9, 0.99))
         ids = torch.randint(0, 1 << 20, (64, 128))
         weights = torch.rand(64, 128, requires_grad=True)
@@ -247,9 +249,9 @@ def _resume_tables(rank: int, world: int) -> tuple[dict, dict]:
     tables, opts = {}, {}
     for mode, dtype, decay in RESUME_CASES:
         case, dtype = f"{mode}/{dtype}/{decay}", STORAGE_DTYPES[dtype]
-        tables[case] = (ShardedValueTable(N_ROWS, DIM, SEED, dist.group.WORLD, rank, world,
-                                          dtype=dtype)
-                        if world > 1 else LocalValueTable(N_ROWS, DIM, SEED, dtype=dtype))
+        spec = TableSpec("t", N_ROWS, DIM, SEED, dtype=dtype)
+        tables[case] = (ShardedValueTable(spec, dist.group.WORLD, rank, world)
+                        if world > 1 else LocalValueTable(spec))
         opts[case] = SparseRowOptimizer({"t": tables[case]}, lr=0.05, betas=(0.9, 0.95),
                                         mode=mode, moment_dtype=dtype, decay_mode=decay,
                                         weight_decay=0.5 if decay == "global" else 0.0)
@@ -292,7 +294,7 @@ def test_every_mode_resumes_exactly_and_reshards(tmp_path):
     run_ranks(2, _resume_rank, 2, str(tmp_path / "ep2"), True)
     single = _resume_rank(0, 1, str(tmp_path / "ep2"), False)
     ep4 = run_ranks(4, _resume_rank, 4, str(tmp_path / "ep2"), False)
-    initial = LocalValueTable(N_ROWS, DIM, SEED).weight
+    initial = LocalValueTable(SPEC).weight
     # Global decay (wd 0.5) moved the rows: the clocks took part.
     assert not torch.allclose(ref["adam/fp32/global"], ref["adam/fp32/touched"])
     for case, table in ref.items():
@@ -365,7 +367,7 @@ def _tp_rank(rank: int, tp: int, ep: int, sliced: bool, layout: str) -> dict:
         cfg.parallel.tp, cfg.parallel.ep = tp, ep
         cfg.memory.parallel, cfg.memory.tp_slice_lookups = layout, sliced
         state = build_mesh(cfg)
-        table = table_factory(cfg, state)(N_ROWS, DIM, SEED)
+        table = table_factory(cfg, state)(SPEC)
         lookup = (TokenSlicedLookup(state.tp_group, state.tp_rank, state.tp) if sliced
                   else lambda t, ids, w: t.lookup(ids, w))
         Traffic.take(), GatherTraffic.take()
@@ -393,7 +395,7 @@ def test_tp_sliced_lookups_equal_single_process(tp, dp, ep, layout):
     """Under tp, each tp rank looks up its slice of the tokens (7 per dp rank: uneven) and the
     rows are all-gathered: outputs, weight gradients, row gradients and the table after 3
     steps equal one process; the memory exchange carries half the bytes of repeated lookups."""
-    ref = _tp_run(LocalValueTable(N_ROWS, DIM, SEED), lambda t, i, w: t.lookup(i, w),
+    ref = _tp_run(LocalValueTable(SPEC), lambda t, i, w: t.lookup(i, w),
                   list(range(dp)))
     world = tp * dp
     sliced = run_ranks(world, _tp_rank, tp, ep, True, layout)

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from memtron.config import OptimConfig
-from memtron.model.memory.values import LocalValueTable
+from memtron.model.tables import LocalValueTable, TableSpec
 from memtron.train.optim import SparseRowOptimizer, clip_sparse_grad_norm, lr_at
 
 
@@ -36,7 +36,7 @@ def _reference_lazy_adamw(weight, grads, lr, betas, eps, wd):
 @pytest.mark.parametrize("wd", [0.0, 0.1])
 def test_sparse_adam_matches_reference(wd):
     torch.manual_seed(0)
-    table = LocalValueTable(200, 8)
+    table = LocalValueTable(TableSpec("t", 200, 8))
     initial = table.weight.detach().clone()
     opt = SparseRowOptimizer({"t": table}, lr=0.05, betas=(0.9, 0.95), eps=1e-8, weight_decay=wd)
     g = torch.Generator().manual_seed(3)
@@ -56,7 +56,7 @@ def test_sparse_adam_matches_reference(wd):
 
 def test_sparse_adam_matches_torch_sparse_adam():
     torch.manual_seed(0)
-    table = LocalValueTable(64, 8)
+    table = LocalValueTable(TableSpec("t", 64, 8))
     param = torch.nn.Parameter(table.weight.detach().clone())
     ours = SparseRowOptimizer({"t": table}, lr=0.01, betas=(0.9, 0.999), eps=1e-8)
     theirs = torch.optim.SparseAdam([param], lr=0.01, betas=(0.9, 0.999), eps=1e-8)
@@ -76,7 +76,7 @@ def test_sparse_adam_matches_torch_sparse_adam():
 def test_sparse_adam_counts_steps_without_rows():
     """A shard whose rows nobody touched this step still advances the step count, so every
     rank's bias correction matches the whole table's."""
-    table = LocalValueTable(16, 4)
+    table = LocalValueTable(TableSpec("t", 16, 4))
     opt = SparseRowOptimizer({"t": table}, lr=0.1, betas=(0.9, 0.95))
     before = table.weight.detach().clone()
     opt.step()  # no gradient recorded
@@ -85,7 +85,7 @@ def test_sparse_adam_counts_steps_without_rows():
 
 
 def test_sparse_adam_keeps_fp32_state_for_bf16_table():
-    table = LocalValueTable(16, 4, dtype=torch.bfloat16)
+    table = LocalValueTable(TableSpec("t", 16, 4, dtype=torch.bfloat16))
     opt = SparseRowOptimizer({"t": table}, lr=0.1, betas=(0.9, 0.95))
     table.lookup(torch.tensor([[1, 2]]), torch.ones(1, 2)).backward(torch.ones(1, 4))
     opt.step()
@@ -94,7 +94,7 @@ def test_sparse_adam_keeps_fp32_state_for_bf16_table():
 
 
 def test_clip_sparse_grad_norm_over_tables():
-    a, b = LocalValueTable(10, 2), LocalValueTable(10, 2)
+    a, b = LocalValueTable(TableSpec("t", 10, 2)), LocalValueTable(TableSpec("t", 10, 2))
     a.lookup(torch.tensor([[0]]), torch.ones(1, 1)).backward(torch.tensor([[3.0, 0.0]]))
     b.lookup(torch.tensor([[5]]), torch.ones(1, 1)).backward(torch.tensor([[0.0, 4.0]]))
     norm = clip_sparse_grad_norm([a, b], max_norm=1.0)

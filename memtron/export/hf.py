@@ -20,6 +20,7 @@ becomes a checkpoint that ``memtron train --resume CKPT_DIR`` continues.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -32,12 +33,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import nn
 
 from memtron.config import Config, ConfigError, architecture_diff, load_config
 from memtron.data.loader import ShardLoader
 from memtron.export.hf_tokenizer import write_hf_tokenizer
-from memtron.model.memory.values import ValueTable
+from memtron.model.tables import LocalValueTable
 from memtron.model.transformer import build_model, table_groups
 from memtron.storage import rowblock
 from memtron.storage.bank import TableRows, open_bank, write_bank
@@ -538,14 +538,6 @@ class _HFWeights:
                           + (f" and {len(left) - 5} more" if len(left) > 5 else ""))
 
 
-class _AssignedTable(ValueTable):
-    """A value table whose rows are assigned from imported weights (never initialised)."""
-
-    def __init__(self, n_rows: int, dim: int, seed: int = 0) -> None:
-        super().__init__(n_rows, dim)
-        self.weight = nn.Parameter(torch.empty(n_rows, dim))
-
-
 def _table_rows(weights: _HFWeights, hf: dict[str, Any], hf_dir: Path, g: int,
                 shape: torch.Size) -> torch.Tensor:
     """Table ``g`` from its row blocks in the shards, or from the bank ``memory_bank``."""
@@ -617,7 +609,7 @@ def _imported_state(hf_dir: Path, overrides: Sequence[str], optimizer_from: str 
     perm = torch.argsort(_rope_permutation(cfg.model.d_model // cfg.model.n_heads))
     state = {n.key: _permute_heads(weights.get(n.hf), perm) if n.rotary else weights.get(n.hf)
              for n in _dense_names(cfg)}
-    model = build_model(cfg, _AssignedTable)
+    model = build_model(cfg, functools.partial(LocalValueTable, device="meta"))  # assigned
     for g in range(len(model.value_tables)):
         shape = model.value_tables[_table_name(g)].weight.shape
         state[f"value_tables.{_table_name(g)}.weight"] = _table_rows(weights, hf, hf_dir, g,

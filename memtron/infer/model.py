@@ -21,8 +21,7 @@ from memtron.config import Config
 from memtron.data.clustering import ClusterTree, route_texts
 from memtron.infer.generate import GenerationError
 from memtron.infer.values import StoreValueTable
-from memtron.model.memory.hierarchical import BankTable, table_name
-from memtron.model.memory.values import STORAGE_DTYPES, LocalValueTable, ValueTable
+from memtron.model.tables import LocalValueTable, TableSpec, ValueTable
 from memtron.model.transformer import Transformer, build_model
 from memtron.storage.bank import Bank, open_bank
 from memtron.storage.checkpoint import VALUE_TABLE_KEY, CheckpointReader
@@ -127,34 +126,23 @@ def load_model(ckpt: str | Path, values: str = "ram", cache_rows: int = 0,
     if isinstance(blocks, Bank):
         _check_bank_source(blocks, reader)
     stores: list[StoreValueTable] = []
-    n_value_tables = 0
 
-    def store_table(where: Bank | HttpBank, spec: str, name: str, n_rows: int,
-                    dim: int) -> StoreValueTable:
-        if name not in where.tables:
-            raise CheckpointError(f"{spec}: has no table {name} (it has "
+    def make_table(spec: TableSpec) -> ValueTable:
+        """Tables named by their spec: value tables from ``values``, tree levels from
+        ``bank``, each in RAM (drawn, then loaded) where no store is given for it."""
+        where, given = (source, values) if spec.kind == "values" else (blocks, bank)
+        if where is None:
+            return LocalValueTable(spec)
+        if spec.name not in where.tables:
+            raise CheckpointError(f"{given}: has no table {spec.name} (it has "
                                   f"{sorted(where.tables)})")
-        store = where.table(name)
-        _check_table(name, store, n_rows, dim, spec)
-        stores.append(StoreValueTable(store, cache_rows))
+        store = where.table(spec.name)
+        _check_table(spec.name, store, spec.rows, spec.dim, given)
+        stores.append(StoreValueTable(spec, store, cache_rows))
         return stores[-1]
 
-    def make_table(n_rows: int, dim: int, seed: int) -> ValueTable:
-        if source is None:
-            return LocalValueTable(n_rows, dim, seed,
-                                   dtype=STORAGE_DTYPES[cfg.memory.value_dtype])
-        nonlocal n_value_tables
-        n_value_tables += 1  # the Transformer names its tables in creation order
-        return store_table(source, values, f"table{n_value_tables - 1}", n_rows, dim)
-
-    def make_bank_table(level: int, n_rows: int, dim: int, seed: int,
-                        std: torch.Tensor) -> ValueTable:
-        if blocks is None:
-            return BankTable(n_rows, dim, seed, std, dtype=STORAGE_DTYPES[cfg.memory.value_dtype])
-        return store_table(blocks, bank, table_name(level), n_rows, dim)
-
     # Dense weights are small; store tables hold no rows (and so have no state-dict keys).
-    model = build_model(cfg, make_table, make_bank_table)
+    model = build_model(cfg, make_table)
     state = model.state_dict()
     try:
         dcp.load({"model": state}, checkpoint_id=str(path))

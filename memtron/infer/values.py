@@ -2,7 +2,8 @@
 
 ``StoreValueTable`` implements the ValueTable ``lookup`` contract for inference over any
 :class:`~memtron.storage.store.RowStore` (RAM, a memory-mapped bank, a memory server), so the
-model code is the same whether the table is in RAM, on disk or remote. Each lookup fetches
+model code is the same whether the table is in RAM, on disk or remote: the storage kind
+"read-only store" with the local lookup. Each lookup (``fetch`` included: unit weights) fetches
 every distinct row once; an LRU cache keeps hot rows on the model's device between steps.
 """
 
@@ -13,16 +14,16 @@ from collections import OrderedDict
 import torch
 import torch.nn.functional as F
 
-from memtron.model.memory.values import ValueTable
+from memtron.model.tables import TableSpec, ValueTable
 from memtron.storage.store import RowStore
 
 
 class StoreValueTable(ValueTable):
-    """Read-only table over ``store``; ``cache_rows`` > 0 keeps that many recently used rows
-    on the device (least recently used evicted first)."""
+    """Read-only table ``spec`` over ``store`` (of ``spec``'s shape); ``cache_rows`` > 0
+    keeps that many recently used rows on the device (least recently used evicted first)."""
 
-    def __init__(self, store: RowStore, cache_rows: int = 0) -> None:
-        super().__init__(store.n_rows, store.dim)
+    def __init__(self, spec: TableSpec, store: RowStore, cache_rows: int = 0) -> None:
+        super().__init__(spec)
         self.store = store
         self.cache_rows = cache_rows
         self._slot_of: OrderedDict[int, int] = OrderedDict()  # row id -> cache slot, LRU first
@@ -42,13 +43,6 @@ class StoreValueTable(ValueTable):
         out = F.embedding_bag(inverse, rows, offsets,
                               per_sample_weights=weights.reshape(-1).to(rows.dtype), mode="sum")
         return out.to(weights.dtype)
-
-    def fetch(self, ids: torch.Tensor) -> torch.Tensor:
-        """Whole rows of ``ids`` [n] (may repeat) as fp32 [n, dim] on ``ids``' device: the
-        hierarchical bank's access (a training table's ``fetch``), each distinct row fetched
-        once, through the LRU cache."""
-        unique, inverse = torch.unique(ids, return_inverse=True)
-        return self.rows(unique, ids.device)[inverse].float()
 
     def rows(self, ids: torch.Tensor, device: torch.device) -> torch.Tensor:
         """Rows of distinct ``ids`` [U] on ``device``, from the cache or the store."""
@@ -98,5 +92,5 @@ class StoreValueTable(ValueTable):
         return stats
 
     def extra_repr(self) -> str:
-        return f"rows={self.n_rows}, dim={self.dim}, store={type(self.store).__name__}, " \
-               f"cache_rows={self.cache_rows}"
+        return f"{self.name!r}: rows={self.n_rows}, dim={self.dim}, " \
+               f"store={type(self.store).__name__}, cache_rows={self.cache_rows}"

@@ -14,17 +14,9 @@ from torch import nn
 from memtron.config import BankConfig, Config, MemoryConfig, ModelConfig
 from memtron.model.attention import CausalSelfAttention, RotaryEmbedding
 from memtron.model.forward import ForwardContext, KVCache, MemoryKV
-from memtron.model.memory.hierarchical import (
-    BankTableFactory,
-    FetchedBlocks,
-    TreeMemory,
-    local_bank_table,
-    row_std,
-    row_width,
-    table_name,
-)
+from memtron.model.memory.hierarchical import FetchedBlocks, TreeMemory, level_spec
 from memtron.model.memory.product_key import ProductKeyMemory
-from memtron.model.memory.values import LocalValueTable, ValueTable
+from memtron.model.tables import STORAGE_DTYPES, LocalValueTable, TableSpec, ValueTable
 
 
 class SwiGLU(nn.Module):
@@ -73,16 +65,17 @@ def table_groups(mem: MemoryConfig) -> list[list[int]]:
     return shared + [[layer] for layer in sorted(mem.layers) if layer not in grouped]
 
 
-TableFactory = Callable[[int, int, int], ValueTable]  # (n_rows, dim, seed) -> table
+TableFactory = Callable[[TableSpec], ValueTable]
 
 
 class Transformer(nn.Module):
-    """``make_table`` builds each value table; parallel code passes one that builds only this
-    rank's shard, so a table too large for one process is never allocated whole."""
+    """``make_table`` builds each table (value tables and tree-memory levels alike) from its
+    spec; parallel code passes one that builds only this rank's shard, so a table too large
+    for one process is never allocated whole, and inference one that reads rows from a store."""
 
     def __init__(self, cfg: ModelConfig, mem: MemoryConfig,
-                 make_table: TableFactory = LocalValueTable, bank: BankConfig | None = None,
-                 make_bank_table: BankTableFactory = local_bank_table) -> None:
+                 make_table: TableFactory = LocalValueTable, bank: BankConfig | None = None
+                 ) -> None:
         super().__init__()
         self.cfg, self.mem_cfg = cfg, mem
         self.bank_cfg = bank = bank or BankConfig()
@@ -93,8 +86,9 @@ class Transformer(nn.Module):
         table_of: dict[int, ValueTable] = {}
         for g, layers in enumerate(table_groups(mem)):
             seed = int(torch.randint(0, 2**31 - 1, ()))  # from the seeded global generator
-            table = make_table(mem.n_slots, mem.value_dim or cfg.d_model, seed)
-            self.value_tables[f"table{g}"] = table
+            table = make_table(TableSpec(f"table{g}", mem.n_slots, mem.value_dim or cfg.d_model,
+                                         seed, STORAGE_DTYPES[mem.value_dtype]))
+            self.value_tables[table.name] = table
             table_of.update({layer: table for layer in layers})
         blocks = []
         for i in range(cfg.n_layers):
@@ -107,12 +101,11 @@ class Transformer(nn.Module):
         self.bank: TreeMemory | None = None
         if bank.layers:  # level tables join the value tables: one registry of sparse tables
             levels = []
-            for level, n_nodes in enumerate(bank.nodes_per_level()):
+            for level in range(len(bank.nodes_per_level())):
                 seed = int(torch.randint(0, 2**31 - 1, ()))
-                table = make_bank_table(level, n_nodes, row_width(bank, level, cfg.d_model),
-                                        seed, row_std(bank, level, cfg.d_model, cfg.init_std,
-                                                      out_std))
-                self.value_tables[table_name(level)] = table
+                table = make_table(level_spec(bank, level, cfg.d_model, seed, cfg.init_std,
+                                              out_std, STORAGE_DTYPES[mem.value_dtype]))
+                self.value_tables[table.name] = table
                 levels.append(table)
             self.bank = TreeMemory(bank, cfg.d_model, levels, cfg.init_std, out_std)
         self.rope = RotaryEmbedding(cfg.d_model // cfg.n_heads, cfg.max_seq_len, cfg.rope_theta)
@@ -182,6 +175,5 @@ def lm_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
 
 
-def build_model(cfg: Config, make_table: TableFactory = LocalValueTable,
-                make_bank_table: BankTableFactory = local_bank_table) -> Transformer:
-    return Transformer(cfg.model, cfg.memory, make_table, cfg.bank, make_bank_table)
+def build_model(cfg: Config, make_table: TableFactory = LocalValueTable) -> Transformer:
+    return Transformer(cfg.model, cfg.memory, make_table, cfg.bank)

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from memtron.model.memory.values import ValueTable, sum_rows_by_id
+from memtron.model.tables import ValueTable, sum_rows_by_id
 from memtron.parallel.launch import collective_device, to_backend
 
 BUCKET_BYTES = 25 * 1024 * 1024

@@ -24,16 +24,15 @@ all-reduce, the way data parallelism treats an embedding.
 
 from __future__ import annotations
 
-import functools
 import math
-from collections.abc import Callable
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
 from memtron.config import Config
-from memtron.model.memory.values import STORAGE_DTYPES, LocalValueTable, ValueTable, init_rows
+from memtron.model.tables import LocalValueTable, TableSpec, ValueTable
+from memtron.model.transformer import TableFactory
 from memtron.parallel.dispatch import Dispatch, Traffic, all_to_all
 from memtron.parallel.launch import to_backend
 from memtron.parallel.state import ParallelState
@@ -56,16 +55,16 @@ def _index_dtype(n_rows: int) -> torch.dtype:
 
 
 class ShardedValueTable(LocalValueTable):
-    """This rank's row range of a table sharded over the ep group, plus the routing that makes
-    ``lookup`` behave as if the whole table were local."""
+    """Storage kind "row shard", lookup strategy "all-to-all routed": this rank's row range of
+    a table sharded over the ep group, plus the routing that makes ``lookup`` (and so
+    ``fetch``) behave as if the whole table were local."""
 
-    def __init__(self, n_rows: int, dim: int, seed: int, group: dist.ProcessGroup,
-                 rank: int, size: int, dtype: torch.dtype = torch.float32) -> None:
-        self.bounds = row_bounds(n_rows, size)
-        super().__init__(self.bounds[rank + 1] - self.bounds[rank], dim, seed,
-                         row_start=self.bounds[rank], dtype=dtype)
-        self.global_rows, self.group, self.ep_rank, self.ep_size = n_rows, group, rank, size
-        self.weight.ep_shard = (0, n_rows)  # checkpoint: dim 0 of a [n_rows, dim] tensor
+    def __init__(self, spec: TableSpec, group: dist.ProcessGroup, rank: int, size: int) -> None:
+        self.bounds = row_bounds(spec.rows, size)
+        super().__init__(spec, row_start=self.bounds[rank],
+                         n_rows=self.bounds[rank + 1] - self.bounds[rank])
+        self.global_rows, self.group, self.ep_rank, self.ep_size = spec.rows, group, rank, size
+        self.weight.ep_shard = (0, spec.rows)  # checkpoint: dim 0 of a [rows, dim] tensor
         self.index_dtype = _index_dtype(max(1, self.bounds[1] - self.bounds[0]))
         self.exchanges = {"partial": 0, "rows": 0}  # (requester, owner) pairs served each way
 
@@ -185,22 +184,18 @@ class _AllGatherRows(torch.autograd.Function):
 
 
 class ColumnShardedValueTable(LocalValueTable):
-    """All rows, this rank's d/P columns; the column-sharded baseline of DESIGN §4."""
+    """Storage kind "column shard": all rows, this rank's d/P columns, ids all-gathered and
+    columns returned by all-to-all; the column-sharded baseline of DESIGN §4."""
 
-    def __init__(self, n_rows: int, dim: int, seed: int, group: dist.ProcessGroup,
-                 rank: int, size: int, dtype: torch.dtype = torch.float32) -> None:
+    def __init__(self, spec: TableSpec, group: dist.ProcessGroup, rank: int, size: int) -> None:
+        dim = spec.dim
         if dim % size:
             raise ValueError(f"memory.value_dim {dim} is not divisible by ep={size} "
                              "(column-sharded tables)")
         self.full_dim, self.group, self.ep_rank, self.ep_size = dim, group, rank, size
-        self.columns = slice(rank * dim // size, (rank + 1) * dim // size)
-        self.col_start = self.columns.start
-        super().__init__(n_rows, dim // size, seed, dtype=dtype)
-        self.dim = dim  # the lookup's output width (the contract); weight holds dim / P of it
+        # dim stays the lookup's output width (the contract); weight holds dim / P of it
+        super().__init__(spec, columns=slice(rank * dim // size, (rank + 1) * dim // size))
         self.weight.ep_shard = (1, dim)
-
-    def reset_parameters(self) -> None:
-        init_rows(self.weight, 0, self.seed, columns=self.columns, full_dim=self.full_dim)
 
     def lookup(self, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         n_tokens, hits = ids.shape
@@ -236,15 +231,18 @@ class ColumnShardedValueTable(LocalValueTable):
 # --------------------------------------------------------------------------- wiring
 
 
-def table_factory(cfg: Config, state: ParallelState) -> Callable[[int, int, int], ValueTable]:
-    """The ``make_table`` the model is built with for this layout."""
-    dtype = STORAGE_DTYPES[cfg.memory.value_dtype]
+def table_factory(cfg: Config, state: ParallelState) -> TableFactory:
+    """The ``make_table`` the model is built with for this layout: whole tables when
+    ``memory.parallel`` is replicated or ep=1; else value tables row- or column-sharded as
+    ``memory.parallel`` says, tree-memory levels always row-sharded (their rows are fetched
+    whole)."""
     if _whole_tables(cfg, state):
-        return functools.partial(LocalValueTable, dtype=dtype)
-    cls = ShardedValueTable if cfg.memory.parallel == "rowwise" else ColumnShardedValueTable
+        return LocalValueTable
 
-    def make(n_rows: int, dim: int, seed: int) -> ValueTable:
-        return cls(n_rows, dim, seed, state.ep_group, state.ep_rank, state.ep, dtype=dtype)
+    def make(spec: TableSpec) -> ValueTable:
+        columns = cfg.memory.parallel == "colwise" and spec.kind == "values"
+        cls = ColumnShardedValueTable if columns else ShardedValueTable
+        return cls(spec, state.ep_group, state.ep_rank, state.ep)
 
     return make
 

@@ -27,9 +27,7 @@ import torch
 
 from memtron.config import Config
 from memtron.model.attention import CausalSelfAttention
-from memtron.model.memory.hierarchical import BankTableFactory
 from memtron.model.transformer import TableFactory, Transformer, build_model
-from memtron.parallel.bank import bank_table_factory
 from memtron.parallel.context import RingBackend
 from memtron.parallel.memory import table_factory
 from memtron.parallel.state import ParallelState
@@ -42,10 +40,10 @@ from memtron.parallel.tensor import (
 from memtron.parallel.token_slice import slice_lookups_over_tp
 
 
-def table_layout(cfg: Config, state: ParallelState) -> tuple[TableFactory, BankTableFactory]:
-    """The (value table, bank level table) factories of this layout: whole, row- or
-    column-sharded over ep (parallel/memory.py, parallel/bank.py)."""
-    return table_factory(cfg, state), bank_table_factory(cfg, state)
+def table_layout(cfg: Config, state: ParallelState) -> TableFactory:
+    """The factory of this layout's tables (value tables and tree-memory levels alike): whole,
+    row- or column-sharded over ep (parallel/memory.py)."""
+    return table_factory(cfg, state)
 
 
 def build_parallel_model(cfg: Config, state: ParallelState,
@@ -53,7 +51,7 @@ def build_parallel_model(cfg: Config, state: ParallelState,
     """This rank's model: the same seeded initialisation on every rank (so tp shards and table
     shards are slices of one model), parallelised, on ``device``."""
     torch.manual_seed(cfg.train.seed)
-    model = build_model(cfg, *table_layout(cfg, state))
+    model = build_model(cfg, table_layout(cfg, state))
     return parallelize(model, state, cfg).to(device or torch.device("cpu"))
 
 

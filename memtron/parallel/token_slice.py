@@ -30,7 +30,7 @@ import torch
 import torch.distributed as dist
 
 from memtron.config import Config
-from memtron.model.memory.values import ValueTable
+from memtron.model.tables import ValueTable
 from memtron.parallel.dispatch import Traffic
 from memtron.parallel.launch import to_backend
 from memtron.parallel.memory import lookups_sliced, row_bounds

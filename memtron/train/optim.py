@@ -38,10 +38,10 @@ Decoupled weight decay (``wd``, config ``optim.memory_weight_decay``) comes in t
 
 All state is fp32 except, optionally, the first moment (``moment_dtype``), and the fp64 decay
 clocks; per-row state is [N], sharded on dim 0 with the rows.
-On CUDA, for fp32 tables and ``touched`` decay, every mode's update is one fused Triton kernel
-(``model.memory.kernels``: ``sparse_adam_`` for ``adam``, ``sparse_rowwise_`` for the row-wise
-modes) with the same arithmetic, op for op; bf16 tables (stochastic rounding) and ``global``
-decay (a decay per row) take the torch path there.
+Every mode's update is the custom op ``memtron::sparse_update`` (``model.tables.ops``): the
+C++ extension on CPU, one fused Triton kernel on CUDA for fp32 tables and ``touched`` decay,
+the torch reference elsewhere (bf16 tables on CUDA, ``global`` decay: a decay per row), with
+the same arithmetic, op for op.
 """
 
 from __future__ import annotations
@@ -55,12 +55,11 @@ import torch.distributed as dist
 from torch import nn
 
 from memtron.config import MemoryDecayMode, MemoryOptimizer, OptimConfig
-from memtron.model.memory import cpu_kernels, kernels
-from memtron.model.memory.hierarchical import BANK_TABLE
-from memtron.model.memory.values import (
+from memtron.model.tables import (
     STORAGE_DTYPES,
     LazyDecay,
     ValueTable,
+    ops,
     rounding_keys,
     store_rows,
 )
@@ -71,7 +70,7 @@ DECAY_MODES: tuple[str, ...] = typing.get_args(MemoryDecayMode)
 # Rows per chunk of SparseRowOptimizer.catch_up_decay (bounds its fp32 temporaries).
 CATCH_UP_ROWS = 1 << 16
 # Modes whose state holds per-row statistics of whole rows (not of column shards).
-ROWWISE_MODES = ("adam_rowwise_v", "rowwise_adagrad", "adam_b1zero_rowwise")
+ROWWISE_MODES = ops.ROWWISE_MODES
 
 
 def _row_state(mode: str, weight: torch.Tensor, moment_dtype: torch.dtype,
@@ -96,25 +95,30 @@ def _row_state(mode: str, weight: torch.Tensor, moment_dtype: torch.dtype,
 
 
 class SparseRowOptimizer:
-    """Updates the rows each table reports in :meth:`ValueTable.sparse_grad`, in one of
-    ``MEMORY_OPTIMIZERS`` (module docstring)."""
+    """Updates the rows of each table's :class:`~memtron.model.tables.SparseGrad`, in one of
+    ``MEMORY_OPTIMIZERS`` (module docstring): the table spec's ``optimizer`` or ``mode``, at
+    ``lr`` and ``weight_decay`` times the spec's multipliers (and ``lr_scale``, per name)."""
 
     def __init__(self, tables: dict[str, ValueTable], lr: float, betas: tuple[float, float],
                  eps: float = 1e-8, weight_decay: float = 0.0, mode: str = "adam",
                  moment_dtype: torch.dtype = torch.float32,
                  lr_scale: dict[str, float] | None = None, decay_mode: str = "touched") -> None:
-        if mode not in MEMORY_OPTIMIZERS:
-            raise ValueError(f"memory optimizer {mode!r} is not one of {MEMORY_OPTIMIZERS}")
+        self.modes = {name: table.spec.optimizer or mode for name, table in tables.items()}
+        for chosen in {mode, *self.modes.values()}:
+            if chosen not in MEMORY_OPTIMIZERS:
+                raise ValueError(f"memory optimizer {chosen!r} is not one of "
+                                 f"{MEMORY_OPTIMIZERS}")
         if decay_mode not in DECAY_MODES:
             raise ValueError(f"weight decay mode {decay_mode!r} is not one of {DECAY_MODES}")
         self.tables, self.mode, self.decay_mode = tables, mode, decay_mode
         self.lr, self.betas, self.eps, self.weight_decay = lr, betas, eps, weight_decay
         self.lr_scale = dict(lr_scale or {})  # per table: its lr is lr * scale (default 1)
-        self.state = {name: _row_state(mode, table.weight, moment_dtype, decay_mode)
+        self.state = {name: _row_state(self.modes[name], table.weight, moment_dtype, decay_mode)
                       for name, table in tables.items()}
         if decay_mode == "global" and weight_decay:  # lookups read rows with the decay owed
             for name, table in tables.items():
-                table.lazy_decay = LazyDecay(self.state[name]["row_decay_clock"],
+                if table.spec.wd_mult:
+                    table.lazy_decay = LazyDecay(self.state[name]["row_decay_clock"],
                                              self.state[name]["decay_clock"])
 
     @torch.no_grad()
@@ -122,19 +126,21 @@ class SparseRowOptimizer:
         for name, table in self.tables.items():
             state = self.state[name]
             state["step"] += 1
-            lr = self.lr * self.lr_scale.get(name, 1.0)
-            if self.decay_mode == "global" and self.weight_decay:  # every row decays
-                state["decay_clock"] += self._log_decay(lr)
+            lr = self.lr * self.lr_scale.get(name, 1.0) * table.spec.lr_mult
+            wd = self.weight_decay * table.spec.wd_mult
+            if self.decay_mode == "global" and wd:  # every row decays
+                state["decay_clock"] += self._log_decay(lr, wd)
             grad = table.sparse_grad()
             if grad is not None:
-                self._update(table, state, *grad, lr)
+                self._update(table, state, *grad, lr, wd, self.modes[name])
 
-    def _log_decay(self, lr: float) -> float:
+    @staticmethod
+    def _log_decay(lr: float, wd: float) -> float:
         """log(1 - lr * wd): this step's decay of every row of a table, on its clock."""
-        if 1 - lr * self.weight_decay <= 0:
-            raise ValueError(f"memory lr {lr} x weight decay {self.weight_decay} >= 1: "
+        if 1 - lr * wd <= 0:
+            raise ValueError(f"memory lr {lr} x weight decay {wd} >= 1: "
                              "decoupled weight decay would flip or zero every row")
-        return math.log1p(-lr * self.weight_decay)
+        return math.log1p(-lr * wd)
 
     @torch.no_grad()
     def catch_up_decay(self) -> None:
@@ -144,6 +150,8 @@ class SparseRowOptimizer:
         if self.decay_mode != "global" or not self.weight_decay:
             return
         for name, table in self.tables.items():
+            if table.lazy_decay is None:  # a table that does not decay
+                continue
             state = self.state[name]
             row_clock, clock = state["row_decay_clock"], state["decay_clock"]
             owing = torch.nonzero(row_clock != clock.to(row_clock.device)).view(-1)
@@ -153,78 +161,31 @@ class SparseRowOptimizer:
                 store_rows(table, ids, rows, int(state["step"]))
                 row_clock.index_fill_(0, ids, float(clock))
 
-    def _step_size(self, lr: float, t: int) -> float:
-        """``self.mode``'s step size at step ``t``: ``lr`` times its bias corrections."""
+    def _step_size(self, lr: float, t: int, mode: str) -> float:
+        """``mode``'s step size at step ``t``: ``lr`` times its bias corrections."""
         beta1, beta2 = self.betas
-        if self.mode == "rowwise_adagrad":
+        if mode == "rowwise_adagrad":
             return lr
-        if self.mode == "adam_b1zero_rowwise":
+        if mode == "adam_b1zero_rowwise":
             return lr * math.sqrt(1 - beta2**t)
         return lr * math.sqrt(1 - beta2**t) / (1 - beta1**t)
 
     def _update(self, table: ValueTable, state: dict[str, torch.Tensor], ids: torch.Tensor,
-                grad: torch.Tensor, lr: float) -> None:
-        """One step of ``self.mode`` at ``lr`` on rows ``ids`` (unique) of ``table`` with fp32
-        ``grad``."""
+                grad: torch.Tensor, lr: float, wd: float, mode: str) -> None:
+        """One step of ``mode`` at ``lr`` and weight decay ``wd`` on rows ``ids`` (unique) of
+        ``table`` with fp32 ``grad``."""
         weight = table.weight.detach()
-        beta1, beta2 = self.betas
         t = int(state["step"])
-        decay = 1 - lr * self.weight_decay
-        if self.decay_mode == "global" and self.weight_decay:
+        row_decay = None
+        if self.decay_mode == "global" and wd:
             # The decay the rows owe for the steps they missed, times this step's.
-            decay = table.lazy_decay.factors(ids).unsqueeze(1)
+            row_decay = table.lazy_decay.factors(ids)
             state["row_decay_clock"].index_fill_(0, ids, float(state["decay_clock"]))
-        step_size = self._step_size(lr, t)
-        if weight.dtype == torch.float32 and kernels.use_triton(weight) \
-                and isinstance(decay, float):
-            if self.mode == "adam":
-                kernels.sparse_adam_(weight, state["exp_avg"], state["exp_avg_sq"], ids, grad,
-                                     betas=self.betas, eps=self.eps, decay=decay,
-                                     step_size=step_size)
-            else:
-                kernels.sparse_rowwise_(
-                    weight, ids, grad, mode=self.mode,
-                    row_state=state["sum_sq" if self.mode == "rowwise_adagrad" else "exp_avg_sq"],
-                    exp_avg=state.get("exp_avg"), last_step=state.get("last_step"), step=t,
-                    betas=self.betas, eps=self.eps, step_size=step_size, decay=decay)
-            return
-        if cpu_kernels.available(weight) and weight.is_contiguous():
-            keys = rounding_keys(table, ids, t) if weight.dtype == torch.bfloat16 else None
-            cpu_kernels.sparse_update(self.mode, weight, ids, grad, state,
-                                      decay=decay if self.weight_decay else 1.0,
-                                      betas=self.betas, eps=self.eps, step_size=step_size,
-                                      step=t, round_keys=keys, col_start=table.col_start)
-            return
-        if self.mode in ROWWISE_MODES:  # mean(g^2) per row, with no [U, d] temporary
-            mean_sq = torch.linalg.vector_norm(grad, dim=1).square_().div_(grad.shape[1])
-        direction = grad
-        if self.mode == "rowwise_adagrad":
-            denom = state["sum_sq"].index_select(0, ids).add_(mean_sq)
-            state["sum_sq"].index_copy_(0, ids, denom)
-        elif self.mode == "adam_b1zero_rowwise":
-            missed = (t - state["last_step"].index_select(0, ids)).double()
-            denom = state["exp_avg_sq"].index_select(0, ids)
-            denom.mul_(torch.pow(beta2, missed).float()).add_(mean_sq, alpha=1 - beta2)
-            state["exp_avg_sq"].index_copy_(0, ids, denom)
-            state["last_step"].index_fill_(0, ids, t)
-        else:  # adam, adam_rowwise_v
-            direction = state["exp_avg"].index_select(0, ids).float().lerp_(grad, 1 - beta1)
-            state["exp_avg"].index_copy_(0, ids, direction.to(state["exp_avg"].dtype))
-            denom = state["exp_avg_sq"].index_select(0, ids).mul_(beta2)
-            if self.mode == "adam":
-                denom.addcmul_(grad, grad, value=1 - beta2)
-            else:
-                denom.add_(mean_sq, alpha=1 - beta2)
-            state["exp_avg_sq"].index_copy_(0, ids, denom)
-        denom.sqrt_().add_(self.eps)
-        new_rows = weight.index_select(0, ids).float()
-        if self.weight_decay:
-            new_rows.mul_(decay)
-        if denom.dim() == 1:  # one denominator per row
-            new_rows.addcmul_(direction, denom.reciprocal_().unsqueeze(1), value=-step_size)
-        else:
-            new_rows.addcdiv_(direction, denom, value=-step_size)
-        store_rows(table, ids, new_rows, t)
+        keys = rounding_keys(table, ids, t) if weight.dtype == torch.bfloat16 else None
+        ops.sparse_update(mode, weight, ids, grad, state.get("exp_avg"),
+                          state["sum_sq" if mode == "rowwise_adagrad" else "exp_avg_sq"],
+                          state.get("last_step"), row_decay, 1 - lr * wd, *self.betas, self.eps,
+                          self._step_size(lr, t, mode), t, keys, table.col_start)
 
     def zero_grad(self) -> None:
         for table in self.tables.values():
@@ -298,11 +259,11 @@ def build_optimizers(model: nn.Module, tables: dict[str, ValueTable], cfg: Optim
 
 def _bank_lr_scale(tables: dict[str, ValueTable], cfg: OptimConfig,
                    bank_lr_mult: float | None) -> dict[str, float]:
-    """Per bank level table, its lr relative to the value tables' (the optimizer's lr)."""
+    """Per tree-memory level table, its lr relative to the value tables' (the optimizer's)."""
     if bank_lr_mult is None:
         return {}
-    return {name: bank_lr_mult / cfg.memory_lr_mult for name in tables
-            if BANK_TABLE.fullmatch(name)}
+    return {name: bank_lr_mult / cfg.memory_lr_mult for name, table in tables.items()
+            if table.spec.kind == "tree"}
 
 
 def lr_at(step: int, total_steps: int, cfg: OptimConfig) -> float:

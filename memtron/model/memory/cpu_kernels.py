@@ -90,20 +90,21 @@ def available(t: torch.Tensor) -> bool:
 
 
 def sparse_update(mode: str, weight: torch.Tensor, ids: torch.Tensor, grad: torch.Tensor,
-                  state: dict[str, torch.Tensor], *, decay: float | torch.Tensor,
+                  exp_avg: torch.Tensor | None, second: torch.Tensor,
+                  last_step: torch.Tensor | None, *, decay: float | torch.Tensor,
                   betas: tuple[float, float], eps: float, step_size: float, step: int,
                   round_keys: torch.Tensor | None = None, col_start: int = 0) -> None:
     """``SparseRowOptimizer``'s update of rows ``ids`` (unique) of ``weight`` [N, d] with fp32
-    ``grad`` [U, d] and the mode's ``state`` (``exp_avg``, ``exp_avg_sq`` or ``sum_sq``,
+    ``grad`` [U, d] and the mode's state (``exp_avg``; ``second``: exp_avg_sq or sum_sq;
     ``last_step``), in place: one pass over each row and its state, no [U, d] temporaries.
     ``decay``: the factor every row takes first (1.0 = none), or one per row [U]. A bf16 table
     rounds stochastically with ``round_keys`` [U] (``counter_rng.row_keys``) and columns from
-    ``col_start``, bit for bit as ``values.store_rows``."""
+    ``col_start``, bit for bit as the reference ``memtron::sparse_update``."""
     none = weight.new_empty(0)
     per_row = isinstance(decay, torch.Tensor)
     _extension().sparse_update(
-        mode, weight, ids.contiguous(), grad.contiguous(), state.get("exp_avg", none),
-        state.get("exp_avg_sq", state.get("sum_sq", none)), state.get("last_step", none),
+        mode, weight, ids.contiguous(), grad.contiguous(),
+        none if exp_avg is None else exp_avg, second, none if last_step is None else last_step,
         decay.reshape(-1).float().contiguous() if per_row else none.float(),
         1.0 if per_row else float(decay), betas[0], betas[1], eps, step_size, step,
         none.long() if round_keys is None else round_keys.contiguous(), col_start)

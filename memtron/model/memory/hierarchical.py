@@ -18,26 +18,22 @@ generic ones): the concatenation, computed without materialising it per token.
 Storage. One sparse row table per level: row i = node ``offset_l + i``'s blocks of every bank
 layer, ``[n_bank_layers, 3 (G, U, D), b_l, d]`` flattened. One fetch per level serves all
 layers; a node's row gradient sums its layers' gradients; and the tables follow the ValueTable
-contract unchanged: unique ids + summed row gradients, the sparse row optimizer with state
+contract unchanged (``TableSpec`` kind ``tree``, fetched as lookups with unit weights): unique
+ids + summed row gradients, the counter-based init, the sparse row optimizer with state
 living with the rows, checkpoints as shards of a global tensor, ``memtron export bank`` row-block
 files addressed by node, RowStore fetches at inference. Only fetched rows ever get a gradient.
 """
 
 from __future__ import annotations
 
-import re
-from collections.abc import Callable
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from memtron.config import BankConfig
-from memtron.model.memory.values import LocalValueTable, ValueTable
+from memtron.model.tables import TableSpec, ValueTable
 
 TABLE_PREFIX = "bank"  # level l's table is value_tables[f"bank{l}"]
-BANK_TABLE = re.compile(TABLE_PREFIX + r"\d+")  # the names of level tables
-INIT_ROWS = 64  # rows drawn per host buffer in init_bank_rows
 
 
 def table_name(level: int) -> str:
@@ -66,52 +62,13 @@ def row_std(cfg: BankConfig, level: int, d_model: int, init_std: float,
     return one_layer.repeat(len(cfg.layers))
 
 
-def init_bank_rows(weight: torch.Tensor, row_start: int, seed: int, std: torch.Tensor) -> None:
-    """Fill rows ``row_start ...`` of a bank table with N(0, std^2), row i drawn from its own
-    generator ``(seed, i)``: the same values whatever the sharding, and no temporary beyond
-    :data:`INIT_ROWS` rows (value tables draw 1024-row blocks, far too big for bank rows)."""
-    weight = weight.detach()
-    n = weight.shape[0]
-    if n == 0:
-        return
-    buffer = torch.empty(min(n, INIT_ROWS), weight.shape[1])
-    for first in range(0, n, INIT_ROWS):
-        last = min(n, first + INIT_ROWS)
-        for i in range(first, last):
-            gen = torch.Generator().manual_seed(seed * 1_000_003 + row_start + i)
-            buffer[i - first].normal_(generator=gen)
-        rows = buffer[: last - first] * std
-        weight[first:last].copy_(rows.to(device=weight.device, dtype=weight.dtype))
-
-
-class BankTable(LocalValueTable):
-    """A level's rows held in this process (the whole table, or a replica). ``fetch`` is the
-    bank's access: whole rows by id, differentiable into sparse row gradients."""
-
-    def __init__(self, n_rows: int, dim: int, seed: int, std: torch.Tensor,
-                 dtype: torch.dtype = torch.float32) -> None:
-        self.row_std = std
-        super().__init__(n_rows, dim, seed, dtype=dtype)
-
-    def reset_parameters(self) -> None:
-        init_bank_rows(self.weight, self.row_start, self.seed, self.row_std)
-
-    def fetch(self, ids: torch.Tensor) -> torch.Tensor:
-        """ids [n] (int64, may repeat) -> fp32 rows [n, dim]; backward records the summed
-        gradient of every distinct row (a bag of one hit of weight 1 per id)."""
-        n = ids.numel()
-        ones = torch.ones(n, dtype=torch.float32, device=ids.device)
-        return self.lookup_bags(ids, ones, torch.arange(n, device=ids.device))
-
-
-# (level, n_rows, dim, seed, row std) -> a table with ``fetch``
-BankTableFactory = Callable[[int, int, int, int, torch.Tensor], ValueTable]
-
-
-def local_bank_table(level: int, n_rows: int, dim: int, seed: int, std: torch.Tensor,
-                     dtype: torch.dtype = torch.float32) -> BankTable:
-    """The whole level table in this process."""
-    return BankTable(n_rows, dim, seed, std, dtype=dtype)
+def level_spec(cfg: BankConfig, level: int, d_model: int, seed: int, init_std: float,
+               out_std: float, dtype: torch.dtype = torch.float32) -> TableSpec:
+    """The table of level ``level``: one row per node, G and U drawn like the anchor's
+    w_gate / w_up, D like its w_down; learning at ``cfg.lr_mult`` (see ``build_optimizers``)."""
+    return TableSpec(table_name(level), cfg.nodes_per_level()[level],
+                     row_width(cfg, level, d_model), seed, dtype,
+                     std=row_std(cfg, level, d_model, init_std, out_std), kind="tree")
 
 
 class TreeMemory(nn.Module):

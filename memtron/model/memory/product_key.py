@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from memtron.config import MemoryConfig
-from memtron.model.memory.values import ValueTable
+from memtron.model.tables import ValueTable
 
 
 def product_key_topk(
