@@ -322,7 +322,9 @@ class TrainConfig(Section):
     log_every: int = 10
     run_dir: str = "runs/tiny-cpu"
     threads: int = 0  # torch intra-op threads; 0 leaves torch's default
-    engine: Literal["native", "deepspeed"] = "native"  # dense-param data parallel engine
+    # The dense data-parallel engine over dp x cp (parallel/engine.py); "native" was its old
+    # hand-written all-reduce, now "ddp".
+    engine: Literal["ddp", "fsdp2", "deepspeed", "native"] = "ddp"
     zero_stage: int = 1  # DeepSpeed ZeRO stage (1 or 2) when engine=deepspeed
     # A step whose loss or gradient norm is not finite is skipped on every rank; after this many
     # in a row the run stops with a diagnostic (and no checkpoint of the diverged state).
@@ -332,6 +334,7 @@ class TrainConfig(Section):
 
     def validate(self) -> None:
         self.require_positive("steps", "grad_accum", "log_every", "loss_spike_z")
+        self.require(self.engine != "native", "engine", "'native' is now called 'ddp'")
         self.require(self.zero_stage in (1, 2), "zero_stage",
                      f"must be 1 or 2, got {self.zero_stage}")
         self.require(self.eval_every >= 0, "eval_every", "must be >= 0 (0 disables)")
@@ -608,8 +611,10 @@ def check_across(cfg: Config) -> None:
                        ("vocab_size", m.vocab_size)]:
         _require(size % p.tp == 0, "parallel.tp",
                  f"tp={p.tp} does not divide model.{what}={size}")
-    _require(t.engine == "native" or (p.tp == 1 and p.cp == 1), "train.engine",
+    _require(t.engine != "deepspeed" or (p.tp == 1 and p.cp == 1), "train.engine",
              "deepspeed runs data parallelism only here: needs parallel.tp=1 and parallel.cp=1")
+    _require(t.engine != "fsdp2" or p.tp == 1, "train.engine",
+             "fsdp2 shards over dp x cp only here: needs parallel.tp=1")
     _require(p.backend != "nccl" or t.device != "cpu", "parallel.backend",
              "nccl runs on CUDA devices, but train.device=cpu; use gloo or auto")
 

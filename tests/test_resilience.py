@@ -84,19 +84,19 @@ def test_divergence_stops_without_checkpointing_the_bad_state(tiny_corpus, tmp_p
 def _nan_on_one_rank(rank: int, overrides: list[str], step: int) -> dict:
     """Rank 1 finds a NaN in one dense gradient at ``step``, after the dp all-reduce, so no
     other rank sees it unless the ranks agree on skipping."""
-    import memtron.train.trainer as trainer_mod
+    from memtron.parallel.engine import DenseEngine
     from memtron.parallel.launch import init_distributed, shutdown_distributed
     from memtron.parallel.mesh import destroy_mesh
 
-    clip, calls = trainer_mod.clip_grad_norm, []
+    share, calls = DenseEngine.grad_norm_share, []
 
-    def poisoned(params, max_norm, state):
+    def poisoned(engine):
         calls.append(1)
         if rank == 1 and len(calls) == step:
-            params[0].grad.view(-1)[0] = math.nan
-        return clip(params, max_norm, state)
+            engine.params()[0].grad.view(-1)[0] = math.nan
+        return share(engine)
 
-    trainer_mod.clip_grad_norm = poisoned
+    DenseEngine.grad_norm_share = poisoned
     cfg = load_config(None, overrides)
     init_distributed(cfg.parallel.timeout_s)
     try:

@@ -14,7 +14,6 @@ layers' output is all-reduced.
 from __future__ import annotations
 
 import functools
-import math
 import warnings
 
 import torch
@@ -114,7 +113,7 @@ class CopyToTensorParallel(nn.Module):
         return tensor_parallel.copy_to_tensor_model_parallel_region(x)
 
 
-# --------------------------------------------------------------------------- loss and norms
+# --------------------------------------------------------------------------- loss
 
 
 def parallel_lm_loss(logits: torch.Tensor, targets: torch.Tensor,
@@ -141,23 +140,3 @@ def gather_logits(logits: torch.Tensor, state: ParallelState) -> torch.Tensor:
 def is_tp_sharded(param: torch.Tensor) -> bool:
     return bool(getattr(param, "tensor_model_parallel", False))
 
-
-def clip_grad_norm(params: list[torch.Tensor], max_norm: float, state: ParallelState) -> float:
-    """Global L2 norm of the model's gradient, each weight counted once: tp shards add up over
-    the tp group, replicated weights count on one rank. Scales grads when over ``max_norm``;
-    a non-finite norm leaves them as they are, for the caller to report and skip."""
-    grads = [p.grad for p in params if p.grad is not None]
-    if state.tp == 1:
-        total = float(torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))) \
-            if grads else 0.0
-    else:
-        sq = torch.zeros((), dtype=torch.float64, device=params[0].device)
-        for p in params:
-            if p.grad is not None and (is_tp_sharded(p) or state.tp_rank == 0):
-                sq += p.grad.double().pow(2).sum()
-        sq = to_backend(sq, state.tp_group)
-        torch.distributed.all_reduce(sq, group=state.tp_group)
-        total = float(sq.sqrt())
-    if max_norm > 0 and math.isfinite(total) and total > max_norm:
-        torch._foreach_mul_(grads, max_norm / (total + 1e-6))
-    return total

@@ -205,22 +205,40 @@ class SparseRowOptimizer:
         return out
 
 
+def clip_scale(total: float, max_norm: float) -> float | None:
+    """The factor that brings a gradient of global norm ``total`` down to ``max_norm``, or None
+    when no clipping applies (off, within the bound, or a non-finite norm, which the caller
+    reports and skips)."""
+    if max_norm > 0 and math.isfinite(total) and total > max_norm:
+        return max_norm / (total + 1e-6)
+    return None
+
+
+def scale_sparse_grads(tables: Iterable[ValueTable], scale: float) -> None:
+    """Multiply the tables' row gradients by ``scale`` (a global-norm clip)."""
+    for grad in (t.sparse_grad() for t in tables):
+        if grad is not None:
+            grad[1].mul_(scale)
+
+
 def clip_sparse_grad_norm(tables: Iterable[ValueTable], max_norm: float,
                           group: dist.ProcessGroup | None = None) -> float:
     """Clip the global norm of the tables' row gradients (as if they were dense); returns it.
     ``group``: the ranks holding other shards of the tables, whose squares add up. A non-finite
-    norm leaves the rows as they are, for the caller to report and skip."""
-    grads = [g for g in (t.sparse_grad() for t in tables) if g is not None]
-    squares = torch.tensor(sum(float(torch.linalg.vector_norm(rows)) ** 2 for _, rows in grads),
-                           dtype=torch.float64,  # no fp64 copy of the rows
-                           device=collective_device(group))
+    norm leaves the rows as they are, for the caller to report and skip. (The trainer folds
+    the same sum into its step's control collective instead.)"""
+    tables = list(tables)
+    norms = [torch.linalg.vector_norm(g[1]) for g in (t.sparse_grad() for t in tables)
+             if g is not None]
+    squares = torch.zeros((), dtype=torch.float64, device=collective_device(group))
+    if norms:  # fp64 squares of fp32 norms: no fp64 copy of the rows
+        squares += torch.stack(norms).double().square().sum().to(squares.device)
     if group is not None:
         dist.all_reduce(squares, group=group)
     total = math.sqrt(float(squares))
-    if max_norm > 0 and math.isfinite(total) and total > max_norm:
-        scale = max_norm / (total + 1e-6)
-        for _, rows in grads:
-            rows.mul_(scale)
+    scale = clip_scale(total, max_norm)
+    if scale is not None:
+        scale_sparse_grads(tables, scale)
     return total
 
 

@@ -31,27 +31,23 @@ from memtron.data.prepare import INDEX_NAME, TREE_DIR
 from memtron.data.synthetic import load_questions
 from memtron.data.tokenizer import load_tokenizer
 from memtron.model.forward import ExplicitKV, ForwardContext, autocast
+from memtron.model.tables import ValueTable
 from memtron.model.transformer import Transformer
 from memtron.parallel.context import local_attention, zigzag_indices
-from memtron.parallel.data_parallel import DeepSpeedZero, average_dense_grads, average_scalar
+from memtron.parallel.data_parallel import agree, average_scalar, table_norm_share
+from memtron.parallel.engine import build_dense_engine
 from memtron.parallel.launch import (
     init_distributed,
     shutdown_distributed,
     to_backend,
     training_device,
 )
-from memtron.parallel.memory import (
-    Traffic,
-    norm_group,
-    reduce_table_grads,
-    tables_sharded,
-)
+from memtron.parallel.memory import Traffic, reduce_table_grads, tables_sharded
 from memtron.parallel.mesh import build_mesh, destroy_mesh
 from memtron.parallel.parallelize import build_parallel_model
 from memtron.parallel.sharding import CheckpointLayout
 from memtron.parallel.state import ParallelState
 from memtron.parallel.tensor import (
-    clip_grad_norm,
     gather_logits,
     is_tp_sharded,
     parallel_lm_loss,
@@ -74,12 +70,7 @@ from memtron.train.explicit import (
 )
 from memtron.train.facts import fact_accuracy, question_paths
 from memtron.train.metrics import MetricsLogger, flops_per_token
-from memtron.train.optim import (
-    build_optimizers,
-    clip_sparse_grad_norm,
-    lr_at,
-    set_lr,
-)
+from memtron.train.optim import build_optimizers, clip_scale, lr_at, scale_sparse_grads, set_lr
 
 # SIGUSR1 is SLURM's pre-emption warning (sbatch --signal=USR1@secs): checkpoint, requeue.
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)
@@ -161,14 +152,14 @@ class Trainer:
                                             self.state.cp_rank).to(self.device)
         self.layout = CheckpointLayout(self.state)
         self.tables = dict(self.model.value_tables.items())
+        # -- the dense engine (DDP | FSDP2 | ZeRO over dp x cp): wraps the dense weights before
+        # their AdamW is built (FSDP2 replaces them), then takes that AdamW.
+        self.engine = build_dense_engine(self.model, cfg, self.state)
         self.dense_opt, self.sparse_opt = build_optimizers(self.model, self.tables, cfg.optim,
                                                            cfg.bank.lr_mult)
+        self.engine.attach(self.dense_opt)
+        # --
         self.dense_params = [p for g in self.dense_opt.param_groups for p in g["params"]]
-        self.zero: DeepSpeedZero | None = None
-        if cfg.train.engine == "deepspeed":
-            self.zero = DeepSpeedZero(self.model, self.dense_opt, cfg.train.zero_stage,
-                                      cfg.data.micro_batch_size, cfg.train.grad_accum,
-                                      cfg.optim.grad_clip)
         self.loader = ShardLoader(cfg.data.train, cfg.data.micro_batch_size, cfg.data.seq_len,
                                   dp_rank=self.state.dp_rank, dp_size=self.state.dp,
                                   num_workers=cfg.data.num_workers, seed=cfg.train.seed)
@@ -186,6 +177,7 @@ class Trainer:
             self.explicit = open_training_memories(cfg, self.state)
         self.step = 0
         self._stop_signal: int | None = None
+        self._stop_agreed: int | None = None  # the stop request of the last step, on all ranks
         self.checkpoints = CheckpointWriter(self.ckpt_root, cfg.checkpoint.keep_last,
                                             cfg.checkpoint.async_save, cfg.parallel.timeout_s)
         self.loss_window: deque[float] = deque(maxlen=cfg.train.loss_spike_window)
@@ -200,7 +192,7 @@ class Trainer:
         params = dict(self.model.named_parameters())
         model = {name: self.layout.view(t, params.get(name, t))
                  for name, t in self.model.state_dict().items()}
-        if self.zero is not None:
+        if self.engine.own_optimizer_state:
             return {"model": model, "memory_optim": self._memory_optim_state()}
         dense = {id(p) for p in self.dense_params}
         optim = {}
@@ -233,9 +225,9 @@ class Trainer:
                            "ep": s.ep},
                 "loss_window": list(self.loss_window)}
         files = None
-        if self.zero is not None:  # ZeRO keeps its own (partitioned) AdamW state
-            meta["engine"] = "deepspeed"
-            files = self.zero.checkpoint_files()
+        if self.engine.own_optimizer_state:  # ZeRO keeps its own (partitioned) AdamW state
+            meta["engine"] = self.engine.name
+            files = self.engine.checkpoint_files()
         return self.checkpoints.save(self.step, self._tensor_state(), meta, files)
 
     def _resume_path(self) -> tuple[Path | None, bool, list[str]]:
@@ -256,12 +248,13 @@ class Trainer:
     def load(self, path: Path, verify: bool = True) -> None:
         manifest = read_manifest(path)
         _same_architecture(config_from_dict(manifest["config"]), self.cfg, path)
-        if manifest.get("engine", "native") != self.cfg.train.engine:
-            raise CheckpointError(f"{path}: written by the {manifest.get('engine', 'native')} "
-                                  f"engine, config has train.engine={self.cfg.train.engine}")
+        # DDP and FSDP2 checkpoints are the same DCP tensors; ZeRO adds its own partitions.
+        saved = manifest.get("engine", "ddp")
+        if (saved == "deepspeed") != self.engine.own_optimizer_state:
+            raise CheckpointError(f"{path}: written by the {saved} engine, config has "
+                                  f"train.engine={self.cfg.train.engine}")
         load_checkpoint(path, self._tensor_state(), verify)  # in place: views share storage
-        if self.zero is not None:
-            self.zero.load(path)
+        self.engine.load(path)
         self.loader.load_state_dict(manifest["data_state"])
         self.loss_window.extend(manifest.get("loss_window", []))
         self.step = manifest["step"]
@@ -280,71 +273,75 @@ class Trainer:
         if self.positions is not None:
             inputs, targets = inputs[:, self.positions], targets[:, self.positions]
         with self._autocast():
-            logits = self.model(inputs, ForwardContext(positions=self.positions,
-                                                       bank_path=batch.fields.get("bank_path"),
-                                                       explicit=explicit))
+            logits = self.engine.module(inputs, ForwardContext(
+                positions=self.positions, bank_path=batch.fields.get("bank_path"),
+                explicit=explicit))
         return parallel_lm_loss(logits, targets, self.state)
 
-    def train_step(self, batches: Iterator[tuple[Batch, ExplicitKV | None]]) -> dict[str, float]:
-        """One optimizer step over ``grad_accum`` items of ``batches`` (from :meth:`batches`)."""
+    def train_step(self, batches: Iterator[tuple[Batch, ExplicitKV | None]]) -> dict[str, Any]:
+        """One optimizer step over ``grad_accum`` items of ``batches`` (from :meth:`batches`).
+        Its only host sync is reading the step's control collective (see :meth:`_agree`)."""
         cfg = self.cfg
         lr = lr_at(self.step + 1, cfg.train.steps, cfg.optim)
         set_lr(self.dense_opt, self.sparse_opt, lr, cfg.optim.memory_lr_mult)
-        if self.zero is not None:
-            self.zero.set_lr(lr)
+        self.engine.set_lr(lr)
         self.model.train()
-        total = 0.0
-        for _ in range(cfg.train.grad_accum):
-            loss = self._loss(*next(batches))
-            if self.zero is not None:
-                self.zero.backward(loss)  # applies the dense update at the last micro-batch
-            else:
-                (loss / cfg.train.grad_accum).backward()
-            total += loss.item()
-        if self.zero is not None:  # the engine has stepped, unless its grad norm was not finite
-            grad_norm = self.zero.grad_norm()
-        else:
-            average_dense_grads(self.dense_params, self.state.dp_cp_group)
-            grad_norm = clip_grad_norm(self.dense_params, cfg.optim.grad_clip, self.state)
+        total = torch.zeros((), dtype=torch.float64, device=self.device)
+        for i in range(cfg.train.grad_accum):
+            with self.engine.micro_batch(last=i == cfg.train.grad_accum - 1):
+                loss = self._loss(*next(batches))
+                self.engine.backward(loss, cfg.train.grad_accum)
+            total += loss.detach()  # a tensor: no host sync per micro-batch
         tables = list(self.tables.values())
         reduce_table_grads(tables, cfg, self.state)
-        memory_norm = clip_sparse_grad_norm(tables, cfg.optim.memory_grad_clip,
-                                            norm_group(cfg, self.state))
-        values = {"loss": total / cfg.train.grad_accum, "grad_norm": grad_norm,
-                  "memory_grad_norm": memory_norm}
-        bad = self._agreed_nonfinite(values)
-        values["loss"] = average_scalar(values["loss"], self.state.dp_cp_group)
+        values = self._agree(total / cfg.train.grad_accum, tables)
+        bad = [k for k in ("loss", "grad_norm", "memory_grad_norm") if not math.isfinite(values[k])]
         metrics: dict[str, Any] = {"lr": lr, **values}
         if bad:
             metrics["skipped"] = 1
             metrics["nonfinite"] = "non-finite " + ", ".join(
                 f"{k} ({values[k]})" for k in bad) + self._nonfinite_grads()
         else:
-            if self.zero is None:
-                self.dense_opt.step()
+            scale = clip_scale(values["grad_norm"], cfg.optim.grad_clip)
+            if scale is not None:
+                self.engine.clip_(scale)
+            scale = clip_scale(values["memory_grad_norm"], cfg.optim.memory_grad_clip)
+            if scale is not None:
+                scale_sparse_grads(tables, scale)
+            self.engine.step()
             self.sparse_opt.step()
-        if self.zero is None:
-            self.dense_opt.zero_grad(set_to_none=True)
+        self.engine.zero_grad()
         self.sparse_opt.zero_grad()
         self.step += 1
         if self.explicit is not None:
             metrics.update({f"explicit/{k}": v for k, v in self.explicit.stats().items()})
-        return {**metrics, **self._memory_traffic()}
+        return {**metrics, **self._memory_traffic(values.pop("loads"))}
 
-    def _agreed_nonfinite(self, values: dict[str, float]) -> list[str]:
-        """The names of ``values`` that are not finite on some rank. One all-reduce of flags,
-        so that every rank skips the same steps, whichever rank saw the NaN."""
-        flags = to_backend(torch.tensor([not math.isfinite(v) for v in values.values()],
-                                        dtype=torch.int32))
-        if self.state.world_size > 1:
-            dist.all_reduce(flags, op=dist.ReduceOp.MAX)
-        return [name for name, flag in zip(values, flags.tolist()) if flag]
+    def _agree(self, loss: torch.Tensor, tables: list[ValueTable]) -> dict[str, Any]:
+        """What every rank must know after the backward, in one small all-reduce (the step's
+        control collective, and its one host sync: each rank needs the non-finite flags before
+        the update): the mean loss over dp x cp, the global dense and row gradient norms (NaN
+        where a gradient is not finite on some rank, so that every rank skips the same
+        steps), the stop request (signal, or a failed background write), and with sharded
+        tables each rank's served lookups."""
+        dense_sq, dense_bad = self.engine.grad_norm_share()
+        table_sq, table_bad = table_norm_share(tables, self.cfg, self.state)
+        loss_share = loss if self.state.tp_rank == 0 else torch.zeros_like(loss)
+        stop = WRITE_FAILED if self.checkpoints.failed() else (self._stop_signal or 0)
+        served = sum(t.take_served() for t in tables)
+        (loss_sum, dense_sq, table_sq, dense_bad, table_bad), (stops, loads) = agree(
+            [loss_share, dense_sq, table_sq, dense_bad, table_bad], [stop, served])
+        self._stop_agreed = int(max(stops)) or None
+        return {"loss": loss_sum / (self.state.dp * self.state.cp),
+                "grad_norm": math.nan if dense_bad else math.sqrt(dense_sq),
+                "memory_grad_norm": math.nan if table_bad else math.sqrt(table_sq),
+                "loads": loads}
 
     def _nonfinite_grads(self) -> str:
         """Which dense weights and value tables hold non-finite gradients on any rank: the
         diagnostic of a bad step (a pass over the gradients, so only then)."""
-        dense = {id(p) for p in self.dense_params}
-        grads = [(name, p.grad) for name, p in self.model.named_parameters() if id(p) in dense]
+        names = {id(p): name for name, p in self.model.named_parameters()}
+        grads = [(names[id(p)], g) for p, g in self.engine.local_grads()]
         for name, table in self.tables.items():
             sparse = table.sparse_grad()
             grads.append((f"value table {name}", sparse[1] if sparse is not None else None))
@@ -369,18 +366,15 @@ class Trainer:
         window.append(loss)
         return z
 
-    def _memory_traffic(self) -> dict[str, float]:
+    def _memory_traffic(self, served: list[float]) -> dict[str, float]:
         """Memory-parallel load per step: bytes this rank exchanged per token it looked up,
-        and how unevenly hits landed on the owners (max / mean over ranks)."""
+        and how unevenly hits landed on the owners (max / mean over ranks of the lookups each
+        rank ``served``)."""
         sent, received = Traffic.take()
         tp_gathered, _ = GatherTraffic.take()  # tp all-gathers of token-sliced lookups
-        served = sum(t.take_served() for t in self.tables.values())
         if not self.tables or not tables_sharded(self.cfg, self.state):
             return {}
-        per_rank = to_backend(torch.tensor([float(served)]))
-        gathered = [torch.empty_like(per_rank) for _ in range(self.state.world_size)]
-        dist.all_gather(gathered, per_rank)
-        loads = torch.cat(gathered)
+        loads = torch.tensor(served)
         cfg = self.cfg
         lookups = (cfg.data.micro_batch_size * cfg.data.seq_len * cfg.train.grad_accum
                    * max(1, len(self.model.memory_layers()) + len(cfg.bank.layers)))
@@ -389,8 +383,12 @@ class Trainer:
                 "memory/tp_gather_bytes_per_token": tp_gathered / lookups,
                 "memory/hit_imbalance": float(loads.max() / loads.mean().clamp_min(1e-9))}
 
-    @torch.no_grad()
     def evaluate(self) -> dict[str, Any]:
+        with self.engine.evaluating():
+            return self._evaluate()
+
+    @torch.no_grad()
+    def _evaluate(self) -> dict[str, Any]:
         cfg = self.cfg
         self.model.eval()
         losses = []
@@ -402,16 +400,18 @@ class Trainer:
                     and MEMORY_FIELD in batch.fields):
                 explicit = self.explicit.kv(batch.fields[MEMORY_FIELD], self.device,
                                             self.positions)
-            losses.append(self._loss(batch, explicit).item())
+            losses.append(self._loss(batch, explicit).double())
         result: dict[str, Any] = {}
         if losses:
-            result["loss"] = average_scalar(sum(losses) / len(losses), self.state.dp_cp_group)
+            result["loss"] = average_scalar(float(torch.stack(losses).mean()),
+                                            self.state.dp_cp_group)
             result["perplexity"] = math.exp(min(result["loss"], 50.0))
         if self.questions:
             def logits_fn(tokens: torch.Tensor,
                           bank_path: torch.Tensor | None = None) -> torch.Tensor:
                 with self._autocast():
-                    logits = self.model(tokens.to(self.device), ForwardContext(bank_path=bank_path))
+                    logits = self.engine.module(tokens.to(self.device),
+                                                ForwardContext(bank_path=bank_path))
                     return gather_logits(logits, self.state).float()
 
             with local_attention(self.model):  # questions are whole sequences on every rank
@@ -438,16 +438,12 @@ class Trainer:
         self._stop_signal = signum
 
     def _agreed_stop(self) -> int | None:
-        """Ranks may see a signal at different steps; all stop at the first step any saw it.
-        A background checkpoint write that failed is raised here, on every rank alike."""
-        flag = WRITE_FAILED if self.checkpoints.failed() else (self._stop_signal or 0)
-        if self.state.world_size > 1:
-            t = to_backend(torch.tensor([flag]))
-            dist.all_reduce(t, op=dist.ReduceOp.MAX)
-            flag = int(t.item())
-        if flag == WRITE_FAILED:
+        """Ranks may see a signal at different steps; all stop after the first step whose
+        control collective (:meth:`_agree`) carried one. A background checkpoint write that
+        failed is raised here, on every rank alike."""
+        if self._stop_agreed == WRITE_FAILED:
             self.checkpoints.wait()  # raises the write's CheckpointError
-        return flag or None
+        return self._stop_agreed
 
     def _divergence(self, bad_streak: int, detail: str) -> str:
         """The diagnostic of a run stopped on non-finite steps (after any write in flight)."""
