@@ -15,11 +15,8 @@ from collections.abc import Iterable
 import torch
 import torch.distributed as dist
 
-from memtron.config import Config
 from memtron.model.tables import ValueTable, sum_rows_by_id
 from memtron.parallel.launch import collective_device, to_backend
-from memtron.parallel.memory import replica_group, tables_sharded
-from memtron.parallel.state import ParallelState
 
 
 def _group_size(group: dist.ProcessGroup | None) -> int:
@@ -72,26 +69,6 @@ def average_scalar(value: float, group: dist.ProcessGroup | None) -> float:
     t = torch.tensor([value], dtype=torch.float64, device=collective_device(group))
     dist.all_reduce(t, group=group)
     return float(t.item()) / size
-
-
-def table_norm_share(tables: Iterable[ValueTable], cfg: Config,
-                     state: ParallelState) -> tuple[torch.Tensor, torch.Tensor]:
-    """(this rank's share of the squared norm of the tables' row gradients, 1 if any of its row
-    gradients is not finite), fp64 scalars with no host sync. Summed over all ranks, each row
-    counts once: whole tables on rank 0, a shard on the first of its copies."""
-    norms = [torch.linalg.vector_norm(g[1]) for g in (t.sparse_grad() for t in tables)
-             if g is not None]
-    if not norms:
-        zero = torch.zeros((), dtype=torch.float64)
-        return zero, zero.clone()
-    norms_t = torch.stack(norms).double()
-    if not tables_sharded(cfg, state):
-        counts = state.rank == 0
-    else:
-        copies = replica_group(cfg, state)
-        counts = copies is None or dist.get_rank(copies) == 0
-    share = norms_t.square().sum() if counts else torch.zeros_like(norms_t[0])
-    return share, (~torch.isfinite(norms_t).all()).double()
 
 
 def agree(sums: list[torch.Tensor], per_rank: list[float]

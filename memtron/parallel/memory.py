@@ -25,6 +25,7 @@ all-reduce, the way data parallelism treats an embedding.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 
 import torch
 import torch.distributed as dist
@@ -33,6 +34,7 @@ import torch.nn.functional as F
 from memtron.config import Config
 from memtron.model.tables import LocalValueTable, TableSpec, ValueTable
 from memtron.model.transformer import TableFactory
+from memtron.parallel.data_parallel import sum_table_grads
 from memtron.parallel.dispatch import Dispatch, Traffic, all_to_all
 from memtron.parallel.launch import to_backend
 from memtron.parallel.state import ParallelState
@@ -288,8 +290,6 @@ def reduce_table_grads(tables: list[ValueTable], cfg: Config, state: ParallelSta
         if cfg.memory.parallel == "replicated":
             sent = dense_table_all_reduce(tables, group)
         else:
-            from memtron.parallel.data_parallel import sum_table_grads
-
             sent = sum_table_grads(tables, group)
     once_per_tp_group = _whole_tables(cfg, state) or lookups_sliced(cfg, state)
     copies = state.dp * state.cp if once_per_tp_group else state.world_size
@@ -331,3 +331,23 @@ def tables_sharded(cfg: Config, state: ParallelState) -> bool:
 def norm_group(cfg: Config, state: ParallelState) -> dist.ProcessGroup | None:
     """Where the squared norms of sharded row gradients must be summed for the global norm."""
     return None if _whole_tables(cfg, state) else state.ep_group
+
+
+def table_norm_share(tables: Iterable[ValueTable], cfg: Config,
+                     state: ParallelState) -> tuple[torch.Tensor, torch.Tensor]:
+    """(this rank's share of the squared norm of the tables' row gradients, 1 if any of its row
+    gradients is not finite), fp64 scalars with no host sync. Summed over all ranks, each row
+    counts once: whole tables on rank 0, a shard on the first of its copies."""
+    norms = [torch.linalg.vector_norm(g[1]) for g in (t.sparse_grad() for t in tables)
+             if g is not None]
+    if not norms:
+        zero = torch.zeros((), dtype=torch.float64)
+        return zero, zero.clone()
+    norms_t = torch.stack(norms).double()
+    if not tables_sharded(cfg, state):
+        counts = state.rank == 0
+    else:
+        copies = replica_group(cfg, state)
+        counts = copies is None or dist.get_rank(copies) == 0
+    share = norms_t.square().sum() if counts else torch.zeros_like(norms_t[0])
+    return share, (~torch.isfinite(norms_t).all()).double()

@@ -34,7 +34,7 @@ from memtron.model.forward import ExplicitKV, ForwardContext, autocast
 from memtron.model.tables import ValueTable
 from memtron.model.transformer import Transformer
 from memtron.parallel.context import local_attention, zigzag_indices
-from memtron.parallel.data_parallel import agree, average_scalar, table_norm_share
+from memtron.parallel.data_parallel import agree, average_scalar
 from memtron.parallel.engine import build_dense_engine
 from memtron.parallel.launch import (
     init_distributed,
@@ -42,7 +42,12 @@ from memtron.parallel.launch import (
     to_backend,
     training_device,
 )
-from memtron.parallel.memory import Traffic, reduce_table_grads, tables_sharded
+from memtron.parallel.memory import (
+    Traffic,
+    reduce_table_grads,
+    table_norm_share,
+    tables_sharded,
+)
 from memtron.parallel.mesh import build_mesh, destroy_mesh
 from memtron.parallel.parallelize import build_parallel_model
 from memtron.parallel.sharding import CheckpointLayout
